@@ -1,0 +1,85 @@
+"""YAML → JobSpec, with errors that name the file, the field path and the reason."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from jobspecs.schema import JobSpec
+
+
+class SpecError(Exception):
+    """A spec that cannot run. `problems` are `(field path, reason)` pairs; str() is ready to print."""
+
+    def __init__(self, source: str, problems: list[tuple[str, str]]):
+        self.source = source
+        self.problems = problems
+        lines = [f"{source}: {path}: {reason}" if path else f"{source}: {reason}" for path, reason in problems]
+        super().__init__("\n".join(lines))
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    # pydantic puts union-member and validator-type tags in the location; users only want their own keys.
+    parts = [str(p) for p in loc if not (isinstance(p, str) and ("[" in p or p.startswith("function-")))]
+    return ".".join(parts)
+
+
+_PATH_PREFIX = re.compile(r"^([a-z_][a-z0-9_]*(?:\.[a-z0-9_]+)*): (.+)$", re.DOTALL)
+
+
+def _problems(err: ValidationError) -> list[tuple[str, str]]:
+    problems = []
+    for e in err.errors(include_url=False):
+        msg = e["msg"].removeprefix("Value error, ")
+        loc = _loc(e["loc"])
+        named = _PATH_PREFIX.match(msg)
+        if named and named.group(1).startswith(loc):  # a cross-field rule naming its own, deeper, field path
+            problems.append((named.group(1), named.group(2)))
+            continue
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        elif "input" in e and e["type"] not in ("value_error",) and not isinstance(e["input"], dict | list):
+            msg = f"{msg} (got {e['input']!r})"
+        problems.append((loc, msg))
+    return problems
+
+
+def parse_spec(data: Any, source: str = "<spec>", base_dir: Path | None = None, check_files: bool = True) -> JobSpec:
+    """Validate an already-parsed mapping. Relative paths resolve against `base_dir`."""
+    if not isinstance(data, dict):
+        raise SpecError(source, [("", f"a job spec is a YAML mapping, got {type(data).__name__}")])
+    context = {"base_dir": base_dir or Path.cwd(), "check_files": check_files}
+    try:
+        return JobSpec.model_validate(data, context=context)
+    except ValidationError as err:
+        raise SpecError(source, _problems(err)) from None
+
+
+def load_spec(path: str | Path, check_files: bool = True) -> JobSpec:
+    """Read and validate a spec file. Raises SpecError (never a bare pydantic or YAML error)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(str(path), [("", "no such spec file")])
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise SpecError(str(path), [("", f"{where}invalid YAML: {getattr(err, 'problem', err)}")]) from None
+    return parse_spec(data, source=str(path), base_dir=path.resolve().parent, check_files=check_files)
+
+
+def dump_spec(spec: JobSpec) -> str:
+    """The frozen form written to the store: resolved absolute paths, every default spelled out."""
+    return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
+
+
+def spec_from_frozen(text: str, check_files: bool = False) -> JobSpec:
+    """Read back a spec written by `dump_spec` (paths already absolute)."""
+    return parse_spec(yaml.safe_load(text), source="frozen spec", base_dir=Path("/"), check_files=check_files)

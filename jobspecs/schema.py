@@ -1,0 +1,384 @@
+"""The job spec: every knob of a peftfleet job, its default, its help text and its validation, in one place.
+
+Cross-field validators word their errors as "<field path>: <reason>" with the path from the spec's root; the
+loader reports that path as the error's location.
+
+Relative paths are resolved against the spec file's folder (the loader passes it as validation context), so a
+spec means the same thing from any working directory. Cross-field rules (what cannot run together) live in the
+`JobSpec` validator at the bottom, each with the reason a user needs to fix it.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+STAGE_ORDER = ("calibrate", "decompose", "train", "export")
+"""Stages a spec may list, in the only order they can run. `upload` always runs last and is not listed."""
+
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".arrow")
+
+# Keys a user might reach for to put secrets in the spec; named so the error says where credentials belong.
+_CREDENTIAL_KEYS = {
+    "access_key", "secret_key", "aws_access_key_id", "aws_secret_access_key", "aws_session_token",
+    "session_token", "credentials", "password", "token",
+}
+
+
+def _resolve(value: Path, info: ValidationInfo) -> Path:
+    base = (info.context or {}).get("base_dir")
+    path = value.expanduser()
+    if not path.is_absolute() and base is not None:
+        path = Path(base) / path
+    return path.resolve()
+
+
+def _existing(value: Path, info: ValidationInfo) -> Path:
+    path = _resolve(value, info)
+    if (info.context or {}).get("check_files", True) and not path.exists():
+        raise ValueError(f"no such file or directory: {path}")
+    return path
+
+
+ExistingPath = Annotated[Path, AfterValidator(_existing)]
+"""A local path that must exist when the spec is validated (relative to the spec's folder)."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class ModelSpec(Section):
+    path: ExistingPath = Field(description="Folder of a Hugging Face causal LM (`save_pretrained` layout).")
+    tokenizer: ExistingPath | None = Field(None, description="Tokenizer folder; defaults to the model folder.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="dtype the frozen base weights are loaded in."
+    )
+
+    @field_validator("path")
+    @classmethod
+    def _is_model_folder(cls, path: Path, info: ValidationInfo) -> Path:
+        if (info.context or {}).get("check_files", True) and not (path / "config.json").is_file():
+            raise ValueError(f"{path} is not a Hugging Face model folder (no config.json)")
+        return path
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.tokenizer or self.path
+
+
+def _source_shorthand(value: object) -> object:
+    return {"path": value} if isinstance(value, str | Path) else value
+
+
+class DataSource(Section):
+    path: ExistingPath = Field(
+        description="A .jsonl/.json/.parquet/.arrow file, or a folder written by `datasets.Dataset.save_to_disk`."
+    )
+    limit: int | None = Field(None, gt=0, description="Use only the first `limit` records.")
+
+    @field_validator("path")
+    @classmethod
+    def _known_format(cls, path: Path) -> Path:
+        if path.is_file() and path.suffix not in DATA_SUFFIXES:
+            raise ValueError(f"unsupported data file type {path.suffix!r}; use one of {', '.join(DATA_SUFFIXES)}")
+        return path
+
+
+Source = Annotated[DataSource, BeforeValidator(_source_shorthand)]
+
+
+class DataFields(Section):
+    """Column names read for each format, so existing datasets need no renaming."""
+
+    text: str = "text"
+    prompt: str = "prompt"
+    response: str = "response"
+    messages: str = "messages"
+    input_ids: str = "input_ids"
+
+
+class DataSpec(Section):
+    format: Literal["text", "instruction", "chat", "tokens"] = Field(
+        "instruction",
+        description="text: plain LM on `text`; instruction: `prompt`+`response`, only the response is learned; "
+        "chat: `messages` rendered with the tokenizer's chat template, only assistant turns are learned; "
+        "tokens: pre-tokenized `input_ids` (and optional `labels`).",
+    )
+    train: Source = Field(description="Training records.")
+    eval: Source | None = Field(None, description="Held-out records for eval loss and best-checkpoint selection.")
+    calibration: Source | None = Field(None, description="Records whose activations CorDA's covariance is built from.")
+    max_seq_len: int = Field(512, gt=0, description="Sequences are truncated to this many tokens.")
+    fields: DataFields = Field(default_factory=DataFields)
+
+
+class AdaLoraSpec(Section):
+    init_r: int = Field(12, gt=0, description="Rank every layer starts with; the budget shrinks it to `adapter.r`.")
+    tinit: int = Field(0, ge=0, description="Warm-up optimizer steps before ranks are pruned.")
+    tfinal: int = Field(0, ge=0, description="Final optimizer steps with the budget frozen.")
+    delta_t: int = Field(1, gt=0, description="Steps between two budget reallocations.")
+    beta1: float = Field(0.85, gt=0, lt=1)
+    beta2: float = Field(0.85, gt=0, lt=1)
+    orth_reg_weight: float = Field(0.5, ge=0, description="Weight of the orthogonality regulariser.")
+    total_step: int | None = Field(
+        None, gt=0, description="Optimizer steps of the whole run; derived from the train section when omitted."
+    )
+
+
+class IA3Spec(Section):
+    feedforward_modules: list[str] = Field(
+        default_factory=lambda: ["down_proj"],
+        description="Target modules whose *input* (not output) is rescaled; must be a subset of target_modules.",
+    )
+
+
+class VirtualTokensSpec(Section):
+    num_virtual_tokens: int = Field(16, gt=0, description="Learned virtual tokens prepended to every sequence.")
+    init_text: str | None = Field(None, description="Prompt tuning only: initialise the tokens from this text.")
+
+
+class AdapterSpec(Section):
+    method: Literal["lora", "dora", "adalora", "ia3", "prefix", "prompt"] = "lora"
+    r: int = Field(8, gt=0, description="LoRA rank (AdaLoRA: the average rank the budget ends at).")
+    alpha: float = Field(16.0, gt=0, description="LoRA scaling numerator: scaling = alpha / r.")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        default_factory=lambda: ["q_proj", "v_proj"], description="Module names (suffixes) to adapt."
+    )
+    adalora: AdaLoraSpec | None = None
+    ia3: IA3Spec | None = None
+    prefix: VirtualTokensSpec | None = None
+    prompt: VirtualTokensSpec | None = None
+
+    @field_validator("target_modules")
+    @classmethod
+    def _non_empty(cls, value: list[str] | str) -> list[str] | str:
+        if isinstance(value, list) and not value:
+            raise ValueError("must name at least one module")
+        return value
+
+    @model_validator(mode="after")
+    def _method_blocks(self) -> AdapterSpec:
+        for block in ("adalora", "ia3", "prefix", "prompt"):
+            if getattr(self, block) is not None and block != self.method:
+                raise ValueError(f"adapter.{block}: only valid when adapter.method is {block!r}")
+        if self.method == "prefix" and self.prefix and self.prefix.init_text is not None:
+            raise ValueError("adapter.prefix.init_text: only prompt tuning can be initialised from text")
+        if self.method == "adalora" and self.adalora and self.adalora.init_r < self.r:
+            raise ValueError(f"adapter.adalora.init_r: must be >= adapter.r ({self.adalora.init_r} < {self.r})")
+        if self.method == "ia3" and self.ia3 and isinstance(self.target_modules, list):
+            extra = set(self.ia3.feedforward_modules) - set(self.target_modules)
+            if extra:
+                raise ValueError(f"adapter.ia3.feedforward_modules: {sorted(extra)} are not in adapter.target_modules")
+        return self
+
+    def block(self) -> BaseModel | None:
+        """The method-specific block, with its defaults when the spec omitted it."""
+        defaults = {"adalora": AdaLoraSpec, "ia3": IA3Spec, "prefix": VirtualTokensSpec, "prompt": VirtualTokensSpec}
+        if self.method not in defaults:
+            return None
+        return getattr(self, self.method) or defaults[self.method]()
+
+
+class CordaSpec(Section):
+    mode: Literal["ipm", "kpm"] = Field(
+        "ipm", description="ipm: adapt the top-r components (instruction-previewed); kpm: the bottom-r "
+        "(knowledge-preserved), keeping what the calibration data exercises frozen."
+    )
+    samples: int = Field(256, gt=0, description="Calibration records used.")
+    seq_len: int = Field(2048, gt=0, description="Calibration records are truncated to this many tokens.")
+    batch_size: int = Field(1, gt=0, description="Records per forward pass; padding never enters the statistics.")
+    covariance_dtype: Literal["float32", "float64"] = "float32"
+    damping: Literal["auto"] | float = Field(
+        "auto", description="auto: peft's rule (0.01·mean(diag C), doubled until C' inverts well); a number: fixed."
+    )
+    num_workers: int = Field(1, gt=0, description="Covariance actors, one model replica each.")
+
+
+class InitSpec(Section):
+    method: Literal["default", "corda"] = Field(
+        "default", description="default: the adapter's own init; corda: context-oriented decomposition from data."
+    )
+    corda: CordaSpec | None = None
+
+    @model_validator(mode="after")
+    def _corda_block(self) -> InitSpec:
+        if self.corda is not None and self.method != "corda":
+            raise ValueError("init.corda: only valid when init.method is 'corda'")
+        return self
+
+
+class TrainSpec(Section):
+    num_workers: int = Field(1, gt=0, description="Ray Train workers (one per GPU, or CPU processes).")
+    use_gpu: bool = False
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
+    offload_optimizer: bool = Field(False, description="Keep optimizer state in CPU memory (ZeRO >= 1).")
+    offload_param: bool = Field(False, description="Keep parameters in CPU memory (ZeRO-3 only).")
+    deepspeed_config: ExistingPath | None = Field(
+        None, description="A DeepSpeed JSON used verbatim instead of the one generated from this section."
+    )
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    max_steps: int | None = Field(None, gt=0, description="Optimizer steps; overrides epochs when set.")
+    epochs: float = Field(1.0, gt=0)
+    learning_rate: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    micro_batch_size: int = Field(4, gt=0, description="Sequences per worker per forward pass.")
+    grad_accum: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    eval_every: int | None = Field(None, gt=0, description="Optimizer steps between evals (default: at the end).")
+    checkpoint_every: int | None = Field(None, gt=0, description="Optimizer steps between checkpoints.")
+    keep_checkpoints: int = Field(2, gt=0, description="Best checkpoints (by eval loss) kept, plus the latest.")
+    max_failures: int = Field(1, ge=0, description="Worker failures tolerated before the stage fails.")
+    seed: int = 0
+    log_every: int = Field(1, gt=0, description="Optimizer steps between two progress lines.")
+
+
+ExportFormat = Literal["adapter"]
+
+
+class ExportSpec(Section):
+    formats: list[ExportFormat] = Field(default_factory=lambda: ["adapter"], description="Artifact kinds to write.")
+
+
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+
+
+class StorageSpec(Section):
+    uri: str = Field(
+        "file://~/.peftfleet/store",
+        description="file://PATH (relative paths are relative to the spec's folder) or s3://BUCKET[/PREFIX]. "
+        "Credentials come from the environment / standard AWS chain, never from the spec.",
+    )
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, Ceph, ...); AWS when unset.")
+    region: str | None = None
+    multipart_threshold_mb: int = Field(8, gt=0, description="Files larger than this upload in parts of this size.")
+    max_attempts: int = Field(5, gt=0, description="Attempts per file before the upload stage fails.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_credentials(cls, data: object) -> object:
+        if isinstance(data, dict):
+            for key in data:
+                if str(key).lower() in _CREDENTIAL_KEYS:
+                    raise ValueError(
+                        f"storage.{key}: credentials are never read from a spec; set AWS_ACCESS_KEY_ID / "
+                        "AWS_SECRET_ACCESS_KEY (or a profile / instance role) in the environment"
+                    )
+        return data
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, uri: str, info: ValidationInfo) -> str:
+        scheme, sep, rest = uri.partition("://")
+        if not sep or scheme not in ("file", "s3"):
+            raise ValueError(f"must start with file:// or s3:// (got {uri!r})")
+        if scheme == "s3":
+            bucket = rest.split("/", 1)[0]
+            if not bucket:
+                raise ValueError(f"s3 uri needs a bucket: {uri!r}")
+            if not _BUCKET.match(bucket):
+                raise ValueError(f"{bucket!r} is not a valid S3 bucket name (3-63 chars: a-z 0-9 . -)")
+            return uri.rstrip("/")
+        if not rest:
+            raise ValueError("file:// uri needs a path")
+        return f"file://{_resolve(Path(rest), info)}"
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint(cls, url: str | None) -> str | None:
+        if url is not None and not re.match(r"^https?://[^/\s]+", url):
+            raise ValueError(f"must be an http(s) URL like http://minio:9000 (got {url!r})")
+        return url
+
+    @property
+    def is_s3(self) -> bool:
+        return self.uri.startswith("s3://")
+
+
+class ClusterSpec(Section):
+    address: str | None = Field(
+        None, description="Ray address to join ('auto', ray://host:10001); unset starts an embedded local Ray."
+    )
+    num_cpus: int | None = Field(None, gt=0, description="CPUs an embedded Ray may use (default: all).")
+    object_store_memory_mb: int = Field(512, gt=0, description="Object store size of an embedded Ray.")
+
+
+_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,39}$")
+
+
+class JobSpec(Section):
+    name: str = Field("job", description="Short job name; job ids are <name>-<timestamp>-<random>.")
+    model: ModelSpec
+    data: DataSpec
+    adapter: AdapterSpec = Field(default_factory=AdapterSpec)
+    init: InitSpec = Field(default_factory=InitSpec)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    export: ExportSpec = Field(default_factory=ExportSpec)
+    storage: StorageSpec = Field(default_factory=StorageSpec)
+    cluster: ClusterSpec = Field(default_factory=ClusterSpec)
+    stages: list[Literal["calibrate", "decompose", "train", "export"]] | None = Field(
+        None, description="Stages to run, in pipeline order; default: all that the spec implies. Upload always runs."
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, name: str) -> str:
+        if not _NAME.match(name):
+            raise ValueError("must be 1-40 chars of a-z, 0-9 and '-', starting with a letter or digit")
+        return name
+
+    @property
+    def effective_stages(self) -> list[str]:
+        if self.stages is not None:
+            return list(self.stages)
+        implied = ["train", "export"]
+        return ["calibrate", "decompose", *implied] if self.init.method == "corda" else implied
+
+    @model_validator(mode="after")
+    def _combinations(self) -> JobSpec:
+        stages = self.effective_stages
+        if len(set(stages)) != len(stages):
+            raise ValueError("stages: a stage is listed twice")
+        if stages != sorted(stages, key=STAGE_ORDER.index):
+            raise ValueError(f"stages: must follow pipeline order {list(STAGE_ORDER)}")
+        if "export" in stages and "train" not in stages:
+            raise ValueError("stages: export needs train (there is nothing to export without it)")
+        if ("calibrate" in stages or "decompose" in stages) and self.init.method != "corda":
+            raise ValueError("stages: calibrate/decompose compute a CorDA init; set init.method: corda")
+        if self.init.method == "corda":
+            # CorDA's statistics and decomposition arrive with the cluster-scale CorDA issue; until then the
+            # spec is refused before any compute instead of failing a half-run job.
+            raise ValueError("init.method: 'corda' is not available in this build yet; use 'default'")
+        if self.train.offload_param and self.train.zero_stage != 3:
+            raise ValueError("train.offload_param: parameter offload needs train.zero_stage: 3")
+        if self.train.offload_optimizer and self.train.zero_stage == 0:
+            raise ValueError("train.offload_optimizer: optimizer offload needs train.zero_stage >= 1")
+        if self.train.precision == "fp16" and not self.train.use_gpu:
+            raise ValueError("train.precision: fp16 needs a GPU (DeepSpeed's CPU accelerator has no fp16); use bf16")
+        if self.train.zero_stage == 3 and self.adapter.method in ZERO3_UNSUPPORTED:
+            raise ValueError(
+                f"train.zero_stage: ZeRO-3 cannot run adapter.method {self.adapter.method!r}: "
+                f"{ZERO3_UNSUPPORTED[self.adapter.method]}"
+            )
+        return self
+
+
+ZERO3_UNSUPPORTED: dict[str, str] = {
+    # Measured with peft 0.21.2 + DeepSpeed 0.19.8: AdaLoRA's orthogonal regulariser reads lora_A/lora_B outside
+    # their module's forward, where ZeRO-3 has partitioned them to empty shards (TypeError in torch.eye).
+    "adalora": "peft's AdaLoRA regulariser reads partitioned (empty) ZeRO-3 shards; use ZeRO-2",
+}
+"""Adapter methods that cannot train under ZeRO-3, with the reason shown to the user."""

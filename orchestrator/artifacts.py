@@ -1,0 +1,145 @@
+"""A job's artifacts in the store: upload with checksums, the manifest written last, verified fetch.
+
+Layout under the store root:
+
+    jobs/<id>/job.json          the job record (state, stages, error)
+    jobs/<id>/spec.yaml         the frozen spec, written before any compute
+    jobs/<id>/artifacts/<kind>/...
+    jobs/<id>/manifest.json     written LAST: its presence means every listed file is complete
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from orchestrator.store import NotInStore, Store, safe_relpath, sha256_file
+
+MANIFEST = "manifest.json"
+
+
+def job_key(job_id: str, rel: str = "") -> str:
+    """Store key of `rel` inside the job's prefix; refuses anything that would leave it."""
+    prefix = f"jobs/{safe_relpath(job_id)}"
+    return f"{prefix}/{safe_relpath(rel)}" if rel else prefix
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    path: str  # relative to jobs/<id>/
+    size: int
+    sha256: str
+    kind: str
+
+
+@dataclass
+class Manifest:
+    job_id: str
+    files: list[FileEntry]
+    artifacts: dict[str, str]  # kind -> folder relative to jobs/<id>/
+    created_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str, source: str) -> Manifest:
+        try:
+            raw = json.loads(text)
+            files = [FileEntry(**f) for f in raw["files"]]
+            for f in files:
+                safe_relpath(f.path)
+            return cls(job_id=raw["job_id"], files=files, artifacts=dict(raw["artifacts"]),
+                       created_at=raw["created_at"])
+        except (ValueError, KeyError, TypeError) as err:
+            raise IntegrityError(f"{source}: malformed manifest: {err}") from None
+
+
+class IntegrityError(Exception):
+    """A fetched file does not match its manifest entry, or the manifest itself is unusable."""
+
+
+class IncompleteJob(Exception):
+    """The job has no manifest: its artifacts were never completely uploaded."""
+
+
+def upload_artifacts(
+    store: Store, job_id: str, staging: Path, on_file: Callable[[FileEntry, int, int], None] | None = None
+) -> Manifest:
+    """Upload every file under `staging/<kind>/...` to `jobs/<id>/artifacts/<kind>/...`, then write the manifest.
+
+    Any failure raises before the manifest exists, so a manifest is never written for an incomplete upload.
+    """
+    local_files = sorted(p for p in staging.rglob("*") if p.is_file())
+    files: list[FileEntry] = []
+    artifacts: dict[str, str] = {}
+    for i, local in enumerate(local_files, 1):
+        rel = local.relative_to(staging).as_posix()
+        kind = rel.split("/", 1)[0]
+        path = f"artifacts/{safe_relpath(rel)}"
+        entry = FileEntry(path=path, size=local.stat().st_size, sha256=sha256_file(local), kind=kind)
+        store.put_file(job_key(job_id, path), local)
+        files.append(entry)
+        artifacts[kind] = f"artifacts/{kind}"
+        if on_file:
+            on_file(entry, i, len(local_files))
+    manifest = Manifest(job_id=job_id, files=files, artifacts=artifacts)
+    store.put_bytes(job_key(job_id, MANIFEST), manifest.to_json().encode())
+    return manifest
+
+
+def read_manifest(store: Store, job_id: str) -> Manifest:
+    key = job_key(job_id, MANIFEST)
+    try:
+        text = store.get_bytes(key)
+    except NotInStore:
+        raise IncompleteJob(
+            f"job {job_id} has no manifest at {store.url_of(key)}: its artifacts are incomplete "
+            "(the job has not finished, or it failed before the upload completed)"
+        ) from None
+    return Manifest.from_json(text.decode(), store.url_of(key))
+
+
+def fetch_artifacts(
+    store: Store,
+    job_id: str,
+    dest: Path,
+    kind: str | None = None,
+    on_file: Callable[[FileEntry, int, int], None] | None = None,
+) -> list[Path]:
+    """Download the job's files (or one kind) into `dest/<kind>/...`, verifying size and sha256 of each.
+
+    A file that fails verification is deleted and reported; nothing unverified is left under its real name.
+    """
+    manifest = read_manifest(store, job_id)
+    files = manifest.files
+    if kind is not None:
+        if kind not in manifest.artifacts:
+            have = ", ".join(sorted(manifest.artifacts))
+            raise KeyError(f"job {job_id} has no artifact kind {kind!r}; it has: {have}")
+        files = [f for f in files if f.kind == kind]
+    dest = Path(dest)
+    written, bad = [], []
+    for i, entry in enumerate(files, 1):
+        target = dest / safe_relpath(entry.path.removeprefix("artifacts/"))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(target.name + ".partial")
+        store.download(job_key(job_id, entry.path), partial)
+        size, digest = partial.stat().st_size, sha256_file(partial)
+        if size != entry.size or digest != entry.sha256:
+            partial.unlink()
+            bad.append(f"{entry.path}: expected {entry.size} bytes sha256 {entry.sha256[:12]}…, "
+                       f"got {size} bytes sha256 {digest[:12]}…")
+            continue
+        os.replace(partial, target)
+        written.append(target)
+        if on_file:
+            on_file(entry, i, len(files))
+    if bad:
+        raise IntegrityError(f"job {job_id}: {len(bad)} file(s) failed verification and were not kept:\n  "
+                             + "\n  ".join(bad))
+    return written

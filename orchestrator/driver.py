@@ -1,0 +1,207 @@
+"""The Ray driver: runs one job's stages in order and keeps its record true.
+
+    python -m orchestrator.driver JOB_ID STORAGE_JSON      (started by `peftfleet submit`)
+
+Every stage reads what earlier stages left in `Context` and writes artifacts under `staging/<kind>/`. The
+upload stage always runs last and writes the manifest last, so a FAILED or CANCELLED job never has one.
+SIGTERM (`peftfleet cancel`) ends the job CANCELLED: Ray work in flight is cancelled, the record says which
+stage was interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import threading
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from jobspecs import JobSpec, spec_from_frozen
+from jobspecs.schema import StorageSpec
+from orchestrator.artifacts import job_key, upload_artifacts
+from orchestrator.jobs import JobRecord, JobState, StageRecord
+from orchestrator.store import Store, open_store
+
+log = logging.getLogger("peftfleet.driver")
+
+
+class JobCancelled(Exception):
+    pass
+
+
+@dataclass
+class Context:
+    job_id: str
+    spec: JobSpec
+    store: Store
+    staging: Path  # staging/<kind>/... becomes jobs/<id>/artifacts/<kind>/...
+    results: dict[str, Any] = field(default_factory=dict)  # in-memory hand-over between stages
+
+    def artifact_dir(self, kind: str) -> Path:
+        path = self.staging / kind
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    consumes: tuple[str, ...]  # what it reads: spec inputs or results of earlier stages
+    produces: tuple[str, ...]  # results / artifact kinds it leaves
+    run: Callable[[Context], None] | None  # None: declared, arrives with its issue; the spec validator refuses it
+
+
+_cancel_requested = threading.Event()
+
+
+def check_cancelled() -> None:
+    if _cancel_requested.is_set():
+        raise JobCancelled()
+
+
+def wait_for(ref: Any) -> Any:
+    """ray.get that notices a cancel request (SIGTERM) within half a second and cancels the remote work."""
+    import ray
+
+    while True:
+        ready, _ = ray.wait([ref], timeout=0.5)
+        if ready:
+            return ray.get(ref)
+        if _cancel_requested.is_set():
+            ray.cancel(ref, force=True)
+            raise JobCancelled()
+
+
+def run_train(ctx: Context) -> None:
+    import ray
+
+    from workers.train_loop import train_adapter
+
+    task = ray.remote(num_cpus=1, max_retries=ctx.spec.train.max_failures)(train_adapter)
+    ctx.results["train"] = wait_for(task.remote(ctx.spec))
+
+
+def run_export(ctx: Context) -> None:
+    result = ctx.results["train"]
+    if "adapter" in ctx.spec.export.formats:
+        adapter = ctx.artifact_dir("adapter")
+        for name, data in result.adapter_files.items():
+            (adapter / name).write_bytes(data)
+    report = ctx.artifact_dir("report")
+    (report / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in result.metrics))
+    summary = {"best_step": result.best_step, "best_eval_loss": result.best_eval_loss,
+               "total_steps": result.total_steps}
+    (report / "summary.json").write_text(json.dumps(summary, indent=2))
+
+
+def run_upload(ctx: Context) -> None:
+    def progress(entry, i, n):
+        log.info("upload: %d/%d %s (%d bytes)", i, n, entry.path, entry.size)
+
+    manifest = upload_artifacts(ctx.store, ctx.job_id, ctx.staging, on_file=progress)
+    log.info("upload: manifest written with %d files: %s", len(manifest.files),
+             ctx.store.url_of(job_key(ctx.job_id, "manifest.json")))
+
+
+STAGES: dict[str, Stage] = {
+    s.name: s
+    for s in (
+        Stage("calibrate", ("model", "data.calibration"), ("covariance",), None),
+        Stage("decompose", ("covariance",), ("residual_base", "corda_init"), None),
+        Stage("train", ("model", "data.train", "data.eval", "corda_init?"), ("train",), run_train),
+        Stage("export", ("train",), ("adapter", "report"), run_export),
+        Stage("upload", ("staging",), ("manifest",), run_upload),
+    )
+}
+
+
+def stage_names(spec: JobSpec) -> list[str]:
+    return [*spec.effective_stages, "upload"]
+
+
+def new_record(job_id: str, spec: JobSpec) -> JobRecord:
+    return JobRecord(id=job_id, name=spec.name, stages=[StageRecord(n) for n in stage_names(spec)])
+
+
+def _init_ray(spec: JobSpec) -> None:
+    import ray
+
+    if spec.cluster.address is None:
+        # "local" always starts a private embedded Ray, never joins one that happens to run on this machine.
+        ray.init(address="local", num_cpus=spec.cluster.num_cpus, include_dashboard=False,
+                 object_store_memory=spec.cluster.object_store_memory_mb * 1024 * 1024, configure_logging=False)
+    else:
+        ray.init(address=spec.cluster.address, configure_logging=False)
+
+
+def _reason(err: Exception) -> str:
+    """One line a user can act on: the remote exception itself, not Ray's wrapper with its traceback."""
+    from ray.exceptions import RayTaskError
+
+    cause = err.cause if isinstance(err, RayTaskError) and err.cause is not None else err
+    text = str(cause).strip() or type(cause).__name__
+    return f"{type(cause).__name__}: {text}"
+
+
+def run_job(job_id: str, store: Store) -> JobRecord:
+    """Run every stage of the job recorded in `store`; returns the final record (never raises for stage errors)."""
+    import ray
+
+    spec = spec_from_frozen(store.get_bytes(job_key(job_id, "spec.yaml")).decode())
+    record = JobRecord.load(store, job_id)
+    record.state, record.started_at = JobState.RUNNING, record.started_at or record.created_at
+    record.driver = {"host": socket.gethostname(), "pid": os.getpid()}
+    record.save(store)
+
+    staging = Path(tempfile.mkdtemp(prefix=f"peftfleet-{job_id}-"))
+    ctx = Context(job_id=job_id, spec=spec, store=store, staging=staging)
+    try:
+        _init_ray(spec)
+        # After ray.init, which installs a handler of its own. Only a flag: raising inside Ray's C++ calls breaks them.
+        signal.signal(signal.SIGTERM, lambda signum, frame: _cancel_requested.set())
+        for name in stage_names(spec):
+            check_cancelled()
+            record.start_stage(name)
+            record.save(store)
+            log.info("stage %s: started", name)
+            STAGES[name].run(ctx)
+            record.end_stage(name)
+            record.save(store)
+            log.info("stage %s: done", name)
+        record.finish(JobState.SUCCEEDED)
+    except JobCancelled:
+        log.warning("job cancelled during stage %s", record.stage)
+        record.finish(JobState.CANCELLED, f"cancelled during stage {record.stage}")
+    except Exception as err:
+        log.error("stage %s failed:\n%s", record.stage, traceback.format_exc())
+        record.finish(JobState.FAILED, _reason(err))
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        shutil.rmtree(staging, ignore_errors=True)
+        ray.shutdown()
+    record.save(store)
+    log.info("job %s: %s%s", job_id, record.state.value, f" ({record.error})" if record.error else "")
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    job_id, storage_json = (argv or sys.argv[1:])[:2]
+    os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # the log is a file: no ANSI colour codes in it
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stdout,
+                        force=True)
+    store = open_store(StorageSpec.model_validate(json.loads(storage_json)))
+    record = run_job(job_id, store)
+    return 0 if record.state == JobState.SUCCEEDED else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""Job records: what a job is, where it stands, and where this machine can find it again.
+
+The record lives in the store (`jobs/<id>/job.json`), so a finished job's state survives the machine or cluster
+that ran it. The local index (`~/.peftfleet/jobs/<id>.json`) only remembers, per job submitted from here, which
+store holds it, where the driver's log is and the driver's PID (for `cancel` and for spotting a dead driver).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path
+
+from jobspecs.schema import StorageSpec
+from orchestrator.artifacts import job_key
+from orchestrator.store import NotInStore, Store, open_store
+
+
+class JobState(StrEnum):
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+
+
+def now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def new_job_id(name: str) -> str:
+    return f"{name}-{datetime.now(UTC):%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
+
+
+@dataclass
+class StageRecord:
+    name: str
+    state: str = "pending"  # pending | running | succeeded | failed | cancelled
+    started_at: str | None = None
+    ended_at: str | None = None
+
+
+@dataclass
+class JobRecord:
+    id: str
+    name: str
+    stages: list[StageRecord]
+    state: JobState = JobState.PENDING
+    created_at: str = field(default_factory=now)
+    started_at: str | None = None
+    ended_at: str | None = None
+    stage: str | None = None  # the running stage, or the one that failed / was cancelled
+    error: str | None = None
+    driver: dict = field(default_factory=dict)  # host, pid
+
+    def save(self, store: Store) -> None:
+        store.put_bytes(job_key(self.id, "job.json"), json.dumps(asdict(self), indent=2).encode())
+
+    @classmethod
+    def load(cls, store: Store, job_id: str) -> JobRecord:
+        raw = json.loads(store.get_bytes(job_key(job_id, "job.json")))
+        raw["stages"] = [StageRecord(**s) for s in raw["stages"]]
+        raw["state"] = JobState(raw["state"])
+        return cls(**raw)
+
+    def stage_record(self, name: str) -> StageRecord:
+        return next(s for s in self.stages if s.name == name)
+
+    def start_stage(self, name: str) -> None:
+        self.stage = name
+        rec = self.stage_record(name)
+        rec.state, rec.started_at = "running", now()
+
+    def end_stage(self, name: str, state: str = "succeeded") -> None:
+        rec = self.stage_record(name)
+        rec.state, rec.ended_at = state, now()
+
+    def finish(self, state: JobState, error: str | None = None) -> None:
+        self.state, self.error, self.ended_at = state, error, now()
+        if self.stage and state != JobState.SUCCEEDED:
+            self.end_stage(self.stage, state.value.lower())
+        if state == JobState.SUCCEEDED:
+            self.stage = None
+
+
+class UnknownJob(Exception):
+    pass
+
+
+@dataclass
+class IndexEntry:
+    job_id: str
+    storage: dict  # StorageSpec as JSON, enough to reopen the job's store
+    log: str
+    pid: int | None = None
+    host: str = field(default_factory=socket.gethostname)
+
+    def store(self) -> Store:
+        return open_store(StorageSpec.model_validate(self.storage))
+
+    def driver_alive(self) -> bool:
+        """Whether the driver process this machine started is still running (False if it ran elsewhere)."""
+        if self.pid is None or self.host != socket.gethostname():
+            return False
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        # A finished child that nobody reaped is a zombie: it holds its PID but runs nothing.
+        stat = Path(f"/proc/{self.pid}/stat")
+        return not (stat.exists() and stat.read_text().rsplit(")", 1)[-1].split()[0] == "Z")
+
+
+class LocalIndex:
+    """Jobs submitted from this machine: `<state_dir>/jobs/<id>.json` plus each job's log folder."""
+
+    def __init__(self, state_dir: Path):
+        self.root = Path(state_dir) / "jobs"
+
+    def job_dir(self, job_id: str) -> Path:
+        return self.root / job_id
+
+    def add(self, entry: IndexEntry) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.root / f"{entry.job_id}.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(entry)))
+        os.replace(tmp, path)
+
+    def get(self, job_id: str) -> IndexEntry:
+        path = self.root / f"{job_id}.json"
+        if "/" in job_id or not path.is_file():
+            raise UnknownJob(f"unknown job {job_id!r}: no job with that id was submitted from this machine "
+                             f"(known jobs: {self.root})")
+        return IndexEntry(**json.loads(path.read_text()))
+
+    def ids(self) -> list[str]:
+        return sorted(p.stem for p in self.root.glob("*.json")) if self.root.is_dir() else []
+
+
+def current_record(entry: IndexEntry) -> JobRecord:
+    """The job's record, corrected when its local driver died without writing a final state."""
+    store = entry.store()
+    try:
+        record = JobRecord.load(store, entry.job_id)
+    except NotInStore:
+        raise UnknownJob(f"job {entry.job_id}: no record in {store.uri}") from None
+    if not record.state.terminal and entry.pid is not None and not entry.driver_alive():
+        # Re-read once: the driver may have written its final state between our read and its exit.
+        record = JobRecord.load(store, entry.job_id)
+        if not record.state.terminal:
+            record.finish(JobState.FAILED, f"driver process {entry.pid} exited without a final state "
+                                           f"(killed or crashed); see {entry.log}")
+            record.save(store)
+    return record

@@ -1,0 +1,45 @@
+"""Small helpers the tests share: writing specs beside the tiny assets and running the real CLI."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "jobspecs" / "examples"
+
+
+def tiny_spec(assets: Path, store: str, **sections) -> dict:
+    """The demo example's spec, pointed at `assets` and `store`, with sections merged in (one level deep)."""
+    spec = yaml.safe_load((EXAMPLES / "tiny-lora.yaml").read_text())
+    spec["model"]["path"] = str(assets / "tiny-llama")
+    spec["data"]["train"] = str(assets / "train.jsonl")
+    spec["data"]["eval"] = str(assets / "eval.jsonl")
+    spec["storage"] = {"uri": store}
+    spec["train"]["log_every"] = 1
+    for name, value in sections.items():
+        if isinstance(value, dict) and isinstance(spec.get(name), dict):
+            spec[name] = {**copy.deepcopy(spec[name]), **value}
+        else:
+            spec[name] = value
+    return spec
+
+
+def write_spec(path: Path, spec: dict) -> Path:
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def cli(state_dir: Path, *args: str, timeout: float = 300, check: bool = False) -> subprocess.CompletedProcess:
+    """Run `peftfleet` in a fresh process, exactly as a user would."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", "--state-dir", str(state_dir), *map(str, args)],
+        capture_output=True, text=True, timeout=timeout,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"peftfleet {' '.join(map(str, args))} exited {proc.returncode}:\n"
+                             f"{proc.stdout}\n{proc.stderr}")
+    return proc

@@ -1,0 +1,119 @@
+"""The CLI end to end, as a user drives it: real embedded Ray, real training, both store backends."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+
+import pytest
+import torch
+
+from tests.helpers import cli, tiny_spec, write_spec
+
+
+def record(state_dir, job_id) -> dict:
+    return json.loads(cli(state_dir, "status", job_id, "--json", check=True).stdout)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = f"/proc/{pid}/stat"
+    return not (os.path.exists(stat) and open(stat).read().rsplit(")", 1)[-1].split()[0] == "Z")
+
+
+def test_tiny_example_end_to_end(tmp_path, state_dir, assets):
+    spec = write_spec(tmp_path / "job.yaml", tiny_spec(assets, f"file://{tmp_path / 'store'}"))
+    submitted = cli(state_dir, "submit", spec, "--wait", check=True)
+    job_id = submitted.stdout.strip()
+    assert re.fullmatch(r"tiny-lora-\d{8}-\d{6}-[0-9a-f]{4}", job_id)
+    assert "train: step 40/40" in submitted.stderr and f"job {job_id} SUCCEEDED" in submitted.stderr
+
+    rec = record(state_dir, job_id)
+    assert rec["state"] == "SUCCEEDED" and rec["error"] is None
+    assert [s["state"] for s in rec["stages"]] == ["succeeded"] * 3
+    assert "train: step 40/40" in cli(state_dir, "logs", job_id, check=True).stdout
+    listing = cli(state_dir, "artifacts", job_id, check=True).stdout
+    assert "adapter_model.safetensors" in listing and "metrics.jsonl" in listing
+
+    fetched = cli(state_dir, "fetch", job_id, tmp_path / "out", check=True)
+    assert "sha256 ok" in fetched.stderr
+    metrics = [json.loads(line) for line in (tmp_path / "out" / "report" / "metrics.jsonl").read_text().splitlines()]
+    evals = [m["eval_loss"] for m in metrics if "eval_loss" in m]
+    assert len(metrics) == 40 and len(evals) == 4
+    assert evals[-1] < evals[0] - 0.2, evals  # it really learned
+
+    # the adapter loads with stock peft and is the trained one, not the init
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(assets / "tiny-llama")
+    model = PeftModel.from_pretrained(base, tmp_path / "out" / "adapter")
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert lora_b and all(torch.count_nonzero(p) > 0 for p in lora_b)
+
+
+def test_job_on_s3_store(tmp_path, state_dir, assets, s3_endpoint, bucket):
+    import boto3
+
+    spec = tiny_spec(assets, f"s3://{bucket}/runs", train={"max_steps": 4, "eval_every": None})
+    spec["storage"].update(endpoint_url=s3_endpoint, region="us-east-1")
+    job_id = cli(state_dir, "submit", write_spec(tmp_path / "job.yaml", spec), "--wait", check=True).stdout.strip()
+    keys = {o["Key"] for o in boto3.client("s3", endpoint_url=s3_endpoint).list_objects_v2(
+        Bucket=bucket, Prefix=f"runs/jobs/{job_id}/")["Contents"]}
+    assert {f"runs/jobs/{job_id}/{k}" for k in ("spec.yaml", "job.json", "manifest.json")} <= keys
+    cli(state_dir, "fetch", job_id, tmp_path / "out", "--kind", "adapter", check=True)
+    assert (tmp_path / "out" / "adapter" / "adapter_config.json").is_file()
+    assert not (tmp_path / "out" / "report").exists()
+
+
+def test_failed_stage_leaves_failed_job_and_no_manifest(tmp_path, state_dir, assets):
+    broken = tmp_path / "broken-model"
+    shutil.copytree(assets / "tiny-llama", broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    spec = tiny_spec(assets, f"file://{tmp_path / 'store'}", model={"path": str(broken)})
+    run = cli(state_dir, "submit", write_spec(tmp_path / "job.yaml", spec), "--wait")
+    assert run.returncode == 1
+    job_id = run.stdout.strip()
+    rec = record(state_dir, job_id)
+    assert rec["state"] == "FAILED" and rec["stage"] == "train"
+    assert "safetensors" in rec["error"].lower() or "header" in rec["error"].lower(), rec["error"]
+    assert [s["state"] for s in rec["stages"]] == ["failed", "pending", "pending"]
+    assert not (tmp_path / "store" / "jobs" / job_id / "manifest.json").exists()
+    fetch = cli(state_dir, "fetch", job_id, tmp_path / "out")
+    assert fetch.returncode == 1 and "has no manifest" in fetch.stderr
+
+
+def test_cancel_running_job(tmp_path, state_dir, assets):
+    spec = tiny_spec(assets, f"file://{tmp_path / 'store'}", train={"max_steps": 100_000, "eval_every": None})
+    job_id = cli(state_dir, "submit", write_spec(tmp_path / "job.yaml", spec), check=True).stdout.strip()
+    log = state_dir / "jobs" / job_id / "driver.log"
+    deadline = time.monotonic() + 120
+    while not (log.exists() and "train: step 2/" in log.read_text()):
+        assert time.monotonic() < deadline, log.read_text() if log.exists() else "no log"
+        time.sleep(0.5)
+    worker_pid = int(re.search(r"\(train_adapter pid=(\d+)", log.read_text()).group(1))
+    driver_pid = json.loads((state_dir / "jobs" / f"{job_id}.json").read_text())["pid"]
+
+    cancelled = cli(state_dir, "cancel", job_id)
+    assert cancelled.returncode == 0, cancelled.stderr
+    rec = record(state_dir, job_id)
+    assert rec["state"] == "CANCELLED" and rec["stage"] == "train"
+    assert rec["stages"][0]["state"] == "cancelled"
+    assert not pid_alive(driver_pid)
+    deadline = time.monotonic() + 20
+    while pid_alive(worker_pid):  # Ray's worker goes with the embedded cluster
+        assert time.monotonic() < deadline, "training worker survived the cancel"
+        time.sleep(0.2)
+    assert not (tmp_path / "store" / "jobs" / job_id / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("command", ["status", "logs", "cancel", "artifacts"])
+def test_unknown_job_is_a_clear_error(state_dir, command):
+    run = cli(state_dir, command, "no-such-job")
+    assert run.returncode == 2 and "unknown job 'no-such-job'" in run.stderr

@@ -1,0 +1,67 @@
+"""Tokenization and masking: only the response (assistant turns) is learned."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from transformers import AutoTokenizer
+
+from jobspecs.schema import DataSource, DataSpec
+from workers.data import IGNORE, chat_example, collate, instruction_example, shard, tokenize
+
+
+@pytest.fixture(scope="module")
+def tokenizer(assets):
+    return AutoTokenizer.from_pretrained(assets / "tiny-llama")
+
+
+def test_instruction_labels_mask_everything_before_the_response(tokenizer):
+    ex = instruction_example(tokenizer, "reverse: apple\n", "elppa", max_len=64)
+    prompt_len = 1 + len(tokenizer("reverse: apple\n", add_special_tokens=False)["input_ids"])
+    assert ex["labels"][:prompt_len] == [IGNORE] * prompt_len
+    response = ex["labels"][prompt_len:]
+    assert IGNORE not in response
+    assert response[-1] == tokenizer.eos_token_id
+    assert tokenizer.decode(response[:-1]) == "elppa"
+    assert ex["input_ids"][prompt_len:] == response
+
+
+def test_truncation_keeps_ids_and_labels_aligned(tokenizer):
+    ex = instruction_example(tokenizer, "repeat: " + "apple " * 40, "x", max_len=16)
+    assert len(ex["input_ids"]) == len(ex["labels"]) == 16
+    assert set(ex["labels"]) == {IGNORE}
+
+
+def test_chat_learns_only_assistant_turns(tokenizer):
+    messages = [{"role": "user", "content": "upper: cat"}, {"role": "assistant", "content": "CAT"},
+                {"role": "user", "content": "upper: dog"}, {"role": "assistant", "content": "DOG"}]
+    ex = chat_example(tokenizer, messages, max_len=256)
+    learned = tokenizer.decode([t for t, lab in zip(ex["input_ids"], ex["labels"], strict=True) if lab != IGNORE])
+    assert learned.replace("\n", "").replace("</s>", "|") == "CAT|DOG|"
+    assert tokenizer.decode(ex["input_ids"]) == tokenizer.apply_chat_template(messages, tokenize=False)
+
+
+def test_collate_pads_with_ignored_labels(tokenizer):
+    a = instruction_example(tokenizer, "add: 1 + 2\n", "3", 64)
+    b = instruction_example(tokenizer, "reverse: maple\n", "elpam", 64)
+    batch = collate([a, b], tokenizer.pad_token_id)
+    n = len(a["input_ids"])
+    assert batch["input_ids"].shape[0] == 2
+    assert (batch["labels"][0, n:] == IGNORE).all() and (batch["attention_mask"][0, n:] == 0).all()
+    assert batch["attention_mask"][1].all()
+
+
+def test_shards_are_disjoint_and_deterministic():
+    items = [{"i": i} for i in range(10)]
+    a, b = shard(items, 0, 2, seed=7), shard(items, 1, 2, seed=7)
+    assert sorted(x["i"] for x in a + b) == list(range(10))
+    assert a == shard(items, 0, 2, seed=7) and a != shard(items, 0, 2, seed=8)
+
+
+def test_missing_field_names_field_and_record(tmp_path, tokenizer):
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps({"prompt": "a", "response": "b"}) + "\n" + json.dumps({"prompt": "c"}) + "\n")
+    spec = DataSpec(train=DataSource(path=path))
+    with pytest.raises(ValueError, match=r"record 1 has no field 'response'"):
+        tokenize(spec.train, tokenizer, spec)

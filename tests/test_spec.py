@@ -1,0 +1,116 @@
+"""Every class of spec error gets the field path and the reason; every example validates."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from jobspecs import SpecError, dump_spec, load_spec, spec_from_frozen
+from tests.helpers import EXAMPLES, cli, tiny_spec, write_spec
+
+
+def check(tmp_path: Path, spec: dict) -> SpecError:
+    with pytest.raises(SpecError) as info:
+        load_spec(write_spec(tmp_path / "job.yaml", spec))
+    return info.value
+
+
+def test_valid_spec_resolves_paths_and_defaults(tmp_path, assets):
+    spec = load_spec(write_spec(tmp_path / "job.yaml", tiny_spec(assets, "file://store")))
+    assert spec.model.path == (assets / "tiny-llama").resolve()
+    assert spec.storage.uri == f"file://{(tmp_path / 'store').resolve()}"
+    assert spec.effective_stages == ["train", "export"]
+    assert spec.train.zero_stage == 2 and spec.adapter.method == "lora"
+
+
+def test_frozen_spec_round_trips(tmp_path, assets):
+    spec = load_spec(write_spec(tmp_path / "job.yaml", tiny_spec(assets, "file://store")))
+    assert spec_from_frozen(dump_spec(spec)) == spec
+
+
+@pytest.mark.parametrize(
+    ("change", "path", "reason"),
+    [
+        ({"adapter": {"rank": 4}}, "adapter.rank", "unknown key"),
+        ({"bogus_section": {}}, "bogus_section", "unknown key"),
+        ({"adapter": {"r": "eight"}}, "adapter.r", "valid integer"),
+        ({"adapter": {"r": 0}}, "adapter.r", "greater than 0"),
+        ({"adapter": {"r": -3}}, "adapter.r", "greater than 0"),
+        ({"train": {"learning_rate": 0}}, "train.learning_rate", "greater than 0"),
+        ({"adapter": {"method": "qlora-xl"}}, "adapter.method", "'lora'"),
+        ({"model": {"path": "does/not/exist"}}, "model.path", "no such file or directory"),
+        ({"data": {"train": "missing.jsonl"}}, "data.train.path", "no such file or directory"),
+        ({"storage": {"uri": "s3://"}}, "storage.uri", "needs a bucket"),
+        ({"storage": {"uri": "s3:///prefix"}}, "storage.uri", "needs a bucket"),
+        ({"storage": {"uri": "s3://A_Bad_Bucket/x"}}, "storage.uri", "not a valid S3 bucket name"),
+        ({"storage": {"uri": "gs://bucket"}}, "storage.uri", "must start with file:// or s3://"),
+        ({"storage": {"uri": "s3://bucket", "endpoint_url": "minio:9000"}}, "storage.endpoint_url", "http(s) URL"),
+        ({"storage": {"uri": "s3://bucket", "secret_key": "x"}}, "storage.secret_key", "never read from a spec"),
+        ({"train": {"zero_stage": 3}, "adapter": {"method": "adalora", "r": 4}}, "train.zero_stage",
+         "ZeRO-3 cannot run adapter.method 'adalora'"),
+        ({"train": {"zero_stage": 4}}, "train.zero_stage", "0, 1, 2 or 3"),
+        ({"train": {"offload_param": True}}, "train.offload_param", "needs train.zero_stage: 3"),
+        ({"train": {"zero_stage": 0, "offload_optimizer": True}}, "train.offload_optimizer", "zero_stage >= 1"),
+        ({"train": {"precision": "fp16"}}, "train.precision", "needs a GPU"),
+        ({"adapter": {"method": "lora", "adalora": {"init_r": 12}}}, "adapter.adalora", "only valid when"),
+        ({"adapter": {"method": "adalora", "r": 16, "adalora": {"init_r": 8}}}, "adapter.adalora.init_r",
+         ">= adapter.r"),
+        ({"adapter": {"target_modules": []}}, "adapter.target_modules", "at least one module"),
+        ({"stages": ["export", "train"]}, "stages", "pipeline order"),
+        ({"stages": ["export"]}, "stages", "export needs train"),
+        ({"stages": ["calibrate", "decompose"]}, "stages", "set init.method: corda"),
+        ({"name": "Has Spaces"}, "name", "a-z"),
+    ],
+)
+def test_spec_errors_name_field_and_reason(tmp_path, assets, change, path, reason):
+    error = check(tmp_path, tiny_spec(assets, "file://store", **change))
+    text = str(error)
+    assert str(tmp_path / "job.yaml") in text
+    assert f"{path}: " in text, text
+    assert reason in text, text
+
+
+def test_model_folder_without_config_is_refused(tmp_path, assets):
+    (tmp_path / "not-a-model").mkdir()
+    error = check(tmp_path, tiny_spec(assets, "file://store", model={"path": "not-a-model"}))
+    assert "model.path: " in str(error) and "no config.json" in str(error)
+
+
+def test_unsupported_data_file_type(tmp_path, assets):
+    (tmp_path / "train.csv").write_text("a,b\n")
+    error = check(tmp_path, tiny_spec(assets, "file://store", data={"train": "train.csv"}))
+    assert "data.train.path: " in str(error) and "unsupported data file type '.csv'" in str(error)
+
+
+def test_yaml_syntax_error_names_line(tmp_path):
+    (tmp_path / "job.yaml").write_text("name: x\nmodel: [unclosed\n")
+    with pytest.raises(SpecError, match=r"line \d+, column \d+: invalid YAML"):
+        load_spec(tmp_path / "job.yaml")
+
+
+def test_all_problems_reported_at_once(tmp_path, assets):
+    error = check(tmp_path, tiny_spec(assets, "file://store", adapter={"r": 0, "dropout": 2}))
+    assert {p for p, _ in error.problems} == {"adapter.r", "adapter.dropout"}
+
+
+@pytest.mark.parametrize("example", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_example_validates(tmp_path, assets, example):
+    shutil.copy(example, tmp_path / example.name)
+    (tmp_path / "assets").symlink_to(assets)
+    spec = load_spec(tmp_path / example.name)
+    assert spec.name == example.stem
+
+
+def test_cli_validate_exit_codes(tmp_path, state_dir, assets):
+    good = write_spec(tmp_path / "good.yaml", tiny_spec(assets, "file://store"))
+    bad = write_spec(tmp_path / "bad.yaml", tiny_spec(assets, "file://store", adapter={"r": 0}))
+    ok = cli(state_dir, "validate", good)
+    assert ok.returncode == 0 and "ok:" in ok.stdout
+    refused = cli(state_dir, "validate", bad)
+    assert refused.returncode == 2
+    assert "adapter.r: Input should be greater than 0" in refused.stderr
+    # submit refuses the same spec before anything starts: no job is recorded
+    assert cli(state_dir, "submit", bad).returncode == 2
+    assert not (state_dir / "jobs").exists()

@@ -1,0 +1,45 @@
+"""The spec's adapter section as a stock peft config: peft implements every method, we only translate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from peft import (
+    AdaLoraConfig,
+    IA3Config,
+    LoraConfig,
+    PeftConfig,
+    PrefixTuningConfig,
+    PromptTuningConfig,
+    PromptTuningInit,
+    TaskType,
+)
+
+from jobspecs.schema import AdapterSpec
+
+
+def peft_config(adapter: AdapterSpec, total_steps: int, tokenizer_path: Path) -> PeftConfig:
+    """`total_steps` (optimizer steps of the whole run) feeds AdaLoRA's budget schedule when the spec omits it."""
+    task = TaskType.CAUSAL_LM
+    common = {"target_modules": adapter.target_modules, "task_type": task}
+    block = adapter.block()
+    if adapter.method in ("lora", "dora"):
+        return LoraConfig(r=adapter.r, lora_alpha=adapter.alpha, lora_dropout=adapter.dropout,
+                          use_dora=adapter.method == "dora", **common)
+    if adapter.method == "adalora":
+        return AdaLoraConfig(
+            init_r=block.init_r, target_r=adapter.r, tinit=block.tinit, tfinal=block.tfinal, deltaT=block.delta_t,
+            beta1=block.beta1, beta2=block.beta2, orth_reg_weight=block.orth_reg_weight,
+            total_step=block.total_step or total_steps, lora_alpha=adapter.alpha, lora_dropout=adapter.dropout,
+            **common,
+        )
+    if adapter.method == "ia3":
+        return IA3Config(feedforward_modules=block.feedforward_modules, **common)
+    if adapter.method == "prefix":
+        return PrefixTuningConfig(num_virtual_tokens=block.num_virtual_tokens, task_type=task)
+    if block.init_text is None:
+        return PromptTuningConfig(num_virtual_tokens=block.num_virtual_tokens, task_type=task)
+    return PromptTuningConfig(
+        num_virtual_tokens=block.num_virtual_tokens, task_type=task, prompt_tuning_init=PromptTuningInit.TEXT,
+        prompt_tuning_init_text=block.init_text, tokenizer_name_or_path=str(tokenizer_path),
+    )

@@ -1,0 +1,141 @@
+"""Datasets in, token ids and labels out. Decoder-only instruction and chat data are masked so that only the
+response (assistant turns) is learned: every label before it is -100."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from jobspecs.schema import DataFields, DataSource, DataSpec
+
+IGNORE = -100
+
+
+def quiet_progress_bars() -> None:
+    """Per-file progress bars of datasets/transformers only clutter a job's log; our own progress lines stay."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def load_records(source: DataSource):
+    """A `datasets.Dataset` from a jsonl/json/parquet/arrow file or a `save_to_disk` folder."""
+    import datasets
+
+    path = source.path
+    if path.is_dir():
+        ds = datasets.load_from_disk(str(path))
+    else:
+        builder = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}[path.suffix]
+        ds = datasets.load_dataset(builder, data_files=str(path), split="train")
+    if source.limit is not None:
+        ds = ds.select(range(min(source.limit, len(ds))))
+    return ds
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _bos(tokenizer) -> list[int]:
+    return [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+
+
+def _eos(tokenizer) -> list[int]:
+    return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+
+
+def instruction_example(tokenizer, prompt: str, response: str, max_len: int) -> dict[str, list[int]]:
+    prompt_ids = _bos(tokenizer) + _ids(tokenizer, prompt)
+    response_ids = _ids(tokenizer, response) + _eos(tokenizer)
+    ids = (prompt_ids + response_ids)[:max_len]
+    labels = ([IGNORE] * len(prompt_ids) + response_ids)[:max_len]
+    return {"input_ids": ids, "labels": labels}
+
+
+def chat_example(tokenizer, messages: list[dict[str, str]], max_len: int) -> dict[str, list[int]]:
+    """Render turn by turn with the chat template; tokens a turn adds are learned only if it is the assistant's."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("data.format 'chat' needs a tokenizer with a chat_template")
+    ids: list[int] = []
+    labels: list[int] = []
+    rendered = ""
+    for i, message in enumerate(messages):
+        text = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        # The assistant's role header is prompt, not response: the model is given it at inference time.
+        header = (tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+                  if message["role"] == "assistant" and i > 0 else rendered)
+        if not (text.startswith(header) and header.startswith(rendered)):
+            raise ValueError("the tokenizer's chat template does not render a conversation as a prefix of its "
+                             "continuation; response-only masking cannot be computed")
+        prompt_part = _ids(tokenizer, header[len(rendered):])
+        ids += prompt_part
+        labels += [IGNORE] * len(prompt_part)
+        delta = _ids(tokenizer, text[len(header):])
+        ids += delta
+        labels += delta if message["role"] == "assistant" else [IGNORE] * len(delta)
+        rendered = text
+    return {"input_ids": ids[:max_len], "labels": labels[:max_len]}
+
+
+def text_example(tokenizer, text: str, max_len: int) -> dict[str, list[int]]:
+    ids = (_bos(tokenizer) + _ids(tokenizer, text) + _eos(tokenizer))[:max_len]
+    return {"input_ids": ids, "labels": list(ids)}
+
+
+def _field(record: dict[str, Any], name: str) -> Any:
+    # Columnar loaders fill a field some records lack with None: that is a missing field too.
+    if record.get(name) is None:
+        raise KeyError(name)
+    return record[name]
+
+
+def to_example(record: dict[str, Any], tokenizer, fmt: str, fields: DataFields, max_len: int) -> dict[str, list[int]]:
+    if fmt == "instruction":
+        return instruction_example(tokenizer, _field(record, fields.prompt), _field(record, fields.response), max_len)
+    if fmt == "chat":
+        return chat_example(tokenizer, _field(record, fields.messages), max_len)
+    if fmt == "text":
+        return text_example(tokenizer, _field(record, fields.text), max_len)
+    ids = list(_field(record, fields.input_ids))[:max_len]
+    labels = list(record["labels"])[:max_len] if record.get("labels") is not None else list(ids)
+    return {"input_ids": ids, "labels": labels}
+
+
+def tokenize(source: DataSource, tokenizer, data: DataSpec, max_len: int | None = None) -> list[dict[str, list[int]]]:
+    """Every record of `source` as {input_ids, labels}; a record missing its field names the field and row."""
+    max_len = max_len or data.max_seq_len
+    examples = []
+    for row, record in enumerate(load_records(source)):
+        try:
+            examples.append(to_example(record, tokenizer, data.format, data.fields, max_len))
+        except KeyError as err:
+            raise ValueError(f"{source.path}: record {row} has no field {err} needed by data.format "
+                             f"{data.format!r} (see data.fields)") from None
+    return examples
+
+
+def shard(examples: Sequence[dict], rank: int, world: int, seed: int, epoch: int = 0) -> list[dict]:
+    """This worker's share of a seeded shuffle: disjoint across ranks, identical for a given (seed, epoch)."""
+    order = list(range(len(examples)))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return [examples[i] for i in order[rank::world]]
+
+
+def collate(batch: Sequence[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest sequence; padding has attention 0 and label -100."""
+    width = max(len(ex["input_ids"]) for ex in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, ex in enumerate(batch):
+        n = len(ex["input_ids"])
+        ids[i, :n] = torch.tensor(ex["input_ids"])
+        labels[i, :n] = torch.tensor(ex["labels"])
+        mask[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
