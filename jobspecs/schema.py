@@ -197,14 +197,31 @@ class CordaSpec(Section):
         "ipm", description="ipm: adapt the top-r components (instruction-previewed); kpm: the bottom-r "
         "(knowledge-preserved), keeping what the calibration data exercises frozen."
     )
-    samples: int = Field(256, gt=0, description="Calibration records used.")
+    samples: int = Field(256, gt=0, description="Calibration records used (the first `samples` of data.calibration).")
     seq_len: int = Field(2048, gt=0, description="Calibration records are truncated to this many tokens.")
     batch_size: int = Field(1, gt=0, description="Records per forward pass; padding never enters the statistics.")
-    covariance_dtype: Literal["float32", "float64"] = "float32"
+    covariance_dtype: Literal["float32", "float64"] = Field(
+        "float32", description="Accumulator precision; float32 is peft's, float64 halves nothing but rounding."
+    )
+    activation_scale: Literal["peft", "max_abs"] = Field(
+        "peft", description="Per-sample scale: peft divides by abs(max(x)), the largest *signed* element; "
+        "max_abs divides by max(|x|)."
+    )
     damping: Literal["auto"] | float = Field(
         "auto", description="auto: peft's rule (0.01·mean(diag C), doubled until C' inverts well); a number: fixed."
     )
     num_workers: int = Field(1, gt=0, description="Covariance actors, one model replica each.")
+    use_gpu: bool = Field(False, description="One GPU per covariance actor.")
+    shard_samples: int = Field(
+        16, gt=0, description="Samples per shard: the unit handed to an actor and redone after a failure. "
+        "Shards are summed in shard order, so results do not depend on num_workers or on retries."
+    )
+    max_failures: int = Field(3, ge=0, description="Actor restarts (each retries its unfinished shards) allowed.")
+    fidelity_samples: int = Field(4, ge=0, description="Held-out calibration records for the init-fidelity check.")
+    fidelity_tolerance: float = Field(
+        1e-3, gt=0, description="Max |logits(residual + CorDA adapter) − logits(base)| before the stage fails."
+    )
+    save_covariance: bool = Field(False, description="Also export the reduced covariance (artifact `covariance`).")
 
 
 class InitSpec(Section):
@@ -218,6 +235,11 @@ class InitSpec(Section):
         if self.corda is not None and self.method != "corda":
             raise ValueError("init.corda: only valid when init.method is 'corda'")
         return self
+
+    @property
+    def corda_spec(self) -> CordaSpec:
+        """The corda block, with its defaults when the spec omitted it."""
+        return self.corda or CordaSpec()
 
 
 class TrainSpec(Section):
@@ -359,9 +381,15 @@ class JobSpec(Section):
         if ("calibrate" in stages or "decompose" in stages) and self.init.method != "corda":
             raise ValueError("stages: calibrate/decompose compute a CorDA init; set init.method: corda")
         if self.init.method == "corda":
-            # CorDA's statistics and decomposition arrive with the cluster-scale CorDA issue; until then the
-            # spec is refused before any compute instead of failing a half-run job.
-            raise ValueError("init.method: 'corda' is not available in this build yet; use 'default'")
+            if self.data.calibration is None:
+                raise ValueError("data.calibration: init.method corda needs calibration records")
+            if self.adapter.method != "lora":
+                raise ValueError(f"adapter.method: CorDA initialises LoRA's A and B; it cannot initialise "
+                                 f"{self.adapter.method!r} (use lora)")
+        if "decompose" in stages and "calibrate" not in stages:
+            raise ValueError("stages: decompose needs calibrate (the covariance it decomposes)")
+        if self.init.method == "corda" and "train" in stages and "decompose" not in stages:
+            raise ValueError("stages: training a CorDA-initialised adapter needs calibrate and decompose first")
         if self.train.offload_param and self.train.zero_stage != 3:
             raise ValueError("train.offload_param: parameter offload needs train.zero_stage: 3")
         if self.train.offload_optimizer and self.train.zero_stage == 0:

@@ -133,7 +133,9 @@ def cmd_status(args) -> int:
     out.print(f"job {record.id}: [bold]{record.state.value}[/bold]"
               + (f" (stage {record.stage})" if record.stage else ""))
     if record.error:
-        out.print(f"error: {record.error}")
+        out.print(f"error: {record.error}", markup=False)
+    for warning in record.warnings:
+        out.print(f"warning: {warning}", markup=False)
     print_table(("stage", "state", "started", "ended"),
                 [(s.name, s.state, s.started_at or "-", s.ended_at or "-") for s in record.stages])
     out.print(f"store: {entry.store().url_of(job_key(record.id))}   log: {entry.log}")

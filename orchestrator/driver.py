@@ -28,6 +28,7 @@ from typing import Any
 from jobspecs import JobSpec, spec_from_frozen
 from jobspecs.schema import StorageSpec
 from orchestrator.artifacts import job_key, upload_artifacts
+from orchestrator.corda import run_calibrate, run_decompose
 from orchestrator.jobs import JobRecord, JobState, StageRecord
 from orchestrator.store import Store, open_store
 
@@ -45,6 +46,7 @@ class Context:
     store: Store
     staging: Path  # staging/<kind>/... becomes jobs/<id>/artifacts/<kind>/...
     results: dict[str, Any] = field(default_factory=dict)  # in-memory hand-over between stages
+    warnings: list[str] = field(default_factory=list)  # shown by `status`, kept in the record
 
     def artifact_dir(self, kind: str) -> Path:
         path = self.staging / kind
@@ -57,7 +59,7 @@ class Stage:
     name: str
     consumes: tuple[str, ...]  # what it reads: spec inputs or results of earlier stages
     produces: tuple[str, ...]  # results / artifact kinds it leaves
-    run: Callable[[Context], None] | None  # None: declared, arrives with its issue; the spec validator refuses it
+    run: Callable[[Context], None]
 
 
 _cancel_requested = threading.Event()
@@ -81,13 +83,41 @@ def wait_for(ref: Any) -> Any:
             raise JobCancelled()
 
 
+def wait_all(refs: list, on_progress: Callable[[int], None] | None = None, fetch: bool = False) -> list:
+    """Wait for every ref, cancellable like wait_for. Large results stay in the object store unless `fetch`
+    (then they are returned, and a failed task raises here with its own error)."""
+    import ray
+
+    pending, done = list(refs), 0
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=len(pending), timeout=0.5, fetch_local=False)
+        if ready:
+            if fetch:
+                ray.get(ready)  # surfaces a task's error as soon as it is known
+            done += len(ready)
+            if on_progress:
+                on_progress(done)
+        if _cancel_requested.is_set():
+            for ref in pending:
+                ray.cancel(ref, force=True)
+            raise JobCancelled()
+    return ray.get(refs) if fetch else refs
+
+
 def run_train(ctx: Context) -> None:
     import ray
 
     from workers.train_loop import train_adapter
 
     task = ray.remote(num_cpus=1, max_retries=ctx.spec.train.max_failures)(train_adapter)
-    ctx.results["train"] = wait_for(task.remote(ctx.spec))
+    init = ctx.results.get("corda_init")
+    result = wait_for(task.remote(ctx.spec, init and {k: str(v) for k, v in init.items()}))
+    # Logged here, not only by the worker: Ray forwards worker output asynchronously, maybe after the job ends.
+    last = result.metrics[-1] if result.metrics else {}
+    log.info("train: %d/%d steps, final loss %.4f, best step %d (%s %.4f)", last.get("step", 0), result.total_steps,
+             last.get("loss", float("nan")), result.best_step,
+             "eval loss" if ctx.spec.data.eval else "train loss", result.best_eval_loss or float("nan"))
+    ctx.results["train"] = result
 
 
 def run_export(ctx: Context) -> None:
@@ -115,8 +145,8 @@ def run_upload(ctx: Context) -> None:
 STAGES: dict[str, Stage] = {
     s.name: s
     for s in (
-        Stage("calibrate", ("model", "data.calibration"), ("covariance",), None),
-        Stage("decompose", ("covariance",), ("residual_base", "corda_init"), None),
+        Stage("calibrate", ("model", "data.calibration"), ("corda",), run_calibrate),
+        Stage("decompose", ("corda",), ("residual_base", "corda_init", "report/corda.json"), run_decompose),
         Stage("train", ("model", "data.train", "data.eval", "corda_init?"), ("train",), run_train),
         Stage("export", ("train",), ("adapter", "report"), run_export),
         Stage("upload", ("staging",), ("manifest",), run_upload),
@@ -174,6 +204,7 @@ def run_job(job_id: str, store: Store) -> JobRecord:
             record.save(store)
             log.info("stage %s: started", name)
             STAGES[name].run(ctx)
+            record.warnings = list(ctx.warnings)
             record.end_stage(name)
             record.save(store)
             log.info("stage %s: done", name)

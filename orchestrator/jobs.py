@@ -60,6 +60,7 @@ class JobRecord:
     ended_at: str | None = None
     stage: str | None = None  # the running stage, or the one that failed / was cancelled
     error: str | None = None
+    warnings: list[str] = field(default_factory=list)  # things a user can act on (e.g. too little calibration data)
     driver: dict = field(default_factory=dict)  # host, pid
 
     def save(self, store: Store) -> None:

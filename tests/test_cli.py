@@ -32,12 +32,12 @@ def test_tiny_example_end_to_end(tmp_path, state_dir, assets):
     submitted = cli(state_dir, "submit", spec, "--wait", check=True)
     job_id = submitted.stdout.strip()
     assert re.fullmatch(r"tiny-lora-\d{8}-\d{6}-[0-9a-f]{4}", job_id)
-    assert "train: step 40/40" in submitted.stderr and f"job {job_id} SUCCEEDED" in submitted.stderr
+    assert "train: 40/40 steps" in submitted.stderr and f"job {job_id} SUCCEEDED" in submitted.stderr
 
     rec = record(state_dir, job_id)
     assert rec["state"] == "SUCCEEDED" and rec["error"] is None
     assert [s["state"] for s in rec["stages"]] == ["succeeded"] * 3
-    assert "train: step 40/40" in cli(state_dir, "logs", job_id, check=True).stdout
+    assert "train: 40/40 steps" in cli(state_dir, "logs", job_id, check=True).stdout
     listing = cli(state_dir, "artifacts", job_id, check=True).stdout
     assert "adapter_model.safetensors" in listing and "metrics.jsonl" in listing
 

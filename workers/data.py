@@ -16,11 +16,15 @@ IGNORE = -100
 
 def quiet_progress_bars() -> None:
     """Per-file progress bars of datasets/transformers only clutter a job's log; our own progress lines stay."""
+    import warnings
+
     import datasets
     import transformers
 
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
+    # peft calls this deprecated transformers API on every get_peft_model; nothing for a user to act on.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
 def load_records(source: DataSource):

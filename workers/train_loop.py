@@ -55,8 +55,10 @@ def _lr_at(step: int, total: int, warmup: int, peak: float) -> float:
     return peak * max(0.0, (total - step) / max(1, total - warmup))
 
 
-def train_adapter(spec: JobSpec) -> TrainResult:
-    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+def train_adapter(spec: JobSpec, corda_init: dict[str, str] | None = None) -> TrainResult:
+    """`corda_init`: {"residual_base": dir, "adapter": dir} from the decompose stage; the adapter starts from
+    CorDA's A, B on the residual base instead of the method's own init."""
+    from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     quiet_progress_bars()
@@ -68,8 +70,13 @@ def train_adapter(spec: JobSpec) -> TrainResult:
     eval_set = tokenize(spec.data.eval, tokenizer, spec.data) if spec.data.eval else []
     total = optimizer_steps(spec, len(train_set))
 
-    base = AutoModelForCausalLM.from_pretrained(spec.model.path, dtype=getattr(torch, spec.model.dtype))
-    model = get_peft_model(base, peft_config(spec.adapter, total, spec.model.tokenizer_path))
+    dtype = getattr(torch, spec.model.dtype)
+    if corda_init:
+        base = AutoModelForCausalLM.from_pretrained(corda_init["residual_base"], dtype=dtype)
+        model = PeftModel.from_pretrained(base, corda_init["adapter"], is_trainable=True)
+    else:
+        base = AutoModelForCausalLM.from_pretrained(spec.model.path, dtype=dtype)
+        model = get_peft_model(base, peft_config(spec.adapter, total, spec.model.tokenizer_path))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     print(f"train: {len(train_set)} examples, {total} optimizer steps, "

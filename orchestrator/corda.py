@@ -1,0 +1,259 @@
+"""The calibrate and decompose stages: CorDA initialisation at cluster scale.
+
+calibrate
+    The calibration samples are cut into fixed-size shards. N covariance actors (one model replica each) take
+    shards round-robin; each shard's statistics come back whole, one object per input group. Per group, a chain
+    of small add tasks folds the shards *in shard order* inside the object store — the driver never holds a
+    covariance, and the sum is the same whatever actor computed what, however often a shard was retried (Ray
+    restarts a dead actor and re-runs its unfinished shards; a shard's result exists once or not at all).
+decompose
+    One task per input group decomposes the group's layers where the reduced covariance is (Ray schedules tasks
+    next to their largest argument), computing the damped inverse once per group. The driver then writes
+    `residual_base` (base model with residual weights) and `corda_init` (a stock peft LoRA adapter), and checks
+    init fidelity: residual base + adapter must reproduce the base model's logits.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from jobspecs.schema import JobSpec
+
+log = logging.getLogger("peftfleet.corda")
+
+# peft's guidance: ~256 samples × 2048 tokens for hidden size 4096, i.e. ~128 tokens per input dimension.
+TOKENS_PER_DIM = 128
+
+
+def calibration_samples(spec: JobSpec) -> tuple[list[list[int]], list[list[int]], int]:
+    """(samples for the statistics, held-out samples for the fidelity check, pad id), as token ids."""
+    from transformers import AutoTokenizer
+
+    from workers.data import quiet_progress_bars, tokenize
+
+    quiet_progress_bars()
+    corda = spec.init.corda_spec
+    tokenizer = AutoTokenizer.from_pretrained(spec.model.tokenizer_path)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    examples = tokenize(spec.data.calibration, tokenizer, spec.data, max_len=corda.seq_len)
+    ids = [ex["input_ids"] for ex in examples if ex["input_ids"]]
+    samples = ids[: corda.samples]
+    held = ids[corda.samples : corda.samples + corda.fidelity_samples] or samples[: corda.fidelity_samples]
+    if len(samples) < corda.samples:
+        log.warning("calibrate: data.calibration has %d records, init.corda.samples asks for %d; using %d",
+                    len(ids), corda.samples, len(samples))
+    return samples, held, pad_id
+
+
+def _add(acc, part):
+    from workers.covariance import add_stats
+
+    return add_stats([acc, part])
+
+
+def run_calibrate(ctx) -> None:
+    import ray
+
+    from orchestrator.driver import wait_all
+    from workers.covariance import CovarianceWorker
+
+    spec, corda = ctx.spec, ctx.spec.init.corda_spec
+    samples, held, pad_id = calibration_samples(spec)
+    shards = [samples[i : i + corda.shard_samples] for i in range(0, len(samples), corda.shard_samples)]
+    Actor = ray.remote(CovarianceWorker).options(
+        num_cpus=1, num_gpus=1 if corda.use_gpu else 0,
+        max_restarts=corda.max_failures, max_task_retries=corda.max_failures,
+    )
+    device = "cuda" if corda.use_gpu else "cpu"
+    actors = [Actor.remote(str(spec.model.path), spec.model.dtype, corda.covariance_dtype, corda.activation_scale,
+                           device) for _ in range(min(corda.num_workers, len(shards)))]
+    ctx.results["corda_actors"] = actors  # so tests and fault injection can find them
+    groups = ray.get(actors[0].groups.remote(spec.adapter.target_modules, samples[0]))
+    log.info("calibrate: %d samples in %d shards on %d actor(s); %d input groups: %s", len(samples), len(shards),
+             len(actors), len(groups), ", ".join(f"{g.name}[{len(g.modules)}]" for g in groups))
+
+    # Memory-bound adds that must not wait behind the actors' CPUs: zero CPU reservation.
+    add = ray.remote(num_cpus=0)(_add)
+    totals: list[Any] = [None] * len(groups)
+    done_refs = []
+    start = time.perf_counter()
+    for i, shard in enumerate(shards):
+        parts = actors[i % len(actors)].collect.options(num_returns=len(groups) + 1).remote(
+            i, shard, groups, corda.batch_size, pad_id)
+        done_refs.append(parts[-1])
+        for g, part in enumerate(parts[:-1]):
+            totals[g] = part if totals[g] is None else add.remote(totals[g], part)
+    tokens = sum(len(s) for s in samples)
+
+    def progress(done: int) -> None:
+        elapsed = time.perf_counter() - start
+        eta = elapsed / done * (len(shards) - done) if done else float("nan")
+        log.info("calibrate: shard %d/%d, %.0f tokens/s, eta %.0fs", done, len(shards),
+                 tokens * done / len(shards) / elapsed, eta)
+
+    summaries = wait_all(done_refs, on_progress=progress, fetch=True)
+    wait_all(totals)
+    for actor in actors:  # free their CPUs (and GPUs) for the decomposition
+        ray.kill(actor)
+    ctx.results["corda"] = {"groups": groups, "totals": totals, "held": held, "tokens": tokens,
+                            "calibrate_s": time.perf_counter() - start, "shards": summaries}
+
+
+def run_decompose(ctx) -> None:
+    import ray
+
+    from orchestrator.driver import wait_all
+
+    spec, corda = ctx.spec, ctx.spec.init.corda_spec
+    state = ctx.results["corda"]
+    groups, totals = state["groups"], state["totals"]
+    scaling = spec.adapter.alpha / spec.adapter.r
+    task = ray.remote(num_cpus=1)(_decompose_task)
+    refs = [task.remote(total, g.name, g.modules, str(spec.model.path), spec.adapter.r, corda.mode, scaling,
+                        corda.damping) for g, total in zip(groups, totals, strict=True)]
+    start = time.perf_counter()
+    wait_all(refs, on_progress=lambda n: log.info("decompose: group %d/%d", n, len(refs)))
+    decompose_s = time.perf_counter() - start
+    if corda.save_covariance:
+        _save_covariance(ctx.artifact_dir("covariance"), groups, totals)
+    results = []
+    for ref in refs:  # one group's layers at a time in the driver's memory
+        results.append(ray.get(ref))
+    residual_dir, adapter_dir = ctx.artifact_dir("residual_base"), ctx.artifact_dir("corda_init")
+    write_corda_outputs(spec, results, residual_dir, adapter_dir)
+    fidelity = ray.get(ray.remote(num_cpus=1)(init_fidelity).options(
+        scheduling_strategy=_this_node()).remote(str(spec.model.path), str(residual_dir), str(adapter_dir),
+                                                 state["held"]))
+    report = diagnostics(spec, results, fidelity, state["tokens"], state["calibrate_s"], decompose_s)
+    for warning in report["warnings"]:
+        log.warning("decompose: %s", warning)
+    ctx.warnings.extend(report["warnings"])
+    report_dir = ctx.artifact_dir("report")
+    (report_dir / "corda.json").write_text(json.dumps(report, indent=2))
+    plot_spectra(results, report_dir / "corda_spectrum.png")
+    ctx.results["corda_init"] = {"residual_base": residual_dir, "adapter": adapter_dir}
+    log.info("decompose: init fidelity max |Δlogits| %.2e (tolerance %.0e)", fidelity, corda.fidelity_tolerance)
+    if not fidelity <= corda.fidelity_tolerance:
+        raise ValueError(f"init-fidelity check failed: residual base + CorDA adapter changes the logits by up to "
+                         f"{fidelity:.3e} (> init.corda.fidelity_tolerance {corda.fidelity_tolerance:.0e}); "
+                         "the decomposition is not exact for this model and dtype")
+
+
+def _this_node():
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    # The staging folder is on the driver's node.
+    return NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+
+
+def _decompose_task(total, group, modules, model_path, r, mode, scaling, damping):
+    from workers.decompose import decompose_group, load_weights
+
+    return decompose_group(total, group, modules, load_weights(model_path, modules), r, mode, scaling, damping)
+
+
+def _save_covariance(out: Path, groups, totals) -> None:
+    import ray
+    from safetensors.torch import save_file
+
+    for g, total in zip(groups, totals, strict=True):
+        stats = ray.get(total)
+        save_file({"covariance": (stats.xtx / stats.samples).contiguous()}, str(out / f"{g.name}.safetensors"),
+                  metadata={"modules": ",".join(g.modules), "samples": str(stats.samples),
+                            "tokens": str(stats.tokens)})
+
+
+def write_corda_outputs(spec: JobSpec, results, residual_dir: Path, adapter_dir: Path) -> None:
+    """residual_base: the base model with W_res; corda_init: a stock LoRA adapter holding the CorDA A, B."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(spec.model.path, dtype=getattr(torch, spec.model.dtype))
+    modules = dict(model.named_modules())
+    layers = [layer for group in results for layer in group.layers]
+    with torch.no_grad():
+        for layer in layers:
+            modules[layer.name].weight.copy_(layer.residual)
+    model.save_pretrained(residual_dir)
+    AutoTokenizer.from_pretrained(spec.model.tokenizer_path).save_pretrained(residual_dir)
+    config = LoraConfig(r=spec.adapter.r, lora_alpha=spec.adapter.alpha, lora_dropout=spec.adapter.dropout,
+                        target_modules=sorted({name.split(".")[-1] for name in (layer.name for layer in layers)}),
+                        init_lora_weights=True, task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, config)
+    peft_modules = dict(peft_model.base_model.model.named_modules())
+    with torch.no_grad():
+        for layer in layers:
+            target = peft_modules[layer.name]
+            target.lora_A["default"].weight.copy_(layer.lora_A)
+            target.lora_B["default"].weight.copy_(layer.lora_B)
+    peft_model.save_pretrained(adapter_dir)
+
+
+def init_fidelity(base_path: str, residual_dir: str, adapter_dir: str, samples: list[list[int]]) -> float:
+    """max |logits(residual base + corda adapter) − logits(base)| over `samples`, loaded the way a user would."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(base_path).eval()
+    init = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(residual_dir), adapter_dir).eval()
+    worst = 0.0
+    with torch.no_grad():
+        for ids in samples:
+            x = torch.tensor([ids])
+            worst = max(worst, float((init(input_ids=x).logits - base(input_ids=x).logits).abs().max()))
+    return worst
+
+
+def diagnostics(spec: JobSpec, results, fidelity: float, tokens: int, calibrate_s: float, decompose_s: float
+                ) -> dict:
+    warnings = []
+    for g in results:
+        if g.numerical_rank < g.dim:
+            warnings.append(f"covariance of {g.group} is rank-deficient ({g.numerical_rank} < {g.dim}): too few or "
+                            f"too short calibration samples ({g.samples} samples, {g.tokens} tokens)")
+        elif g.tokens < TOKENS_PER_DIM * g.dim:
+            warnings.append(f"{g.group}: {g.tokens} calibration tokens for input dimension {g.dim}; peft's guidance "
+                            f"is ~{TOKENS_PER_DIM} tokens per dimension (256 samples × 2048 tokens for hidden 4096; "
+                            "short ~60-token samples need ~10× more samples)")
+    groups = []
+    for g in results:
+        row = {k: v for k, v in asdict(g).items() if k not in ("layers", "eigenvalues")}
+        row["layers"] = [{"name": layer.name, "reconstruction_error": layer.reconstruction_error}
+                         for layer in g.layers]
+        groups.append(row)
+    return {"mode": spec.init.corda_spec.mode, "r": spec.adapter.r, "tokens": tokens,
+            "calibrate_s": calibrate_s, "decompose_s": decompose_s, "init_fidelity_max_abs_logit_diff": fidelity,
+            "fidelity_tolerance": spec.init.corda_spec.fidelity_tolerance, "groups": groups, "warnings": warnings}
+
+
+def plot_spectra(results, out: Path) -> None:
+    """Covariance eigenvalue spectrum per input group, and effective rank per group."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for g in results:
+        eig = [max(v, 1e-12) for v in g.eigenvalues]
+        left.semilogy(range(1, len(eig) + 1), eig, label=g.group.removeprefix("model."), linewidth=1)
+    left.set(title="covariance spectrum per input group", xlabel="index", ylabel="eigenvalue")
+    if len(results) <= 12:
+        left.legend(fontsize=6)
+    names = [g.group.removeprefix("model.") for g in results]
+    right.barh(names, [g.effective_rank for g in results], label="effective rank")
+    right.barh(names, [g.dim for g in results], alpha=0.25, label="input dimension")
+    right.set(title="effective rank (exp entropy of eigenvalues)", xlabel="rank")
+    right.tick_params(axis="y", labelsize=6)
+    right.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
