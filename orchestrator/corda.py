@@ -67,14 +67,20 @@ def run_calibrate(ctx) -> None:
     spec, corda = ctx.spec, ctx.spec.init.corda_spec
     samples, held, pad_id = calibration_samples(spec)
     shards = [samples[i : i + corda.shard_samples] for i in range(0, len(samples), corda.shard_samples)]
+    # SPREAD: one replica per node where possible, so losing a node loses the fewest actors. Failures are bounded
+    # by actor restarts; a shard is retried for as long as its actor can come back (a lost node makes the actor
+    # "unavailable" many times before it is declared dead). Errors raised by our code are never retried.
     Actor = ray.remote(CovarianceWorker).options(
-        num_cpus=1, num_gpus=1 if corda.use_gpu else 0,
-        max_restarts=corda.max_failures, max_task_retries=corda.max_failures,
+        num_cpus=1, num_gpus=1 if corda.use_gpu else 0, scheduling_strategy="SPREAD",
+        max_restarts=corda.max_failures, max_task_retries=-1,
     )
     device = "cuda" if corda.use_gpu else "cpu"
     actors = [Actor.remote(str(spec.model.path), spec.model.dtype, corda.covariance_dtype, corda.activation_scale,
                            device) for _ in range(min(corda.num_workers, len(shards)))]
-    ctx.results["corda_actors"] = actors  # so tests and fault injection can find them
+    placement = wait_all([a.where.remote() for a in actors], fetch=True)
+    for i, (pid, node) in enumerate(placement):
+        log.info("calibrate: covariance actor %d is pid %d on node %s", i, pid, node[:12])
+    ctx.results["corda_actors"] = placement
     groups = ray.get(actors[0].groups.remote(spec.adapter.target_modules, samples[0]))
     log.info("calibrate: %d samples in %d shards on %d actor(s); %d input groups: %s", len(samples), len(shards),
              len(actors), len(groups), ", ".join(f"{g.name}[{len(g.modules)}]" for g in groups))
@@ -128,9 +134,8 @@ def run_decompose(ctx) -> None:
         results.append(ray.get(ref))
     residual_dir, adapter_dir = ctx.artifact_dir("residual_base"), ctx.artifact_dir("corda_init")
     write_corda_outputs(spec, results, residual_dir, adapter_dir)
-    fidelity = ray.get(ray.remote(num_cpus=1)(init_fidelity).options(
-        scheduling_strategy=_this_node()).remote(str(spec.model.path), str(residual_dir), str(adapter_dir),
-                                                 state["held"]))
+    # In the driver, beside the staging folder it reads (a cluster's head often has no CPUs for tasks).
+    fidelity = init_fidelity(str(spec.model.path), str(residual_dir), str(adapter_dir), state["held"])
     report = diagnostics(spec, results, fidelity, state["tokens"], state["calibrate_s"], decompose_s)
     for warning in report["warnings"]:
         log.warning("decompose: %s", warning)
@@ -144,14 +149,6 @@ def run_decompose(ctx) -> None:
         raise ValueError(f"init-fidelity check failed: residual base + CorDA adapter changes the logits by up to "
                          f"{fidelity:.3e} (> init.corda.fidelity_tolerance {corda.fidelity_tolerance:.0e}); "
                          "the decomposition is not exact for this model and dtype")
-
-
-def _this_node():
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    # The staging folder is on the driver's node.
-    return NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
 
 
 def _decompose_task(total, group, modules, model_path, r, mode, scaling, damping):

@@ -11,8 +11,8 @@ A shard's statistics are returned whole, so the driver can count a retried shard
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -105,8 +105,11 @@ class CovarianceWorker:
         self.acc_dtype = DTYPES[covariance_dtype]
         self.scale = scale
 
-    def pid(self) -> int:
-        return os.getpid()
+    def where(self) -> tuple[int, str]:
+        """(pid, Ray node id) of this replica, for the driver's log and for fault injection in tests."""
+        import ray
+
+        return os.getpid(), ray.get_runtime_context().get_node_id()
 
     def groups(self, targets: Sequence[str] | str, probe_ids: Sequence[int]) -> list[InputGroup]:
         return find_input_groups(self.model, targets, probe_ids)
