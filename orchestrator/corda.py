@@ -52,17 +52,12 @@ def calibration_samples(spec: JobSpec) -> tuple[list[list[int]], list[list[int]]
     return samples, held, pad_id
 
 
-def _add(acc, part):
-    from workers.covariance import add_stats
-
-    return add_stats([acc, part])
-
-
 def run_calibrate(ctx) -> None:
     import ray
 
     from orchestrator.driver import wait_all
     from workers.covariance import CovarianceWorker
+    from workers.reduce import Reducer
 
     spec, corda = ctx.spec, ctx.spec.init.corda_spec
     samples, held, pad_id = calibration_samples(spec)
@@ -77,7 +72,13 @@ def run_calibrate(ctx) -> None:
     device = "cuda" if corda.use_gpu else "cpu"
     actors = [Actor.remote(str(spec.model.path), spec.model.dtype, corda.covariance_dtype, corda.activation_scale,
                            device) for _ in range(min(corda.num_workers, len(shards)))]
+    # Reducers: one per covariance actor, spread like them, no CPU reservation — their adds are light and must not
+    # wait behind the actors, and they decompose only after the actors have given their CPUs back. They start
+    # now, beside the actors: a process start (import torch) during collection would steal the actors' cores.
+    reducers = [ray.remote(Reducer).options(num_cpus=0, scheduling_strategy="SPREAD", max_restarts=-1,
+                                            max_task_retries=-1).remote() for _ in actors]
     placement = wait_all([a.where.remote() for a in actors], fetch=True)
+    wait_all([r.ready.remote() for r in reducers], fetch=True)
     for i, (pid, node) in enumerate(placement):
         log.info("calibrate: covariance actor %d is pid %d on node %s", i, pid, node[:12])
     ctx.results["corda_actors"] = placement
@@ -85,8 +86,6 @@ def run_calibrate(ctx) -> None:
     log.info("calibrate: %d samples in %d shards on %d actor(s); %d input groups: %s", len(samples), len(shards),
              len(actors), len(groups), ", ".join(f"{g.name}[{len(g.modules)}]" for g in groups))
 
-    # Memory-bound adds that must not wait behind the actors' CPUs: zero CPU reservation.
-    add = ray.remote(num_cpus=0)(_add)
     totals: list[Any] = [None] * len(groups)
     done_refs = []
     start = time.perf_counter()
@@ -94,8 +93,8 @@ def run_calibrate(ctx) -> None:
         parts = actors[i % len(actors)].collect.options(num_returns=len(groups) + 1).remote(
             i, shard, groups, corda.batch_size, pad_id)
         done_refs.append(parts[-1])
-        for g, part in enumerate(parts[:-1]):
-            totals[g] = part if totals[g] is None else add.remote(totals[g], part)
+        for g, part in enumerate(parts[:-1]):  # shard order per group: the sum does not depend on scheduling
+            totals[g] = part if totals[g] is None else reducers[g % len(reducers)].add.remote(totals[g], part)
     tokens = sum(len(s) for s in samples)
 
     def progress(done: int) -> None:
@@ -109,7 +108,7 @@ def run_calibrate(ctx) -> None:
     for actor in actors:  # free their CPUs (and GPUs) for the decomposition
         ray.kill(actor)
     ctx.results["corda"] = {"groups": groups, "totals": totals, "held": held, "tokens": tokens,
-                            "calibrate_s": time.perf_counter() - start, "shards": summaries}
+                            "calibrate_s": time.perf_counter() - start, "shards": summaries, "reducers": reducers}
 
 
 def run_decompose(ctx) -> None:
@@ -119,11 +118,12 @@ def run_decompose(ctx) -> None:
 
     spec, corda = ctx.spec, ctx.spec.init.corda_spec
     state = ctx.results["corda"]
-    groups, totals = state["groups"], state["totals"]
+    groups, totals, reducers = state["groups"], state["totals"], state["reducers"]
     scaling = spec.adapter.alpha / spec.adapter.r
-    task = ray.remote(num_cpus=1)(_decompose_task)
-    refs = [task.remote(total, g.name, g.modules, str(spec.model.path), spec.adapter.r, corda.mode, scaling,
-                        corda.damping) for g, total in zip(groups, totals, strict=True)]
+    # Each group is decomposed by the reducer that produced its sum, i.e. where the covariance already is.
+    refs = [reducers[g % len(reducers)].decompose.remote(total, group.name, group.modules, str(spec.model.path),
+                                                         spec.adapter.r, corda.mode, scaling, corda.damping)
+            for g, (group, total) in enumerate(zip(groups, totals, strict=True))]
     start = time.perf_counter()
     wait_all(refs, on_progress=lambda n: log.info("decompose: group %d/%d", n, len(refs)))
     decompose_s = time.perf_counter() - start
@@ -132,6 +132,8 @@ def run_decompose(ctx) -> None:
     results = []
     for ref in refs:  # one group's layers at a time in the driver's memory
         results.append(ray.get(ref))
+    for reducer in reducers:
+        ray.kill(reducer)
     residual_dir, adapter_dir = ctx.artifact_dir("residual_base"), ctx.artifact_dir("corda_init")
     write_corda_outputs(spec, results, residual_dir, adapter_dir)
     # In the driver, beside the staging folder it reads (a cluster's head often has no CPUs for tasks).
@@ -149,12 +151,6 @@ def run_decompose(ctx) -> None:
         raise ValueError(f"init-fidelity check failed: residual base + CorDA adapter changes the logits by up to "
                          f"{fidelity:.3e} (> init.corda.fidelity_tolerance {corda.fidelity_tolerance:.0e}); "
                          "the decomposition is not exact for this model and dtype")
-
-
-def _decompose_task(total, group, modules, model_path, r, mode, scaling, damping):
-    from workers.decompose import decompose_group, load_weights
-
-    return decompose_group(total, group, modules, load_weights(model_path, modules), r, mode, scaling, damping)
 
 
 def _save_covariance(out: Path, groups, totals) -> None:

@@ -117,3 +117,53 @@ def test_cancel_running_job(tmp_path, state_dir, assets):
 def test_unknown_job_is_a_clear_error(state_dir, command):
     run = cli(state_dir, command, "no-such-job")
     assert run.returncode == 2 and "unknown job 'no-such-job'" in run.stderr
+
+
+def test_corda_job_end_to_end(tmp_path, state_dir, assets):
+    """The CorDA example through the CLI: calibrate → decompose → train from the CorDA init → export → upload."""
+    import yaml
+
+    from tests.helpers import EXAMPLES
+
+    spec = yaml.safe_load((EXAMPLES / "tiny-corda.yaml").read_text())
+    spec["storage"] = {"uri": f"file://{tmp_path / 'store'}"}
+    spec["train"]["max_steps"] = 10
+    (tmp_path / "assets").symlink_to(assets)
+    run = cli(state_dir, "submit", write_spec(tmp_path / "job.yaml", spec), "--wait", check=True)
+    job_id = run.stdout.strip()
+    assert "calibrate: shard" in run.stderr and "init fidelity max |Δlogits|" in run.stderr
+    assert [s["state"] for s in record(state_dir, job_id)["stages"]] == ["succeeded"] * 5
+    cli(state_dir, "fetch", job_id, tmp_path / "out", check=True)
+    out = tmp_path / "out"
+    assert {p.name for p in out.iterdir()} == {"adapter", "corda_init", "residual_base", "report"}
+    report = json.loads((out / "report" / "corda.json").read_text())
+    assert report["init_fidelity_max_abs_logit_diff"] < 1e-4
+    assert len(report["groups"]) == 8 and report["groups"][0]["samples"] == 56
+
+    # the trained adapter sits on the residual base: trained ≠ init, and both load with stock peft
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    init = load_file(str(out / "corda_init" / "adapter_model.safetensors"))
+    trained = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert init.keys() == trained.keys()
+    assert any(not torch.equal(init[k], trained[k]) for k in init)
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out / "residual_base"), out / "adapter")
+
+
+def test_corda_only_job_is_the_cluster_scale_init(tmp_path, state_dir, assets):
+    import yaml
+
+    from tests.helpers import EXAMPLES
+
+    spec = yaml.safe_load((EXAMPLES / "tiny-corda.yaml").read_text())
+    spec.update(stages=["calibrate", "decompose"], storage={"uri": f"file://{tmp_path / 'store'}"})
+    spec["init"]["corda"].update(mode="kpm", save_covariance=True)
+    (tmp_path / "assets").symlink_to(assets)
+    job_id = cli(state_dir, "submit", write_spec(tmp_path / "job.yaml", spec), "--wait", check=True).stdout.strip()
+    kinds = cli(state_dir, "artifacts", job_id, check=True).stdout
+    assert "kinds: corda_init, covariance, report, residual_base" in kinds
+    rec = record(state_dir, job_id)
+    assert [s["name"] for s in rec["stages"]] == ["calibrate", "decompose", "upload"]
+    assert any("calibration tokens for input dimension" in w for w in rec["warnings"])

@@ -12,6 +12,7 @@ A shard's statistics are returned whole, so the driver can count a retried shard
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -41,6 +42,8 @@ class ShardSummary:
     samples: int
     tokens: int
     pid: int  # the actor process that computed it
+    accumulate_s: float  # time inside the hooks (scale, mask, xᵀx), for the FLOP/s figure
+    flops: float  # 2·tokens·dim² summed over groups
 
 
 class NonFiniteActivations(ValueError):
@@ -123,8 +126,10 @@ class CovarianceWorker:
         modules = dict(self.model.named_modules())
         stats = {g.name: GroupStats(torch.zeros(g.dim, g.dim, dtype=self.acc_dtype), 0, 0) for g in groups}
         current: dict[str, object] = {}
+        timing = {"s": 0.0, "flops": 0.0}
 
         def hook(name: str, inputs: tuple) -> None:
+            t0 = time.perf_counter()
             mask = current["mask"]
             x = inputs[0].detach().to(self.acc_dtype)
             valid = mask.unsqueeze(-1)
@@ -142,6 +147,8 @@ class CovarianceWorker:
             acc.xtx.addmm_(rows.T, rows)
             acc.samples += x.shape[0]
             acc.tokens += rows.shape[0]
+            timing["s"] += time.perf_counter() - t0
+            timing["flops"] += 2.0 * rows.shape[0] * rows.shape[1] ** 2
 
         handles = [modules[g.name].register_forward_hook(lambda m, i, o, n=g.name: hook(n, i)) for g in groups]
         try:
@@ -155,7 +162,8 @@ class CovarianceWorker:
                 h.remove()
         for acc in stats.values():
             acc.xtx = acc.xtx.cpu()
-        summary = ShardSummary(shard, len(samples), sum(len(s) for s in samples), os.getpid())
+        summary = ShardSummary(shard, len(samples), sum(len(s) for s in samples), os.getpid(), timing["s"],
+                               timing["flops"])
         return (*(stats[g.name] for g in groups), summary)
 
 

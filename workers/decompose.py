@@ -98,11 +98,11 @@ def decompose_group(
     eff_rank = float(torch.exp(-(nz * nz.log()).sum())) if len(nz) else 0.0
     num_rank = int((eig > eig[0] * cov.shape[0] * torch.finfo(torch.float32).eps).sum()) if eig[0] > 0 else 0
     fixed, inv, d, inv_err = damp(cov, damping)
-    fixed_eig = torch.linalg.eigvalsh(fixed.double())
+    shift = float(torch.mean(torch.diag(cov))) * d  # C' = C + shift·I: its eigenvalues are C's, shifted
     result = GroupInit(
         group=group, modules=modules, samples=stats.samples, tokens=stats.tokens, dim=cov.shape[0],
         effective_rank=eff_rank, numerical_rank=num_rank,
-        condition_number=float(fixed_eig[-1] / fixed_eig[0]) if fixed_eig[0] > 0 else float("inf"),
+        condition_number=float((eig[0] + shift) / (eig[-1] + shift)) if eig[-1] + shift > 0 else float("inf"),
         damping=d, inverse_error=inv_err, eigenvalues=[float(v) for v in eig],
     )
     for name in modules:
