@@ -221,7 +221,13 @@ class CordaSpec(Section):
     fidelity_tolerance: float = Field(
         1e-3, gt=0, description="Max |logits(residual + CorDA adapter) − logits(base)| before the stage fails."
     )
-    save_covariance: bool = Field(False, description="Also export the reduced covariance (artifact `covariance`).")
+    save_covariance: bool = Field(
+        False, description="Also export the reduced statistics (artifact `covariance`, safetensors per input group)."
+    )
+    covariance_from: ExistingPath | None = Field(
+        None, description="A `covariance` artifact folder of an earlier job on the same model and calibration data: "
+        "calibrate loads it instead of collecting, so another rank or mode costs only the decomposition."
+    )
 
 
 class InitSpec(Section):

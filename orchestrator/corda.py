@@ -61,6 +61,14 @@ def run_calibrate(ctx) -> None:
 
     spec, corda = ctx.spec, ctx.spec.init.corda_spec
     samples, held, pad_id = calibration_samples(spec)
+    if corda.covariance_from is not None:
+        groups, stats = load_covariance(corda.covariance_from)
+        log.info("calibrate: %d input groups loaded from %s; no collection", len(groups), corda.covariance_from)
+        reducers = [ray.remote(Reducer).options(num_cpus=0, scheduling_strategy="SPREAD").remote()
+                    for _ in range(corda.num_workers)]
+        ctx.results["corda"] = {"groups": groups, "totals": [ray.put(st) for st in stats], "held": held,
+                                "tokens": stats[0].tokens, "calibrate_s": 0.0, "shards": [], "reducers": reducers}
+        return
     shards = [samples[i : i + corda.shard_samples] for i in range(0, len(samples), corda.shard_samples)]
     # SPREAD: one replica per node where possible, so losing a node loses the fewest actors. Failures are bounded
     # by actor restarts; a shard is retried for as long as its actor can come back (a lost node makes the actor
@@ -134,6 +142,8 @@ def run_decompose(ctx) -> None:
         results.append(ray.get(ref))
     for reducer in reducers:
         ray.kill(reducer)
+    totals.clear()  # the statistics and results are no longer needed: let the object store free them
+    refs.clear()
     residual_dir, adapter_dir = ctx.artifact_dir("residual_base"), ctx.artifact_dir("corda_init")
     write_corda_outputs(spec, results, residual_dir, adapter_dir)
     # In the driver, beside the staging folder it reads (a cluster's head often has no CPUs for tasks).
@@ -154,14 +164,36 @@ def run_decompose(ctx) -> None:
 
 
 def _save_covariance(out: Path, groups, totals) -> None:
+    """The reduced sums exactly as decomposed (Σxᵀx and counts), one group at a time, plus the group index."""
     import ray
     from safetensors.torch import save_file
 
+    index = []
     for g, total in zip(groups, totals, strict=True):
         stats = ray.get(total)
-        save_file({"covariance": (stats.xtx / stats.samples).contiguous()}, str(out / f"{g.name}.safetensors"),
-                  metadata={"modules": ",".join(g.modules), "samples": str(stats.samples),
-                            "tokens": str(stats.tokens)})
+        file = f"{g.name}.safetensors"
+        save_file({"xtx": stats.xtx.contiguous()}, str(out / file),
+                  metadata={"samples": str(stats.samples), "tokens": str(stats.tokens)})
+        index.append({"group": g.name, "modules": list(g.modules), "dim": g.dim, "file": file})
+    (out / "groups.json").write_text(json.dumps(index, indent=2))
+
+
+def load_covariance(folder: Path):
+    """Inverse of _save_covariance: (input groups, their GroupStats), in the saved order."""
+    from safetensors import safe_open
+
+    from workers.covariance import GroupStats, InputGroup
+
+    index_file = Path(folder) / "groups.json"
+    if not index_file.is_file():
+        raise ValueError(f"init.corda.covariance_from: {folder} is not a `covariance` artifact (no groups.json)")
+    groups, stats = [], []
+    for row in json.loads(index_file.read_text()):
+        with safe_open(Path(folder) / row["file"], framework="pt") as f:
+            meta = f.metadata()
+            stats.append(GroupStats(f.get_tensor("xtx"), int(meta["samples"]), int(meta["tokens"])))
+        groups.append(InputGroup(row["group"], tuple(row["modules"]), row["dim"]))
+    return groups, stats
 
 
 def write_corda_outputs(spec: JobSpec, results, residual_dir: Path, adapter_dir: Path) -> None:

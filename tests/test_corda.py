@@ -228,3 +228,18 @@ def test_killed_actor_mid_shard_gives_the_same_numbers(local_ray, assets, tmp_pa
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key  # bit-identical: shards are summed in shard order
+
+
+def test_saved_covariance_lets_another_mode_skip_collection(local_ray, assets, tmp_path):
+    first = run_stages(corda_spec(assets, tmp_path / "a", batch_size=4, save_covariance=True), tmp_path / "a")
+    saved = first.staging / "covariance"
+    assert (saved / "groups.json").is_file()
+    # same mode from the saved statistics: bit-identical to collecting them
+    again = run_stages(corda_spec(assets, tmp_path / "b", covariance_from=str(saved)), tmp_path / "b")
+    assert again.results["corda"]["shards"] == []  # nothing was collected
+    a, b = ours(first), ours(again)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # another mode and rank from the same statistics
+    other = run_stages(corda_spec(assets, tmp_path / "c", covariance_from=str(saved), mode="kpm"), tmp_path / "c")
+    report = json.loads((other.staging / "report" / "corda.json").read_text())
+    assert report["mode"] == "kpm" and report["init_fidelity_max_abs_logit_diff"] < 1e-4
