@@ -25,6 +25,8 @@ from typing import Any
 import torch
 
 from jobspecs.schema import JobSpec
+from orchestrator.context import Context
+from orchestrator.waits import wait_all
 
 log = logging.getLogger("peftfleet.corda")
 
@@ -52,10 +54,9 @@ def calibration_samples(spec: JobSpec) -> tuple[list[list[int]], list[list[int]]
     return samples, held, pad_id
 
 
-def run_calibrate(ctx) -> None:
+def run_calibrate(ctx: Context) -> None:
     import ray
 
-    from orchestrator.driver import wait_all
     from workers.covariance import CovarianceWorker
     from workers.reduce import Reducer
 
@@ -119,10 +120,9 @@ def run_calibrate(ctx) -> None:
                             "calibrate_s": time.perf_counter() - start, "shards": summaries, "reducers": reducers}
 
 
-def run_decompose(ctx) -> None:
+def run_decompose(ctx: Context) -> None:
     import ray
 
-    from orchestrator.driver import wait_all
 
     spec, corda = ctx.spec, ctx.spec.init.corda_spec
     state = ctx.results["corda"]

@@ -18,40 +18,21 @@ import signal
 import socket
 import sys
 import tempfile
-import threading
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from jobspecs import JobSpec, spec_from_frozen
 from jobspecs.schema import StorageSpec
 from orchestrator.artifacts import job_key, upload_artifacts
+from orchestrator.context import Context
 from orchestrator.corda import run_calibrate, run_decompose
 from orchestrator.jobs import JobRecord, JobState, StageRecord
 from orchestrator.store import Store, open_store
+from orchestrator.waits import JobCancelled, check_cancelled, request_cancel, wait_for
 
 log = logging.getLogger("peftfleet.driver")
-
-
-class JobCancelled(Exception):
-    pass
-
-
-@dataclass
-class Context:
-    job_id: str
-    spec: JobSpec
-    store: Store
-    staging: Path  # staging/<kind>/... becomes jobs/<id>/artifacts/<kind>/...
-    results: dict[str, Any] = field(default_factory=dict)  # in-memory hand-over between stages
-    warnings: list[str] = field(default_factory=list)  # shown by `status`, kept in the record
-
-    def artifact_dir(self, kind: str) -> Path:
-        path = self.staging / kind
-        path.mkdir(parents=True, exist_ok=True)
-        return path
 
 
 @dataclass(frozen=True)
@@ -60,48 +41,6 @@ class Stage:
     consumes: tuple[str, ...]  # what it reads: spec inputs or results of earlier stages
     produces: tuple[str, ...]  # results / artifact kinds it leaves
     run: Callable[[Context], None]
-
-
-_cancel_requested = threading.Event()
-
-
-def check_cancelled() -> None:
-    if _cancel_requested.is_set():
-        raise JobCancelled()
-
-
-def wait_for(ref: Any) -> Any:
-    """ray.get that notices a cancel request (SIGTERM) within half a second and cancels the remote work."""
-    import ray
-
-    while True:
-        ready, _ = ray.wait([ref], timeout=0.5)
-        if ready:
-            return ray.get(ref)
-        if _cancel_requested.is_set():
-            ray.cancel(ref, force=True)
-            raise JobCancelled()
-
-
-def wait_all(refs: list, on_progress: Callable[[int], None] | None = None, fetch: bool = False) -> list:
-    """Wait for every ref, cancellable like wait_for. Large results stay in the object store unless `fetch`
-    (then they are returned, and a failed task raises here with its own error)."""
-    import ray
-
-    pending, done = list(refs), 0
-    while pending:
-        ready, pending = ray.wait(pending, num_returns=len(pending), timeout=0.5, fetch_local=False)
-        if ready:
-            if fetch:
-                ray.get(ready)  # surfaces a task's error as soon as it is known
-            done += len(ready)
-            if on_progress:
-                on_progress(done)
-        if _cancel_requested.is_set():
-            for ref in pending:
-                ray.cancel(ref, force=True)
-            raise JobCancelled()
-    return ray.get(refs) if fetch else refs
 
 
 def run_train(ctx: Context) -> None:
@@ -197,7 +136,7 @@ def run_job(job_id: str, store: Store) -> JobRecord:
     try:
         _init_ray(spec)
         # After ray.init, which installs a handler of its own. Only a flag: raising inside Ray's C++ calls breaks them.
-        signal.signal(signal.SIGTERM, lambda signum, frame: _cancel_requested.set())
+        signal.signal(signal.SIGTERM, lambda signum, frame: request_cancel())
         for name in stage_names(spec):
             check_cancelled()
             record.start_stage(name)

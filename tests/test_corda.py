@@ -15,19 +15,14 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora.config import CordaConfig
 from peft.tuners.lora.corda import preprocess_corda
-from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from jobspecs import parse_spec
-from orchestrator.corda import calibration_samples, run_calibrate, run_decompose
-from orchestrator.driver import Context
+from orchestrator.context import Context
+from orchestrator.corda import calibration_samples, run_calibrate
 from orchestrator.store import LocalStore
-from tests.helpers import tiny_spec
+from tests.corda_helpers import ALPHA, TARGETS, R, corda_spec, ours, run_stages
 from workers.covariance import GroupStats
 from workers.decompose import decompose_group
-
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-R, ALPHA = 4, 8
 
 
 @pytest.fixture(scope="module")
@@ -36,25 +31,6 @@ def local_ray():
              configure_logging=False)
     yield
     ray.shutdown()
-
-
-def corda_spec(assets: Path, tmp: Path, model: dict | None = None, **corda) -> object:
-    spec = tiny_spec(assets, f"file://{tmp / 'store'}", adapter={"r": R, "alpha": ALPHA, "target_modules": TARGETS},
-                     init={"method": "corda", "corda": {"samples": 32, "fidelity_samples": 4, **corda}},
-                     stages=["calibrate", "decompose"])
-    spec["model"].update(model or {})
-    spec["data"]["calibration"] = str(assets / "calibration.jsonl")
-    return parse_spec(spec)
-
-
-def run_stages(spec, tmp: Path, holder: dict | None = None) -> Context:
-    """calibrate + decompose; `holder["ctx"]` exposes the context to a fault-injecting thread while they run."""
-    ctx = Context(job_id="t", spec=spec, store=LocalStore(tmp / "store"), staging=tmp / "staging")
-    if holder is not None:
-        holder["ctx"] = ctx
-    run_calibrate(ctx)
-    run_decompose(ctx)
-    return ctx
 
 
 @pytest.fixture(scope="module")
@@ -75,17 +51,6 @@ def peft_reference(assets, tmp_path_factory):
         refs[mode] = {n.removeprefix("base_model.model."): p.detach().clone() for n, p in model.named_parameters()}
         refs["covariance"] = torch.load(cov_file)
     return refs
-
-
-def ours(ctx: Context) -> dict[str, torch.Tensor]:
-    residual = load_file(str(ctx.staging / "residual_base" / "model.safetensors"))
-    adapter = load_file(str(ctx.staging / "corda_init" / "adapter_model.safetensors"))
-    out = {}
-    for key, value in adapter.items():  # base_model.model.<layer>.lora_A.weight
-        layer, kind = key.removeprefix("base_model.model.").rsplit(".", 2)[0], key.split(".")[-2]
-        out[f"{layer}.{kind}.default.weight"] = value
-        out[f"{layer}.base_layer.weight"] = residual[f"{layer}.weight"]
-    return out
 
 
 def assert_matches_peft(got: dict, ref: dict, mode: str) -> None:

@@ -9,7 +9,7 @@ import pytest
 import ray
 import torch
 
-from tests.test_corda import corda_spec, ours, run_stages
+from tests.corda_helpers import corda_spec, ours, run_stages
 
 
 @pytest.fixture

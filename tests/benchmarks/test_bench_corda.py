@@ -21,8 +21,8 @@ from peft.tuners.lora.corda import calib_cov_distribution, collect_eigens, targe
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from jobspecs import parse_spec
+from orchestrator.context import Context
 from orchestrator.corda import run_calibrate, run_decompose
-from orchestrator.driver import Context
 from orchestrator.store import LocalStore
 
 HIDDEN, LAYERS, INTERMEDIATE, VOCAB = 512, 4, 1376, 2048

@@ -1,0 +1,47 @@
+"""CorDA test helpers shared by the single-node and the multi-node tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from jobspecs import parse_spec
+from orchestrator.context import Context
+from orchestrator.corda import run_calibrate, run_decompose
+from orchestrator.store import LocalStore
+from tests.helpers import tiny_spec
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+R, ALPHA = 4, 8
+
+
+def corda_spec(assets: Path, tmp: Path, model: dict | None = None, **corda) -> object:
+    spec = tiny_spec(assets, f"file://{tmp / 'store'}", adapter={"r": R, "alpha": ALPHA, "target_modules": TARGETS},
+                     init={"method": "corda", "corda": {"samples": 32, "fidelity_samples": 4, **corda}},
+                     stages=["calibrate", "decompose"])
+    spec["model"].update(model or {})
+    spec["data"]["calibration"] = str(assets / "calibration.jsonl")
+    return parse_spec(spec)
+
+
+def run_stages(spec, tmp: Path, holder: dict | None = None) -> Context:
+    """calibrate + decompose; `holder["ctx"]` exposes the context to a fault-injecting thread while they run."""
+    ctx = Context(job_id="t", spec=spec, store=LocalStore(tmp / "store"), staging=tmp / "staging")
+    if holder is not None:
+        holder["ctx"] = ctx
+    run_calibrate(ctx)
+    run_decompose(ctx)
+    return ctx
+
+
+def ours(ctx: Context) -> dict[str, torch.Tensor]:
+    residual = load_file(str(ctx.staging / "residual_base" / "model.safetensors"))
+    adapter = load_file(str(ctx.staging / "corda_init" / "adapter_model.safetensors"))
+    out = {}
+    for key, value in adapter.items():  # base_model.model.<layer>.lora_A.weight
+        layer, kind = key.removeprefix("base_model.model.").rsplit(".", 2)[0], key.split(".")[-2]
+        out[f"{layer}.{kind}.default.weight"] = value
+        out[f"{layer}.base_layer.weight"] = residual[f"{layer}.weight"]
+    return out
