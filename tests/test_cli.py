@@ -167,3 +167,11 @@ def test_corda_only_job_is_the_cluster_scale_init(tmp_path, state_dir, assets):
     rec = record(state_dir, job_id)
     assert [s["name"] for s in rec["stages"]] == ["calibrate", "decompose", "upload"]
     assert any("calibration tokens for input dimension" in w for w in rec["warnings"])
+
+
+def test_help_everywhere(state_dir):
+    commands = ["validate", "submit", "status", "logs", "cancel", "artifacts", "fetch", "list"]
+    top = cli(state_dir, "--help", check=True).stdout
+    assert all(c in top for c in commands)
+    for command in commands:
+        assert cli(state_dir, command, "--help", check=True).stdout.startswith("usage: peftfleet " + command)

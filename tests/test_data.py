@@ -65,3 +65,28 @@ def test_missing_field_names_field_and_record(tmp_path, tokenizer):
     spec = DataSpec(train=DataSource(path=path))
     with pytest.raises(ValueError, match=r"record 1 has no field 'response'"):
         tokenize(spec.train, tokenizer, spec)
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "json", "parquet", "arrow", "save_to_disk"])
+def test_every_source_type_loads(tmp_path, tokenizer, kind):
+    import datasets
+
+    records = [{"prompt": f"upper: {w}\n", "response": w.upper()} for w in ("cat", "dog", "owl")]
+    ds = datasets.Dataset.from_list(records)
+    path = {"jsonl": tmp_path / "d.jsonl", "json": tmp_path / "d.json", "parquet": tmp_path / "d.parquet",
+            "arrow": tmp_path / "d.arrow", "save_to_disk": tmp_path / "saved"}[kind]
+    if kind == "jsonl":
+        ds.to_json(path, lines=True)
+    elif kind == "json":
+        path.write_text(json.dumps(records))
+    elif kind == "parquet":
+        ds.to_parquet(path)
+    elif kind == "arrow":
+        ds.save_to_disk(tmp_path / "tmp")
+        next((tmp_path / "tmp").glob("*.arrow")).rename(path)
+    else:
+        ds.save_to_disk(path)
+    spec = DataSpec(train=DataSource(path=path, limit=2))
+    examples = tokenize(spec.train, tokenizer, spec)
+    assert len(examples) == 2
+    assert tokenizer.decode([t for t in examples[1]["labels"] if t != IGNORE]) == "DOG</s>"
