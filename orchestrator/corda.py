@@ -149,6 +149,11 @@ def run_decompose(ctx: Context) -> None:
     # In the driver, beside the staging folder it reads (a cluster's head often has no CPUs for tasks).
     fidelity = init_fidelity(str(spec.model.path), str(residual_dir), str(adapter_dir), state["held"])
     report = diagnostics(spec, results, fidelity, state["tokens"], state["calibrate_s"], decompose_s)
+    for g in results:
+        log.info("decompose: %s [%s]: %d samples, %d tokens, effective rank %.1f/%d, cond(C') %.2e, damping %g, "
+                 "max reconstruction error %.1e", g.group, ",".join(m.rsplit(".", 1)[-1] for m in g.modules),
+                 g.samples, g.tokens, g.effective_rank, g.dim, g.condition_number, g.damping,
+                 max(layer.reconstruction_error for layer in g.layers))
     for warning in report["warnings"]:
         log.warning("decompose: %s", warning)
     ctx.warnings.extend(report["warnings"])
@@ -240,14 +245,19 @@ def init_fidelity(base_path: str, residual_dir: str, adapter_dir: str, samples: 
 def diagnostics(spec: JobSpec, results, fidelity: float, tokens: int, calibrate_s: float, decompose_s: float
                 ) -> dict:
     warnings = []
-    for g in results:
-        if g.numerical_rank < g.dim:
-            warnings.append(f"covariance of {g.group} is rank-deficient ({g.numerical_rank} < {g.dim}): too few or "
-                            f"too short calibration samples ({g.samples} samples, {g.tokens} tokens)")
-        elif g.tokens < TOKENS_PER_DIM * g.dim:
-            warnings.append(f"{g.group}: {g.tokens} calibration tokens for input dimension {g.dim}; peft's guidance "
-                            f"is ~{TOKENS_PER_DIM} tokens per dimension (256 samples × 2048 tokens for hidden 4096; "
-                            "short ~60-token samples need ~10× more samples)")
+    deficient = [g for g in results if g.numerical_rank < g.dim]
+    if deficient:
+        ranks = ", ".join(f"{g.group} {g.numerical_rank}/{g.dim}" for g in deficient)
+        warnings.append(f"{len(deficient)} input group(s) have a rank-deficient covariance ({ranks}): too few or "
+                        f"too short calibration samples ({deficient[0].samples} samples, {deficient[0].tokens} "
+                        "tokens); add samples or use longer ones")
+    thin = [g for g in results if g not in deficient and g.tokens < TOKENS_PER_DIM * g.dim]
+    if thin:
+        dims = sorted({g.dim for g in thin})
+        warnings.append(f"{len(thin)} input group(s) saw fewer calibration tokens than peft's guidance of "
+                        f"~{TOKENS_PER_DIM} per input dimension ({thin[0].tokens} tokens for dimension(s) "
+                        f"{', '.join(map(str, dims))}; e.g. 256 samples × 2048 tokens for hidden 4096, and short "
+                        "~60-token samples need ~10× more samples)")
     groups = []
     for g in results:
         row = {k: v for k, v in asdict(g).items() if k not in ("layers", "eigenvalues")}

@@ -166,7 +166,7 @@ def test_corda_only_job_is_the_cluster_scale_init(tmp_path, state_dir, assets):
     assert "kinds: corda_init, covariance, report, residual_base" in kinds
     rec = record(state_dir, job_id)
     assert [s["name"] for s in rec["stages"]] == ["calibrate", "decompose", "upload"]
-    assert any("calibration tokens for input dimension" in w for w in rec["warnings"])
+    assert any("fewer calibration tokens than peft's guidance" in w for w in rec["warnings"])
 
 
 def test_help_everywhere(state_dir):
