@@ -284,8 +284,8 @@ def plot_spectra(results, out: Path) -> None:
     if len(results) <= 12:
         left.legend(fontsize=6)
     names = [g.group.removeprefix("model.") for g in results]
-    right.barh(names, [g.effective_rank for g in results], label="effective rank")
-    right.barh(names, [g.dim for g in results], alpha=0.25, label="input dimension")
+    right.barh(names, [g.dim for g in results], color="lightgrey", label="input dimension")
+    right.barh(names, [g.effective_rank for g in results], color="tab:blue", label="effective rank")
     right.set(title="effective rank (exp entropy of eigenvalues)", xlabel="rank")
     right.tick_params(axis="y", labelsize=6)
     right.legend(fontsize=7)

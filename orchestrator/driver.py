@@ -29,8 +29,8 @@ from orchestrator.artifacts import job_key, upload_artifacts
 from orchestrator.context import Context
 from orchestrator.corda import run_calibrate, run_decompose
 from orchestrator.jobs import JobRecord, JobState, StageRecord
-from orchestrator.store import Store, open_store
-from orchestrator.waits import JobCancelled, check_cancelled, request_cancel, wait_for
+from orchestrator.store import Store, open_store, train_storage
+from orchestrator.waits import JobCancelled, check_cancelled, request_cancel, run_in_thread
 
 log = logging.getLogger("peftfleet.driver")
 
@@ -44,19 +44,41 @@ class Stage:
 
 
 def run_train(ctx: Context) -> None:
-    import ray
+    """Ray Train workers, each driving a DeepSpeed engine; checkpoints in the job's storage; best by eval loss."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
 
-    from workers.train_loop import train_adapter
+    from workers.train_loop import read_result, train_worker
 
-    task = ray.remote(num_cpus=1, max_retries=ctx.spec.train.max_failures)(train_adapter)
+    spec, train = ctx.spec, ctx.spec.train
     init = ctx.results.get("corda_init")
-    result = wait_for(task.remote(ctx.spec, init and {k: str(v) for k, v in init.items()}))
-    # Logged here, not only by the worker: Ray forwards worker output asynchronously, maybe after the job ends.
-    last = result.metrics[-1] if result.metrics else {}
-    log.info("train: %d/%d steps, final loss %.4f, best step %d (%s %.4f)", last.get("step", 0), result.total_steps,
-             last.get("loss", float("nan")), result.best_step,
-             "eval loss" if ctx.spec.data.eval else "train loss", result.best_eval_loss or float("nan"))
-    ctx.results["train"] = result
+    score_key = "eval_loss" if spec.data.eval else "loss"
+    storage_path, filesystem = train_storage(spec.storage, ctx.job_id)
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"spec": spec, "corda_init": init and {k: str(v) for k, v in init.items()}},
+        scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu,
+                                     resources_per_worker={"CPU": 1, **({"GPU": 1} if train.use_gpu else {})}),
+        torch_config=TorchConfig(backend="nccl" if train.use_gpu else "gloo"),
+        run_config=RunConfig(
+            name="train", storage_path=storage_path, storage_filesystem=filesystem,
+            checkpoint_config=CheckpointConfig(num_to_keep=train.keep_checkpoints,
+                                               checkpoint_score_attribute=score_key, checkpoint_score_order="min"),
+            failure_config=FailureConfig(max_failures=train.max_failures),
+        ),
+    )
+    result = run_in_thread(trainer.fit)
+    if result.error:
+        raise result.error
+    best = result.get_best_checkpoint(score_key, "min")
+    with best.as_directory() as best_dir, result.checkpoint.as_directory() as latest_dir:
+        ctx.results["train"] = read_result(Path(best_dir), Path(latest_dir), score_key)
+    out = ctx.results["train"]
+    last = out.metrics[-1] if out.metrics else {}
+    # Logged here, not only by the workers: Ray forwards worker output asynchronously, maybe after the job ends.
+    log.info("train: %d/%d steps, final loss %.4f, best step %d (%s %.4f)", last.get("step", 0), out.total_steps,
+             last.get("loss", float("nan")), out.best_step, score_key.replace("_", " "),
+             out.best_eval_loss if out.best_eval_loss is not None else float("nan"))
 
 
 def run_export(ctx: Context) -> None:

@@ -223,6 +223,22 @@ class S3Store(Store):
         )
 
 
+def train_storage(storage: StorageSpec, job_id: str):
+    """(storage_path, pyarrow filesystem or None) for Ray Train's checkpoints under `jobs/<id>/`: a local folder,
+    or the same S3-compatible bucket through pyarrow's native S3 client (credentials from the environment)."""
+    if not storage.is_s3:
+        return str(Path(storage.uri.removeprefix("file://")) / "jobs" / safe_relpath(job_id)), None
+    from pyarrow import fs
+
+    bucket, _, prefix = storage.uri.removeprefix("s3://").partition("/")
+    options = {"region": storage.region or "us-east-1"}
+    if storage.endpoint_url:
+        scheme, _, host = storage.endpoint_url.partition("://")
+        options.update(endpoint_override=host.rstrip("/"), scheme=scheme)
+    path = "/".join(p for p in (bucket, prefix.strip("/"), "jobs", safe_relpath(job_id)) if p)
+    return path, fs.S3FileSystem(**options)
+
+
 def open_store(storage: StorageSpec) -> Store:
     if storage.is_s3:
         return S3Store(storage)

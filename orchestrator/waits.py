@@ -25,21 +25,8 @@ def check_cancelled() -> None:
         raise JobCancelled()
 
 
-def wait_for(ref: Any) -> Any:
-    """ray.get that notices a cancel request (SIGTERM) within half a second and cancels the remote work."""
-    import ray
-
-    while True:
-        ready, _ = ray.wait([ref], timeout=0.5)
-        if ready:
-            return ray.get(ref)
-        if _cancel_requested.is_set():
-            ray.cancel(ref, force=True)
-            raise JobCancelled()
-
-
 def wait_all(refs: list, on_progress: Callable[[int], None] | None = None, fetch: bool = False) -> list:
-    """Wait for every ref, cancellable like wait_for. Large results stay in the object store unless `fetch`
+    """Wait for every ref, cancellable. Large results stay in the object store unless `fetch`
     (then they are returned, and a failed task raises here with its own error)."""
     import ray
 
@@ -59,3 +46,23 @@ def wait_all(refs: list, on_progress: Callable[[int], None] | None = None, fetch
     return ray.get(refs) if fetch else refs
 
 
+
+
+def run_in_thread(fn: Callable[[], Any]) -> Any:
+    """Run a blocking driver-side call (Ray Train's fit) in a thread, so a cancel request is still noticed."""
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as err:  # re-raised in the caller's thread
+            box["error"] = err
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(timeout=0.5)
+        check_cancelled()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]

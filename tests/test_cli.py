@@ -97,7 +97,7 @@ def test_cancel_running_job(tmp_path, state_dir, assets):
     while not (log.exists() and "train: step 2/" in log.read_text()):
         assert time.monotonic() < deadline, log.read_text() if log.exists() else "no log"
         time.sleep(0.5)
-    worker_pid = int(re.search(r"\(train_adapter pid=(\d+)", log.read_text()).group(1))
+    worker_pid = int(re.search(r"\(RayTrainWorker pid=(\d+)", log.read_text()).group(1))
     driver_pid = json.loads((state_dir / "jobs" / f"{job_id}.json").read_text())["pid"]
 
     cancelled = cli(state_dir, "cancel", job_id)

@@ -1,28 +1,39 @@
-"""The train stage's loop, single process: a peft adapter on the frozen base, AdamW, eval, best-by-eval-loss.
+"""The train stage, per Ray Train worker: a peft adapter on the frozen base, driven by a DeepSpeed ZeRO engine.
 
-Readable top to bottom on purpose. It runs inside one Ray task; the multi-worker DeepSpeed ZeRO loop of the
-training issue replaces it behind the same `train_adapter(spec) -> TrainResult` contract.
+Read top to bottom: data (each rank its own shard) → model + adapter → DeepSpeed engine → resume from the last
+checkpoint → optimizer steps → eval → checkpoint (reported to Ray Train, which keeps the best by eval loss).
+
+The loss is normalised by the label tokens of the whole global batch (all ranks, all micro-batches of the step),
+so N workers × micro-batch b train exactly like 1 worker × N·b: a rank's loss is world·gas·Σ(token losses)/N_global,
+and DeepSpeed's averaging over ranks and accumulation steps turns that into Σ/N_global.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from jobspecs.schema import JobSpec
+from workers.adalora import AdaLoraBudget
 from workers.adapters import peft_config
-from workers.data import collate, quiet_progress_bars, shard, tokenize
+from workers.data import IGNORE, collate, quiet_progress_bars, shard, tokenize
+from workers.deepspeed_config import deepspeed_config
+
+CKPT_TAG = "ds"
 
 
 @dataclass
 class TrainResult:
-    adapter_files: dict[str, bytes]  # the best adapter's `save_pretrained` folder, file name -> content
-    metrics: list[dict] = field(default_factory=list)  # one row per logged step / eval
+    adapter_files: dict[str, bytes]  # the best checkpoint's adapter folder, file name -> content
+    metrics: list[dict] = field(default_factory=list)  # one row per optimizer step
     best_step: int = 0
     best_eval_loss: float | None = None
     total_steps: int = 0
@@ -35,100 +46,205 @@ def optimizer_steps(spec: JobSpec, num_examples: int) -> int:
     return max(1, math.ceil(spec.train.epochs * num_examples / per_step))
 
 
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up, then linear decay to zero at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """(Σ next-token cross-entropy over label tokens, number of label tokens), in fp32."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"][:, 1:]
+    # Prompt/prefix tuning prepend virtual tokens: score only the real positions.
+    logits = logits[:, -batch["input_ids"].shape[1] :][:, :-1]
+    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE,
+                           reduction="sum")
+    return loss, int((labels != IGNORE).sum())
+
+
+def say(message: str) -> None:
+    """A progress line on stdout (Ray forwards it to the job log). Not print(): Ray Train patches print to also
+    log through its own logger, and every line would appear twice."""
+    sys.stdout.write(message + "\n")
+    sys.stdout.flush()
+
+
+def all_sum(values: list[float]) -> list[float]:
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
 @torch.no_grad()
-def evaluate(model, examples: list[dict], batch_size: int, pad_id: int) -> float:
-    """Mean loss per response token over `examples`."""
-    model.eval()
+def evaluate(engine, examples: list[dict], batch_size: int, pad_id: int, device) -> float:
+    """Mean loss per response token over the whole eval set. Every rank runs the same batches (ZeRO-3 gathers
+    parameters collectively, so ranks must agree on the number of forward passes)."""
+    engine.eval()
     total, tokens = 0.0, 0
     for i in range(0, len(examples), batch_size):
-        batch = collate(examples[i : i + batch_size], pad_id)
-        n = int((batch["labels"][:, 1:] != -100).sum())
-        total += float(model(**batch).loss) * n
-        tokens += n
-    model.train()
+        batch = {k: v.to(device) for k, v in collate(examples[i : i + batch_size], pad_id).items()}
+        loss, n = token_loss_sum(engine, batch)
+        total, tokens = total + float(loss), tokens + n
+    engine.train()
     return total / max(tokens, 1)
 
 
-def _lr_at(step: int, total: int, warmup: int, peak: float) -> float:
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    return peak * max(0.0, (total - step) / max(1, total - warmup))
+def build_model(spec: JobSpec, corda_init: dict[str, str] | None, total_steps: int):
+    """The peft model: CorDA's adapter on the residual base, or the method's own init on the base."""
+    from peft import PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    dtype = getattr(torch, spec.model.dtype)
+    if corda_init:
+        base = AutoModelForCausalLM.from_pretrained(corda_init["residual_base"], dtype=dtype)
+        return PeftModel.from_pretrained(base, corda_init["adapter"], is_trainable=True)
+    base = AutoModelForCausalLM.from_pretrained(spec.model.path, dtype=dtype)
+    return get_peft_model(base, peft_config(spec.adapter, total_steps, spec.model.tokenizer_path))
 
 
-def train_adapter(spec: JobSpec, corda_init: dict[str, str] | None = None) -> TrainResult:
-    """`corda_init`: {"residual_base": dir, "adapter": dir} from the decompose stage; the adapter starts from
-    CorDA's A, B on the residual base instead of the method's own init."""
-    from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def skip_cpu_shm_build() -> None:
+    """DeepSpeed's CPU comm backend compiles a shared-memory op with g++ at start (≈22 s, ≈5 GB); gloo through
+    Ray's process group needs none of it. Patch the module attribute itself (binding it by `import ... as`
+    would bind torch instead)."""
+    import deepspeed.comm.torch  # noqa: F401
 
-    quiet_progress_bars()
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+
+
+def save_adapter(engine, out: Path, is_rank0: bool) -> None:
+    """The adapter as stock peft saves it. Under ZeRO-3 the parameters are partitioned (shape [0] locally), so
+    every rank joins the gather and rank 0 writes the full tensors."""
+    import deepspeed
+
+    trainable = [p for p in engine.module.parameters() if p.requires_grad]
+    with deepspeed.zero.GatheredParameters(trainable, modifier_rank=None):
+        if is_rank0:
+            engine.module.save_pretrained(out)
+
+
+def train_worker(config: dict) -> None:
+    import deepspeed
+    import ray.train
+    from ray.train import Checkpoint
+    from transformers import AutoTokenizer
+
+    spec: JobSpec = config["spec"]
     cfg = spec.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    quiet_progress_bars()
+    if cfg.use_gpu:
+        device = torch.device("cuda", ctx.get_local_rank())
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+        skip_cpu_shm_build()
     torch.manual_seed(cfg.seed)
+
+    # data: the same tokenization everywhere, each rank trains on its own shard
     tokenizer = AutoTokenizer.from_pretrained(spec.model.tokenizer_path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     train_set = tokenize(spec.data.train, tokenizer, spec.data)
     eval_set = tokenize(spec.data.eval, tokenizer, spec.data) if spec.data.eval else []
     total = optimizer_steps(spec, len(train_set))
 
-    dtype = getattr(torch, spec.model.dtype)
-    if corda_init:
-        base = AutoModelForCausalLM.from_pretrained(corda_init["residual_base"], dtype=dtype)
-        model = PeftModel.from_pretrained(base, corda_init["adapter"], is_trainable=True)
-    else:
-        base = AutoModelForCausalLM.from_pretrained(spec.model.path, dtype=dtype)
-        model = get_peft_model(base, peft_config(spec.adapter, total, spec.model.tokenizer_path))
+    # model, optimizer, engine
+    model = build_model(spec, config.get("corda_init"), total)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    print(f"train: {len(train_set)} examples, {total} optimizer steps, "
-          f"{sum(p.numel() for p in params):,} trainable parameters ({spec.adapter.method})", flush=True)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, cfg.warmup_steps))
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(spec, world))
+    micro, gas = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
+    budget = AdaLoraBudget(engine, deepspeed_config(spec, world)) if spec.adapter.method == "adalora" else None
+    if budget and rank == 0 and budget.config.tinit + budget.config.tfinal >= budget.config.total_step:
+        say(f"train: warning: adapter.adalora tinit {budget.config.tinit} + tfinal {budget.config.tfinal} leave no "
+            f"step of the {budget.config.total_step} for rank reallocation; ranks will not change")
+    if rank == 0:
+        say(f"train: {len(train_set)} examples, {total} optimizer steps, {world} worker(s) × micro-batch {micro} × "
+              f"accumulation {gas}, ZeRO-{engine.zero_optimization_stage()}, "
+              f"{sum(p.numel() for p in params):,} trainable parameters ({spec.adapter.method})")
 
-    result = TrainResult(adapter_files={}, total_steps=total)
-    best_state, epoch, cursor = None, 0, 0
-    order = shard(train_set, 0, 1, cfg.seed, epoch)
-    model.train()
-    start = time.perf_counter()
-    tokens_seen = 0
-    for step in range(total):
-        for group in optimizer.param_groups:
-            group["lr"] = _lr_at(step, total, cfg.warmup_steps, cfg.learning_rate)
+    # resume: engine + optimizer + scheduler state from DeepSpeed, data position and history from state.json
+    state = {"step": 0, "epoch": 0, "cursor": 0, "metrics": [], "tokens": 0, "elapsed": 0.0}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as ckpt_dir:
+            engine.load_checkpoint(ckpt_dir, tag=CKPT_TAG, load_module_strict=False)
+            state.update(json.loads((Path(ckpt_dir) / "state.json").read_text()))
+        if rank == 0:
+            say(f"train: resumed from step {state['step']} (epoch {state['epoch']})")
+
+    order = shard(train_set, rank, world, cfg.seed, state["epoch"])
+    score_key = "eval_loss" if eval_set else "loss"
+    ckpt_every = cfg.checkpoint_every or cfg.eval_every or total
+    start = time.perf_counter() - state["elapsed"]
+    engine.train()
+    while state["step"] < total:
+        # draw this step's micro-batches first: the loss normaliser is the step's global label-token count
+        batches = []
+        for _ in range(gas):
+            if state["cursor"] + micro > len(order):
+                state["epoch"], state["cursor"] = state["epoch"] + 1, 0
+                order = shard(train_set, rank, world, cfg.seed, state["epoch"])
+            batches.append({k: v.to(device) for k, v in collate(
+                order[state["cursor"] : state["cursor"] + micro], pad_id).items()})
+            state["cursor"] += micro
+        local_tokens = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
+        global_tokens, seen = all_sum([local_tokens, sum(int(b["attention_mask"].sum()) for b in batches)])
         step_loss = 0.0
-        for _ in range(cfg.grad_accum):
-            if cursor + cfg.micro_batch_size > len(order):
-                epoch, cursor = epoch + 1, 0
-                order = shard(train_set, 0, 1, cfg.seed, epoch)
-            batch = collate(order[cursor : cursor + cfg.micro_batch_size], pad_id)
-            cursor += cfg.micro_batch_size
-            tokens_seen += int(batch["attention_mask"].sum())
-            loss = model(**batch).loss / cfg.grad_accum
-            loss.backward()
-            step_loss += float(loss.detach())
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf")))
-        optimizer.step()
-        if spec.adapter.method == "adalora":
-            model.base_model.update_and_allocate(step)
-        optimizer.zero_grad(set_to_none=True)
-
-        done = step + 1
-        elapsed = time.perf_counter() - start
-        row = {"step": done, "loss": step_loss, "lr": optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
-               "tokens_per_s": tokens_seen / elapsed, "epoch": epoch}
+        for i, batch in enumerate(batches):
+            loss_sum, _ = token_loss_sum(engine, batch)
+            loss = loss_sum * (world * gas / max(global_tokens, 1))
+            if budget:
+                loss = loss + budget.regularizer()
+            engine.backward(loss)
+            if budget and i == gas - 1:
+                budget.allocate(state["step"])
+            engine.step()
+            step_loss += float(loss_sum.detach())
+        if budget:
+            budget.enforce()
+        state["step"] += 1
+        state["tokens"] += int(seen)
+        done = state["step"]
+        (loss,) = all_sum([step_loss])
+        row = {"step": done, "loss": loss / max(global_tokens, 1), "lr": scheduler.get_last_lr()[0],
+               "grad_norm": float(engine.get_global_grad_norm() or 0.0), "epoch": state["epoch"],
+               "tokens_per_s": state["tokens"] / (time.perf_counter() - start)}
+        if budget:
+            row["ranks"] = budget.ranks()
         last = done == total
-        if eval_set and (last or (cfg.eval_every and done % cfg.eval_every == 0)):
-            row["eval_loss"] = evaluate(model, eval_set, cfg.micro_batch_size, pad_id)
-        score = row.get("eval_loss", row["loss"] if not eval_set else None)
-        if score is not None and (result.best_eval_loss is None or score < result.best_eval_loss):
-            result.best_eval_loss, result.best_step = score, done
-            best_state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
-        result.metrics.append(row)
-        if last or done % cfg.log_every == 0:
-            eta = elapsed / done * (total - done)
+        checkpoint_now = last or done % ckpt_every == 0
+        if eval_set and (checkpoint_now or (cfg.eval_every and done % cfg.eval_every == 0)):
+            row["eval_loss"] = evaluate(engine, eval_set, micro, pad_id, device)
+        state["metrics"].append(row)
+        if rank == 0 and (last or done % cfg.log_every == 0):
+            elapsed = time.perf_counter() - start
             extra = f" eval_loss {row['eval_loss']:.4f}" if "eval_loss" in row else ""
-            print(f"train: step {done}/{total} loss {step_loss:.4f}{extra} lr {row['lr']:.2e} "
-                  f"tok/s {row['tokens_per_s']:.0f} eta {eta:.0f}s", flush=True)
+            say(f"train: step {done}/{total} loss {row['loss']:.4f}{extra} lr {row['lr']:.2e} "
+                f"tok/s {row['tokens_per_s']:.0f} eta {elapsed / done * (total - done):.0f}s")
+        if checkpoint_now:
+            state["elapsed"] = time.perf_counter() - start
+            with tempfile.TemporaryDirectory() as tmp:
+                engine.save_checkpoint(tmp, tag=CKPT_TAG, exclude_frozen_parameters=True)
+                save_adapter(engine, Path(tmp) / "adapter", rank == 0)
+                if rank == 0:
+                    (Path(tmp) / "state.json").write_text(json.dumps(state))
+                ray.train.report({"step": done, score_key: row.get(score_key, row["loss"])},
+                                 checkpoint=Checkpoint.from_directory(tmp))
 
-    set_peft_model_state_dict(model, best_state)
-    with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(tmp)
-        result.adapter_files = {p.name: p.read_bytes() for p in Path(tmp).iterdir() if p.is_file()}
-    print(f"train: best step {result.best_step} (eval loss {result.best_eval_loss})", flush=True)
-    return result
+
+def read_result(best_dir: Path, latest_dir: Path, score_key: str) -> TrainResult:
+    """The export's input: the adapter from the best checkpoint, the metrics history from the latest."""
+    best = json.loads((Path(best_dir) / "state.json").read_text())
+    latest = json.loads((Path(latest_dir) / "state.json").read_text())
+    adapter = Path(best_dir) / "adapter"
+    return TrainResult(adapter_files={p.name: p.read_bytes() for p in adapter.iterdir() if p.is_file()},
+                       metrics=latest["metrics"], best_step=best["step"],
+                       best_eval_loss=best["metrics"][-1].get(score_key), total_steps=latest["step"])
