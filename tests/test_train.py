@@ -101,3 +101,4 @@ def test_adalora_ranks_shrink_to_the_budget_under_zero2(local_ray, assets, tmp_p
 def test_metrics_round_trip(runs):
     row = runs["1w"].metrics[0]
     assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "epoch"} <= set(row)
+

@@ -37,6 +37,7 @@ class TrainResult:
     best_step: int = 0
     best_eval_loss: float | None = None
     total_steps: int = 0
+    resumed_from: list[int] = field(default_factory=list)  # steps a restarted worker group resumed from
 
 
 def optimizer_steps(spec: JobSpec, num_examples: int) -> int:
@@ -171,12 +172,13 @@ def train_worker(config: dict) -> None:
               f"{sum(p.numel() for p in params):,} trainable parameters ({spec.adapter.method})")
 
     # resume: engine + optimizer + scheduler state from DeepSpeed, data position and history from state.json
-    state = {"step": 0, "epoch": 0, "cursor": 0, "metrics": [], "tokens": 0, "elapsed": 0.0}
+    state = {"step": 0, "epoch": 0, "cursor": 0, "metrics": [], "tokens": 0, "elapsed": 0.0, "resumed_from": []}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as ckpt_dir:
             engine.load_checkpoint(ckpt_dir, tag=CKPT_TAG, load_module_strict=False)
             state.update(json.loads((Path(ckpt_dir) / "state.json").read_text()))
+        state["resumed_from"].append(state["step"])
         if rank == 0:
             say(f"train: resumed from step {state['step']} (epoch {state['epoch']})")
 
@@ -236,8 +238,9 @@ def train_worker(config: dict) -> None:
                 save_adapter(engine, Path(tmp) / "adapter", rank == 0)
                 if rank == 0:
                     (Path(tmp) / "state.json").write_text(json.dumps(state))
+                # One folder name for all ranks: each uploads its own DeepSpeed shards into the same checkpoint.
                 ray.train.report({"step": done, score_key: row.get(score_key, row["loss"])},
-                                 checkpoint=Checkpoint.from_directory(tmp))
+                                 checkpoint=Checkpoint.from_directory(tmp), checkpoint_dir_name=f"step-{done:07d}")
 
 
 def read_result(best_dir: Path, latest_dir: Path, score_key: str) -> TrainResult:
@@ -247,4 +250,5 @@ def read_result(best_dir: Path, latest_dir: Path, score_key: str) -> TrainResult
     adapter = Path(best_dir) / "adapter"
     return TrainResult(adapter_files={p.name: p.read_bytes() for p in adapter.iterdir() if p.is_file()},
                        metrics=latest["metrics"], best_step=best["step"],
-                       best_eval_loss=best["metrics"][-1].get(score_key), total_steps=latest["step"])
+                       best_eval_loss=best["metrics"][-1].get(score_key), total_steps=latest["step"],
+                       resumed_from=latest["resumed_from"])
