@@ -61,3 +61,15 @@ def bucket(s3_endpoint) -> str:
 @pytest.fixture
 def state_dir(tmp_path) -> Path:
     return tmp_path / "state"
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A private embedded Ray for one test module (shut down after it). Four logical CPUs on two cores: the
+    CorDA tests run up to three covariance actors; their work is small."""
+    import ray
+
+    ray.init(address="local", num_cpus=4, include_dashboard=False, object_store_memory=200 * 1024**2,
+             configure_logging=False)
+    yield
+    ray.shutdown()

@@ -26,14 +26,6 @@ from workers.decompose import decompose_group
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=4, include_dashboard=False, object_store_memory=200 * 1024**2,
-             configure_logging=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def peft_reference(assets, tmp_path_factory):
     """peft's own CorDA on the same samples (batch 1), for both modes, plus peft's covariance per module."""
     tmp = tmp_path_factory.mktemp("peft")

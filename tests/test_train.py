@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import threading
+import time
 import uuid
+from pathlib import Path
 
 import pytest
-import ray
 import torch
 from safetensors.torch import load
 
@@ -14,14 +19,6 @@ from orchestrator.context import Context
 from orchestrator.driver import run_train
 from orchestrator.store import LocalStore
 from tests.helpers import tiny_spec
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024**2,
-             configure_logging=False)
-    yield
-    ray.shutdown()
 
 
 def train(assets, tmp, adapter: dict | None = None, **train):
@@ -102,3 +99,61 @@ def test_metrics_round_trip(runs):
     row = runs["1w"].metrics[0]
     assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "epoch"} <= set(row)
 
+
+def newest_ray_processes(title: str) -> list[int]:
+    """PIDs of processes whose Ray title starts with `title`, newest first. Ray may keep processes of an earlier
+    worker group around, titled alike; the live group's are the most recently started."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if Path(f"/proc/{entry}/cmdline").read_bytes().startswith(title.encode()):
+                    start = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[19])
+                    found.append((start, int(entry)))
+            except (OSError, ValueError, IndexError):
+                pass
+    return [pid for _, pid in sorted(found, reverse=True)]
+
+
+def registered(snapshot: Path) -> bool:
+    try:
+        return json.loads(snapshot.read_text()).get("latest_checkpoint_result") is not None
+    except (OSError, ValueError):  # being written
+        return False
+
+
+def test_killed_worker_resumes_from_the_checkpoint(local_ray, assets, tmp_path):
+    settings = {"num_workers": 2, "micro_batch_size": 4, "zero_stage": 2, "max_failures": 1, "checkpoint_every": 1,
+                "max_steps": 12, "eval_every": 6}
+    calm = train(assets, tmp_path / "calm", **settings)
+    earlier = set(newest_ray_processes("ray::RayTrainWorker"))  # the calm run's workers may linger
+    killed = []
+
+    def kill_after_a_registered_checkpoint():
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            # Ray Train's controller writes this snapshot once it has registered a checkpoint: from then on a
+            # restarted worker group is handed that checkpoint (a folder alone may not be registered yet)
+            snapshots = list((tmp_path / "killed" / "store").glob("jobs/*/train/checkpoint_manager_snapshot.json"))
+            if snapshots and registered(snapshots[0]):
+                pids = [p for p in newest_ray_processes("ray::RayTrainWorker") if p not in earlier]
+                if pids:
+                    os.kill(pids[0], signal.SIGKILL)
+                    killed.append(pids[0])
+                    return
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=kill_after_a_registered_checkpoint)
+    thread.start()
+    result = train(assets, tmp_path / "killed", **settings)
+    thread.join()
+    assert killed, "no worker was killed"
+    assert len(result.resumed_from) == 1 and 1 <= result.resumed_from[0] < 12  # resumed, not restarted
+    # the step count continued from the checkpoint: one row per step, no step twice, none missing
+    assert [m["step"] for m in result.metrics] == list(range(1, 13))
+    # and the run ended where the undisturbed one did: same optimizer state and data position after the resume
+    for a, b in zip(calm.metrics, result.metrics, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), a["step"]
+    reference = adapter_tensors(calm)
+    for key, value in adapter_tensors(result).items():
+        assert torch.allclose(value, reference[key], atol=1e-5), key
