@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import time
@@ -11,20 +10,11 @@ import time
 import pytest
 import torch
 
-from tests.helpers import cli, tiny_spec, write_spec
+from tests.helpers import cli, pid_alive, tiny_spec, wait_gone, write_spec
 
 
 def record(state_dir, job_id) -> dict:
     return json.loads(cli(state_dir, "status", job_id, "--json", check=True).stdout)
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    stat = f"/proc/{pid}/stat"
-    return not (os.path.exists(stat) and open(stat).read().rsplit(")", 1)[-1].split()[0] == "Z")
 
 
 def test_tiny_example_end_to_end(tmp_path, state_dir, assets):
@@ -106,10 +96,7 @@ def test_cancel_running_job(tmp_path, state_dir, assets):
     assert rec["state"] == "CANCELLED" and rec["stage"] == "train"
     assert rec["stages"][0]["state"] == "cancelled"
     assert not pid_alive(driver_pid)
-    deadline = time.monotonic() + 20
-    while pid_alive(worker_pid):  # Ray's worker goes with the embedded cluster
-        assert time.monotonic() < deadline, "training worker survived the cancel"
-        time.sleep(0.2)
+    assert wait_gone(worker_pid, timeout=20), "training worker survived the cancel"  # it goes with embedded Ray
     assert not (tmp_path / "store" / "jobs" / job_id / "manifest.json").exists()
 
 
@@ -175,3 +162,32 @@ def test_help_everywhere(state_dir):
     assert all(c in top for c in commands)
     for command in commands:
         assert cli(state_dir, command, "--help", check=True).stdout.startswith("usage: peftfleet " + command)
+
+
+@pytest.mark.parametrize(
+    ("method", "adapter"),
+    [
+        ("dora", {"target_modules": ["q_proj", "v_proj"]}),
+        ("adalora", {"r": 2, "target_modules": ["q_proj", "v_proj"], "adalora": {"init_r": 4, "tinit": 1}}),
+        ("ia3", {"target_modules": ["k_proj", "v_proj", "down_proj"], "ia3": {"feedforward_modules": ["down_proj"]}}),
+        ("prefix", {"prefix": {"num_virtual_tokens": 4}}),
+        ("prompt", {"prompt": {"num_virtual_tokens": 4, "init_text": "reverse upper repeat add"}}),
+    ],
+)
+def test_each_adapter_method_trains_through_the_cli(tmp_path, state_dir, assets, method, adapter):
+    spec = tiny_spec(assets, f"file://{tmp_path / 'store'}", adapter={"method": method, **adapter},
+                     train={"max_steps": 3, "eval_every": 3, "learning_rate": 0.01})
+    job_id = cli(state_dir, "submit", write_spec(tmp_path / "job.yaml", spec), "--wait", check=True).stdout.strip()
+    cli(state_dir, "fetch", job_id, tmp_path / "out", "--kind", "adapter", check=True)
+    config = json.loads((tmp_path / "out" / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == {"dora": "LORA", "adalora": "ADALORA", "ia3": "IA3", "prefix": "PREFIX_TUNING",
+                                   "prompt": "PROMPT_TUNING"}[method]
+    assert config.get("use_dora", False) == (method == "dora")
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(assets / "tiny-llama"),
+                                      tmp_path / "out" / "adapter")
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=torch.tensor([[1, 40, 41, 42]])).logits).all()

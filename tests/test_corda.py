@@ -21,6 +21,7 @@ from orchestrator.context import Context
 from orchestrator.corda import calibration_samples, run_calibrate
 from orchestrator.store import LocalStore
 from tests.corda_helpers import ALPHA, TARGETS, R, corda_spec, ours, run_stages
+from tests.helpers import wait_gone
 from workers.covariance import GroupStats
 from workers.decompose import decompose_group
 
@@ -179,7 +180,7 @@ def test_killed_actor_mid_shard_gives_the_same_numbers(local_ray, assets, tmp_pa
     killer.join()
     assert killed, "no actor was caught inside a shard"
     assert killed[0] in {pid for pid, _ in disturbed.results["corda_actors"]}  # a covariance actor, mid-shard
-    assert not Path(f"/proc/{killed[0]}").exists()
+    assert wait_gone(killed[0])
     a, b = ours(calm), ours(disturbed)
     assert a.keys() == b.keys()
     for key in a:

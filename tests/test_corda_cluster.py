@@ -11,6 +11,7 @@ import ray
 import torch
 
 from tests.corda_helpers import corda_spec, ours, run_stages
+from tests.helpers import wait_gone
 
 
 @pytest.fixture
@@ -57,7 +58,7 @@ def test_node_removed_during_calibrate_gives_the_same_numbers(cluster, assets, t
     assert removed, "no node was removed"
     (node_id, mid_stage), placement = removed[0], disturbed.results["corda_actors"]
     assert mid_stage and node_id == placement[0][1]
-    assert not Path(f"/proc/{placement[0][0]}").exists()  # the actor went with its node
+    assert wait_gone(placement[0][0])  # the actor went with its node
     a, b = ours(calm), ours(disturbed)
     for key in a:
         assert torch.equal(a[key], b[key]), key
