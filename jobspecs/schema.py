@@ -402,17 +402,5 @@ class JobSpec(Section):
             raise ValueError("train.offload_optimizer: optimizer offload needs train.zero_stage >= 1")
         if self.train.precision == "fp16" and not self.train.use_gpu:
             raise ValueError("train.precision: fp16 needs a GPU (DeepSpeed's CPU accelerator has no fp16); use bf16")
-        if self.train.zero_stage == 3 and self.adapter.method in ZERO3_UNSUPPORTED:
-            raise ValueError(
-                f"train.zero_stage: ZeRO-3 cannot run adapter.method {self.adapter.method!r}: "
-                f"{ZERO3_UNSUPPORTED[self.adapter.method]}"
-            )
         return self
 
-
-ZERO3_UNSUPPORTED: dict[str, str] = {
-    # Measured with peft 0.21.2 + DeepSpeed 0.19.8: AdaLoRA's orthogonal regulariser reads lora_A/lora_B outside
-    # their module's forward, where ZeRO-3 has partitioned them to empty shards (TypeError in torch.eye).
-    "adalora": "peft's AdaLoRA regulariser reads partitioned (empty) ZeRO-3 shards; use ZeRO-2",
-}
-"""Adapter methods that cannot train under ZeRO-3, with the reason shown to the user."""

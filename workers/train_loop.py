@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from jobspecs.schema import JobSpec
-from workers.adalora import AdaLoraBudget
+from workers.adalora import REGULARISER, AdaLoraBudget, add_regulariser
 from workers.adapters import peft_config
 from workers.data import IGNORE, collate, quiet_progress_bars, shard, tokenize
 from workers.deepspeed_config import deepspeed_config
@@ -54,15 +54,17 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
     return max(0.0, (total - step) / max(1, total - warmup))
 
 
-def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """(Σ next-token cross-entropy over label tokens, number of label tokens), in fp32."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, torch.Tensor | None]:
+    """(Σ next-token cross-entropy over label tokens, number of label tokens, AdaLoRA's regulariser if the model
+    returns one), in fp32."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    logits = out.logits
     labels = batch["labels"][:, 1:]
     # Prompt/prefix tuning prepend virtual tokens: score only the real positions.
     logits = logits[:, -batch["input_ids"].shape[1] :][:, :-1]
     loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE,
                            reduction="sum")
-    return loss, int((labels != IGNORE).sum())
+    return loss, int((labels != IGNORE).sum()), out.get(REGULARISER)
 
 
 def say(message: str) -> None:
@@ -89,7 +91,7 @@ def evaluate(engine, examples: list[dict], batch_size: int, pad_id: int, device)
     total, tokens = 0.0, 0
     for i in range(0, len(examples), batch_size):
         batch = {k: v.to(device) for k, v in collate(examples[i : i + batch_size], pad_id).items()}
-        loss, n = token_loss_sum(engine, batch)
+        loss, n, _ = token_loss_sum(engine, batch)
         total, tokens = total + float(loss), tokens + n
     engine.train()
     return total / max(tokens, 1)
@@ -119,11 +121,13 @@ def skip_cpu_shm_build() -> None:
 
 def save_adapter(engine, out: Path, is_rank0: bool) -> None:
     """The adapter as stock peft saves it. Under ZeRO-3 the parameters are partitioned (shape [0] locally), so
-    every rank joins the gather and rank 0 writes the full tensors."""
+    every rank joins the gather and rank 0 writes the full tensors. Gather by adapter name, not requires_grad:
+    peft also saves frozen adapter tensors (AdaLoRA's lora_ranknum)."""
     import deepspeed
 
-    trainable = [p for p in engine.module.parameters() if p.requires_grad]
-    with deepspeed.zero.GatheredParameters(trainable, modifier_rank=None):
+    name = engine.module.active_adapter
+    adapter = [p for n, p in engine.module.named_parameters() if f".{name}." in f".{n}."]
+    with deepspeed.zero.GatheredParameters(adapter, modifier_rank=None):
         if is_rank0:
             engine.module.save_pretrained(out)
 
@@ -156,13 +160,16 @@ def train_worker(config: dict) -> None:
 
     # model, optimizer, engine
     model = build_model(spec, config.get("corda_init"), total)
+    ds_config = deepspeed_config(spec, world)
+    if spec.adapter.method == "adalora":
+        add_regulariser(model, zero3=ds_config.get("zero_optimization", {}).get("stage", 0) == 3)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, cfg.warmup_steps))
     engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(spec, world))
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
     micro, gas = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
-    budget = AdaLoraBudget(engine, deepspeed_config(spec, world)) if spec.adapter.method == "adalora" else None
+    budget = AdaLoraBudget(engine, ds_config) if spec.adapter.method == "adalora" else None
     if budget and rank == 0 and budget.config.tinit + budget.config.tfinal >= budget.config.total_step:
         say(f"train: warning: adapter.adalora tinit {budget.config.tinit} + tfinal {budget.config.tfinal} leave no "
             f"step of the {budget.config.total_step} for rank reallocation; ranks will not change")
@@ -201,10 +208,10 @@ def train_worker(config: dict) -> None:
         global_tokens, seen = all_sum([local_tokens, sum(int(b["attention_mask"].sum()) for b in batches)])
         step_loss = 0.0
         for i, batch in enumerate(batches):
-            loss_sum, _ = token_loss_sum(engine, batch)
+            loss_sum, _, regulariser = token_loss_sum(engine, batch)
             loss = loss_sum * (world * gas / max(global_tokens, 1))
-            if budget:
-                loss = loss + budget.regularizer()
+            if regulariser is not None:
+                loss = loss + regulariser
             engine.backward(loss)
             if budget and i == gas - 1:
                 budget.allocate(state["step"])
