@@ -21,9 +21,10 @@ from orchestrator.store import LocalStore
 from tests.helpers import tiny_spec
 
 
-def train(assets, tmp, adapter: dict | None = None, **train):
+def train(assets, tmp, adapter: dict | None = None, data_override: dict | None = None, **train):
     settings = {"max_steps": 6, "micro_batch_size": 8, "eval_every": 3, "learning_rate": 0.01, **train}
-    spec = parse_spec(tiny_spec(assets, f"file://{tmp / 'store'}", train=settings, adapter=adapter or {}))
+    spec = parse_spec(tiny_spec(assets, f"file://{tmp / 'store'}", train=settings, adapter=adapter or {},
+                                data=data_override or {}))
     ctx = Context(job_id=f"t-{uuid.uuid4().hex[:6]}", spec=spec, store=LocalStore(tmp / "store"),
                   staging=tmp / "staging")
     run_train(ctx)
@@ -177,3 +178,44 @@ def test_killed_worker_resumes_from_the_checkpoint(local_ray, assets, tmp_path):
     reference = adapter_tensors(calm)
     for key, value in adapter_tensors(result).items():
         assert torch.allclose(value, reference[key], atol=1e-5), key
+
+
+def test_instruction_format_learns_the_response_only(local_ray, assets, tmp_path):
+    """One fixed prompt and one fixed response, both novel to the model and sharing no characters. Trained as
+    `instruction` data the response becomes predictable and the prompt hardly moves (only through the general shift
+    in token frequencies); trained as plain `text`, the same steps learn the prompt too."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    prompt, response = "QZXJWKQZXJWKQZXJWK\n", "mb tr lq mb tr lq"
+    data = tmp_path / "fixed.jsonl"
+    data.write_text("".join(json.dumps({"prompt": prompt, "response": response, "text": prompt + response}) + "\n"
+                            for _ in range(16)))
+    tokenizer = AutoTokenizer.from_pretrained(assets / "tiny-llama")
+    n_prompt = 1 + len(tokenizer(prompt, add_special_tokens=False)["input_ids"])  # with BOS
+    ids = torch.tensor([[tokenizer.bos_token_id, *tokenizer(prompt + response, add_special_tokens=False)["input_ids"]]])
+
+    def part_losses(model) -> tuple[float, float]:
+        """Mean next-token loss over the prompt's tokens and over the response's tokens."""
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, :-1]
+        token_loss = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none")
+        return float(token_loss[: n_prompt - 1].mean()), float(token_loss[n_prompt - 1 :].mean())
+
+    def trained(fmt: str) -> tuple[float, float]:
+        result = train(assets, tmp_path / fmt, max_steps=20, eval_every=None, num_workers=1, learning_rate=0.05,
+                       micro_batch_size=4, warmup_steps=0, data_override={"format": fmt, "train": str(data),
+                                                                           "eval": None})
+        folder = tmp_path / fmt / "adapter"
+        folder.mkdir()
+        for name, content in result.adapter_files.items():
+            (folder / name).write_bytes(content)
+        base = AutoModelForCausalLM.from_pretrained(assets / "tiny-llama")
+        return part_losses(PeftModel.from_pretrained(base, folder))
+
+    base_prompt, base_response = part_losses(AutoModelForCausalLM.from_pretrained(assets / "tiny-llama"))
+    inst_prompt, inst_response = trained("instruction")
+    text_prompt, _ = trained("text")
+    learned_response, learned_prompt = base_response - inst_response, base_prompt - inst_prompt
+    assert learned_response > 3 * max(learned_prompt, 0.1)  # the response is learned, the prompt hardly moves...
+    assert base_prompt - text_prompt > 2 * max(learned_prompt, 0.1)  # ...though unmasked, the same steps learn it
