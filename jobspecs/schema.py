@@ -251,6 +251,10 @@ class InitSpec(Section):
 class TrainSpec(Section):
     num_workers: int = Field(1, gt=0, description="Ray Train workers (one per GPU, or CPU processes).")
     use_gpu: bool = False
+    cpus_per_worker: float = Field(1, gt=0, description="CPUs Ray reserves for each worker (dataloading, CPU math).")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="How Ray places the workers on nodes: PACK fills a node first (fast intra-node "
+        "collectives); STRICT_SPREAD puts each worker on its own node.")
     zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
     offload_optimizer: bool = Field(False, description="Keep optimizer state in CPU memory (ZeRO >= 1).")
     offload_param: bool = Field(False, description="Keep parameters in CPU memory (ZeRO-3 only).")

@@ -57,8 +57,9 @@ def run_train(ctx: Context) -> None:
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"spec": spec, "corda_init": init and {k: str(v) for k, v in init.items()}},
-        scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu,
-                                     resources_per_worker={"CPU": 1, **({"GPU": 1} if train.use_gpu else {})}),
+        scaling_config=ScalingConfig(
+            num_workers=train.num_workers, use_gpu=train.use_gpu, placement_strategy=train.placement_strategy,
+            resources_per_worker={"CPU": train.cpus_per_worker, **({"GPU": 1} if train.use_gpu else {})}),
         torch_config=TorchConfig(backend="nccl" if train.use_gpu else "gloo"),
         run_config=RunConfig(
             name="train", storage_path=storage_path, storage_filesystem=filesystem,
@@ -90,7 +91,7 @@ def run_export(ctx: Context) -> None:
     report = ctx.artifact_dir("report")
     (report / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in result.metrics))
     summary = {"best_step": result.best_step, "best_eval_loss": result.best_eval_loss,
-               "total_steps": result.total_steps, "resumed_from": result.resumed_from}
+               "total_steps": result.total_steps, "resumed_from": result.resumed_from, "nodes": result.nodes}
     (report / "summary.json").write_text(json.dumps(summary, indent=2))
 
 

@@ -38,6 +38,7 @@ class TrainResult:
     best_eval_loss: float | None = None
     total_steps: int = 0
     resumed_from: list[int] = field(default_factory=list)  # steps a restarted worker group resumed from
+    nodes: list[str] = field(default_factory=list)  # the Ray node each rank ran on (the latest worker group)
 
 
 def optimizer_steps(spec: JobSpec, num_examples: int) -> int:
@@ -72,6 +73,16 @@ def say(message: str) -> None:
     log through its own logger, and every line would appear twice."""
     sys.stdout.write(message + "\n")
     sys.stdout.flush()
+
+
+def all_gather(value: str) -> list[str]:
+    import torch.distributed as dist
+
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [value]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
 
 
 def all_sum(values: list[float]) -> list[float]:
@@ -173,10 +184,11 @@ def train_worker(config: dict) -> None:
     if budget and rank == 0 and budget.config.tinit + budget.config.tfinal >= budget.config.total_step:
         say(f"train: warning: adapter.adalora tinit {budget.config.tinit} + tfinal {budget.config.tfinal} leave no "
             f"step of the {budget.config.total_step} for rank reallocation; ranks will not change")
+    nodes = all_gather(ray.get_runtime_context().get_node_id())
     if rank == 0:
-        say(f"train: {len(train_set)} examples, {total} optimizer steps, {world} worker(s) × micro-batch {micro} × "
-              f"accumulation {gas}, ZeRO-{engine.zero_optimization_stage()}, "
-              f"{sum(p.numel() for p in params):,} trainable parameters ({spec.adapter.method})")
+        say(f"train: {len(train_set)} examples, {total} optimizer steps, {world} worker(s) on {len(set(nodes))} "
+            f"node(s) × micro-batch {micro} × accumulation {gas}, ZeRO-{engine.zero_optimization_stage()}, "
+            f"{sum(p.numel() for p in params):,} trainable parameters ({spec.adapter.method})")
 
     # resume: engine + optimizer + scheduler state from DeepSpeed, data position and history from state.json
     state = {"step": 0, "epoch": 0, "cursor": 0, "metrics": [], "tokens": 0, "elapsed": 0.0, "resumed_from": []}
@@ -189,6 +201,7 @@ def train_worker(config: dict) -> None:
         if rank == 0:
             say(f"train: resumed from step {state['step']} (epoch {state['epoch']})")
 
+    state["nodes"] = nodes
     order = shard(train_set, rank, world, cfg.seed, state["epoch"])
     score_key = "eval_loss" if eval_set else "loss"
     ckpt_every = cfg.checkpoint_every or cfg.eval_every or total
@@ -258,4 +271,4 @@ def read_result(best_dir: Path, latest_dir: Path, score_key: str) -> TrainResult
     return TrainResult(adapter_files={p.name: p.read_bytes() for p in adapter.iterdir() if p.is_file()},
                        metrics=latest["metrics"], best_step=best["step"],
                        best_eval_loss=best["metrics"][-1].get(score_key), total_steps=latest["step"],
-                       resumed_from=latest["resumed_from"])
+                       resumed_from=latest["resumed_from"], nodes=latest["nodes"])
