@@ -15,13 +15,23 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
 from rich.console import Console
 from rich.table import Table
 
 from jobspecs import JobSpec, SpecError, dump_spec, load_spec
 from orchestrator.artifacts import IncompleteJob, IntegrityError, fetch_artifacts, job_key, read_manifest
 from orchestrator.driver import new_record
-from orchestrator.jobs import IndexEntry, JobRecord, JobState, LocalIndex, UnknownJob, current_record, new_job_id
+from orchestrator.jobs import (
+    JOB_ID,
+    IndexEntry,
+    JobRecord,
+    JobState,
+    LocalIndex,
+    UnknownJob,
+    current_record,
+    new_job_id,
+)
 from orchestrator.store import StoreError, open_store
 
 DEFAULT_STATE_DIR = Path("~/.peftfleet").expanduser()
@@ -60,13 +70,51 @@ def cmd_validate(args) -> int:
     return 0
 
 
-def submit(spec: JobSpec, index: LocalIndex) -> str:
-    """Freeze the spec and record into the store, start the driver, and return the job id."""
-    job_id = new_job_id(spec.name)
+def differences(a, b, path: str = "") -> list[str]:
+    """Dotted paths where two frozen specs differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for key in sorted(set(a) | set(b))
+                for d in differences(a.get(key), b.get(key), f"{path}.{key}" if path else key)]
+    return [] if a == b else [path]
+
+
+def prepare_resubmission(spec: JobSpec, job_id: str, store, index: LocalIndex) -> JobRecord | None:
+    """The record of an earlier attempt of `job_id` if it may be resumed (None: a new job with this id).
+    Checkpoints live in the job's storage, so a new driver continues training where the last one stopped."""
+    if not JOB_ID.fullmatch(job_id):
+        raise CliError(f"--job-id {job_id!r}: use 1-80 characters of a-z, 0-9, '.', '_' and '-'", code=2)
+    if not store.exists(job_key(job_id, "job.json")):
+        return None
+    try:
+        previous = current_record(index.get(job_id))  # notices a local driver that died mid-job
+    except UnknownJob:
+        previous = JobRecord.load(store, job_id)
+    if previous.state == JobState.SUCCEEDED:
+        raise CliError(f"job {job_id} already SUCCEEDED; fetch its artifacts with: peftfleet fetch {job_id} DEST",
+                       code=2)
+    if not previous.state.terminal:
+        raise CliError(f"job {job_id} is {previous.state.value} (driver {previous.driver or 'not started'}); "
+                       f"cancel it first, or wait for it", code=2)
+    frozen = yaml.safe_load(store.get_bytes(job_key(job_id, "spec.yaml")))
+    changed = differences(frozen, yaml.safe_load(dump_spec(spec)))
+    if changed:
+        raise CliError(f"job {job_id} was submitted with a different spec (differs at: {', '.join(changed)}); "
+                       f"resuming needs the same spec, or submit without --job-id for a new job", code=2)
+    return previous
+
+
+def submit(spec: JobSpec, index: LocalIndex, job_id: str | None = None) -> str:
+    """Freeze the spec and record into the store, start the driver, and return the job id. With the id of a job
+    that failed, was cancelled or lost its driver, the job runs again and training resumes from its checkpoints."""
     store = open_store(spec.storage)
     try:
+        previous = prepare_resubmission(spec, job_id, store, index) if job_id else None
+        job_id = job_id or new_job_id(spec.name)
+        record = new_record(job_id, spec)
+        if previous:
+            record.created_at, record.attempts = previous.created_at, previous.attempts + 1
         store.put_bytes(job_key(job_id, "spec.yaml"), dump_spec(spec).encode())
-        new_record(job_id, spec).save(store)
+        record.save(store)
     except StoreError as e:
         raise CliError(f"cannot write the job to {spec.storage.uri}: {e}") from None
     job_dir = index.job_dir(job_id)
@@ -74,6 +122,8 @@ def submit(spec: JobSpec, index: LocalIndex) -> str:
     log_path = job_dir / "driver.log"
     storage_json = spec.storage.model_dump_json()
     with open(log_path, "ab") as log:
+        if previous:
+            log.write(f"--- attempt {record.attempts} (resubmitted) ---\n".encode())
         proc = subprocess.Popen(
             [sys.executable, "-m", "orchestrator.driver", job_id, storage_json],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
@@ -85,7 +135,7 @@ def submit(spec: JobSpec, index: LocalIndex) -> str:
 
 def cmd_submit(args) -> int:
     spec = load_spec(args.spec)
-    job_id = submit(spec, _index(args))
+    job_id = submit(spec, _index(args), args.job_id)
     print(job_id, flush=True)
     if not args.wait:
         err.print(f"submitted {job_id}; follow it with: peftfleet logs {job_id} --follow")
@@ -231,6 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("submit", cmd_submit, "start a job (embedded local Ray unless cluster.address is set)")
     p.add_argument("spec", help="job spec YAML")
     p.add_argument("--wait", action="store_true", help="follow the job's log until it ends; exit 1 unless it succeeds")
+    p.add_argument("--job-id", help="run under this id; the id of a failed or cancelled job (same spec) runs it "
+                                    "again, resuming training from its last checkpoint")
     p = command("status", cmd_status, "a job's state, stages and error")
     p.add_argument("job")
     p.add_argument("--json", action="store_true", help="the job record as JSON")

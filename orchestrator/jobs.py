@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import socket
 from dataclasses import asdict, dataclass, field
@@ -37,6 +38,9 @@ def now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
+JOB_ID = re.compile(r"[a-z0-9][a-z0-9._-]{0,79}")
+
+
 def new_job_id(name: str) -> str:
     return f"{name}-{datetime.now(UTC):%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
 
@@ -62,6 +66,7 @@ class JobRecord:
     error: str | None = None
     warnings: list[str] = field(default_factory=list)  # things a user can act on (e.g. too little calibration data)
     driver: dict = field(default_factory=dict)  # host, pid
+    attempts: int = 1  # resubmissions of a failed job under its id run it again (training resumes)
 
     def save(self, store: Store) -> None:
         store.put_bytes(job_key(self.id, "job.json"), json.dumps(asdict(self), indent=2).encode())

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import signal
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
 from tests.helpers import cli, pid_alive, tiny_spec, wait_gone, write_spec
+from tests.train_helpers import registered
 
 
 def record(state_dir, job_id) -> dict:
@@ -191,3 +195,42 @@ def test_each_adapter_method_trains_through_the_cli(tmp_path, state_dir, assets,
                                       tmp_path / "out" / "adapter")
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=torch.tensor([[1, 40, 41, 42]])).logits).all()
+
+
+def test_resubmitting_after_a_driver_crash_resumes_training(tmp_path, state_dir, assets):
+    spec = write_spec(tmp_path / "job.yaml", tiny_spec(assets, f"file://{tmp_path / 'store'}", train={
+        "max_steps": 24, "checkpoint_every": 2, "eval_every": 12, "log_every": 1}))
+    job_id = cli(state_dir, "submit", spec, check=True).stdout.strip()
+    snapshot = tmp_path / "store" / "jobs" / job_id / "train" / "checkpoint_manager_snapshot.json"
+    deadline = time.monotonic() + 240
+    while not registered(snapshot):
+        assert time.monotonic() < deadline, "no checkpoint was registered"
+        time.sleep(0.2)
+    driver_pid = json.loads((state_dir / "jobs" / f"{job_id}.json").read_text())["pid"]
+    log = Path(json.loads((state_dir / "jobs" / f"{job_id}.json").read_text())["log"])
+    os.kill(driver_pid, signal.SIGKILL)  # the driver crashes: no final state is written
+    workers = [int(p) for p in re.findall(r"\(RayTrainWorker pid=(\d+)", log.read_text())]
+    assert all(wait_gone(pid, timeout=30) for pid in workers)  # the embedded Ray went with its driver
+    rec = record(state_dir, job_id)
+    assert rec["state"] == "FAILED" and "exited without a final state" in rec["error"]
+
+    # a different spec under the same id is refused: the checkpoints belong to the frozen one
+    changed = write_spec(tmp_path / "changed.yaml", tiny_spec(assets, f"file://{tmp_path / 'store'}", train={
+        "max_steps": 30, "checkpoint_every": 2, "eval_every": 12, "log_every": 1}))
+    refused = cli(state_dir, "submit", changed, "--job-id", job_id)
+    assert refused.returncode == 2 and "differs at: train.max_steps" in refused.stderr
+
+    resumed = cli(state_dir, "submit", spec, "--job-id", job_id, "--wait")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    rec = record(state_dir, job_id)
+    assert rec["state"] == "SUCCEEDED" and rec["attempts"] == 2
+    match = re.search(r"train: resumed from step (\d+)", resumed.stderr)
+    assert match and 2 <= int(match.group(1)) < 24  # resumed from a checkpoint, not restarted
+    cli(state_dir, "fetch", job_id, tmp_path / "out", "--kind", "report", check=True)
+    summary = json.loads((tmp_path / "out" / "report" / "summary.json").read_text())
+    assert summary["resumed_from"] == [int(match.group(1))]
+    metrics = [json.loads(line) for line in (tmp_path / "out" / "report" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == list(range(1, 25))  # the step count continued
+
+    again = cli(state_dir, "submit", spec, "--job-id", job_id)
+    assert again.returncode == 2 and "already SUCCEEDED" in again.stderr

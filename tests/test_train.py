@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.train_helpers import adapter_tensors, train
+from tests.train_helpers import adapter_tensors, registered, train
 
 
 @pytest.fixture(scope="module")
@@ -116,13 +116,6 @@ def newest_ray_processes(title: str) -> list[int]:
     return [pid for _, pid in sorted(found, reverse=True)]
 
 
-def registered(snapshot: Path) -> bool:
-    try:
-        return json.loads(snapshot.read_text()).get("latest_checkpoint_result") is not None
-    except (OSError, ValueError):  # being written
-        return False
-
-
 def test_killed_worker_resumes_from_the_checkpoint(local_ray, assets, tmp_path):
     settings = {"num_workers": 2, "micro_batch_size": 4, "zero_stage": 2, "max_failures": 1, "checkpoint_every": 1,
                 "max_steps": 12, "eval_every": 6}
@@ -133,8 +126,7 @@ def test_killed_worker_resumes_from_the_checkpoint(local_ray, assets, tmp_path):
     def kill_after_a_registered_checkpoint():
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
-            # Ray Train's controller writes this snapshot once it has registered a checkpoint: from then on a
-            # restarted worker group is handed that checkpoint (a folder alone may not be registered yet)
+            # a checkpoint folder alone may not be registered yet
             snapshots = list((tmp_path / "killed" / "store").glob("jobs/*/train/checkpoint_manager_snapshot.json"))
             if snapshots and registered(snapshots[0]):
                 pids = [p for p in newest_ray_processes("ray::RayTrainWorker") if p not in earlier]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import uuid
+from pathlib import Path
 
 import torch
 from safetensors.torch import load
@@ -26,3 +28,12 @@ def train(assets, tmp, adapter: dict | None = None, data_override: dict | None =
 
 def adapter_tensors(result) -> dict[str, torch.Tensor]:
     return load(result.adapter_files["adapter_model.safetensors"])
+
+
+def registered(snapshot: Path) -> bool:
+    """Whether Ray Train's controller has registered a checkpoint (it writes this snapshot after registering one:
+    from then on a restarted worker group, or a new run of the job, is handed that checkpoint)."""
+    try:
+        return json.loads(snapshot.read_text()).get("latest_checkpoint_result") is not None
+    except (OSError, ValueError):  # being written
+        return False

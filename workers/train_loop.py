@@ -249,8 +249,12 @@ def train_worker(config: dict) -> None:
         if rank == 0 and (last or done % cfg.log_every == 0):
             elapsed = time.perf_counter() - start
             extra = f" eval_loss {row['eval_loss']:.4f}" if "eval_loss" in row else ""
+            if "ranks" in row:
+                ranks = row["ranks"].values()
+                extra += f" ranks {sum(ranks)} ({min(ranks)}-{max(ranks)} per layer)"
             say(f"train: step {done}/{total} loss {row['loss']:.4f}{extra} lr {row['lr']:.2e} "
-                f"tok/s {row['tokens_per_s']:.0f} eta {elapsed / done * (total - done):.0f}s")
+                f"grad_norm {row['grad_norm']:.3f} tok/s {row['tokens_per_s']:.0f} "
+                f"eta {elapsed / done * (total - done):.0f}s")
         if checkpoint_now:
             state["elapsed"] = time.perf_counter() - start
             with tempfile.TemporaryDirectory() as tmp:
