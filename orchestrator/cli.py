@@ -21,7 +21,6 @@ from rich.table import Table
 
 from jobspecs import JobSpec, SpecError, dump_spec, load_spec
 from orchestrator.artifacts import IncompleteJob, IntegrityError, fetch_artifacts, job_key, read_manifest
-from orchestrator.driver import new_record
 from orchestrator.jobs import (
     JOB_ID,
     IndexEntry,
@@ -31,6 +30,7 @@ from orchestrator.jobs import (
     UnknownJob,
     current_record,
     new_job_id,
+    new_record,
 )
 from orchestrator.store import StoreError, open_store
 

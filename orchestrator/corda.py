@@ -22,8 +22,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from jobspecs.schema import JobSpec
 from orchestrator.context import Context
 from orchestrator.waits import wait_all
@@ -203,6 +201,7 @@ def load_covariance(folder: Path):
 
 def write_corda_outputs(spec: JobSpec, results, residual_dir: Path, adapter_dir: Path) -> None:
     """residual_base: the base model with W_res; corda_init: a stock LoRA adapter holding the CorDA A, B."""
+    import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -229,6 +228,7 @@ def write_corda_outputs(spec: JobSpec, results, residual_dir: Path, adapter_dir:
 
 def init_fidelity(base_path: str, residual_dir: str, adapter_dir: str, samples: list[list[int]]) -> float:
     """max |logits(residual base + corda adapter) − logits(base)| over `samples`, loaded the way a user would."""
+    import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 

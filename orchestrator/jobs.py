@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
 
-from jobspecs.schema import StorageSpec
+from jobspecs.schema import JobSpec, StorageSpec
 from orchestrator.artifacts import job_key
 from orchestrator.store import NotInStore, Store, open_store
 
@@ -96,6 +96,14 @@ class JobRecord:
             self.end_stage(self.stage, state.value.lower())
         if state == JobState.SUCCEEDED:
             self.stage = None
+
+
+def stage_names(spec: JobSpec) -> list[str]:
+    return [*spec.effective_stages, "upload"]
+
+
+def new_record(job_id: str, spec: JobSpec) -> JobRecord:
+    return JobRecord(id=job_id, name=spec.name, stages=[StageRecord(n) for n in stage_names(spec)])
 
 
 class UnknownJob(Exception):

@@ -3,23 +3,28 @@
 from __future__ import annotations
 
 from pathlib import Path
-
-from peft import (
-    AdaLoraConfig,
-    IA3Config,
-    LoraConfig,
-    PeftConfig,
-    PrefixTuningConfig,
-    PromptTuningConfig,
-    PromptTuningInit,
-    TaskType,
-)
+from typing import TYPE_CHECKING
 
 from jobspecs.schema import AdapterSpec
+
+if TYPE_CHECKING:
+    from peft import PeftConfig
 
 
 def peft_config(adapter: AdapterSpec, total_steps: int, tokenizer_path: Path) -> PeftConfig:
     """`total_steps` (optimizer steps of the whole run) feeds AdaLoRA's budget schedule when the spec omits it."""
+    # peft is imported here, not at module level: the driver imports this module only to hand it to Ray Train
+    # workers, and peft costs it seconds on the way to the first training step.
+    from peft import (
+        AdaLoraConfig,
+        IA3Config,
+        LoraConfig,
+        PrefixTuningConfig,
+        PromptTuningConfig,
+        PromptTuningInit,
+        TaskType,
+    )
+
     task = TaskType.CAUSAL_LM
     common = {"target_modules": adapter.target_modules, "task_type": task}
     block = adapter.block()

@@ -39,6 +39,7 @@ class TrainResult:
     total_steps: int = 0
     resumed_from: list[int] = field(default_factory=list)  # steps a restarted worker group resumed from
     nodes: list[str] = field(default_factory=list)  # the Ray node each rank ran on (the latest worker group)
+    peak_rss_mib: list[float] = field(default_factory=list)  # per rank, the worker process's peak resident memory
 
 
 def optimizer_steps(spec: JobSpec, num_examples: int) -> int:
@@ -75,7 +76,13 @@ def say(message: str) -> None:
     sys.stdout.flush()
 
 
-def all_gather(value: str) -> list[str]:
+def peak_rss_mib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def all_gather(value: object) -> list:
     import torch.distributed as dist
 
     if not (dist.is_initialized() and dist.get_world_size() > 1):
@@ -144,6 +151,12 @@ def save_adapter(engine, out: Path, is_rank0: bool) -> None:
 
 
 def train_worker(config: dict) -> None:
+    began = time.perf_counter()
+    phases: dict[str, float] = {}  # start-up seconds per phase, shown in the first progress line
+
+    def phase_done(name: str) -> None:
+        phases[name] = time.perf_counter() - began - sum(phases.values())
+
     import deepspeed
     import ray.train
     from ray.train import Checkpoint
@@ -161,6 +174,7 @@ def train_worker(config: dict) -> None:
         device = torch.device("cpu")
         skip_cpu_shm_build()
     torch.manual_seed(cfg.seed)
+    phase_done("imports")
 
     # data: the same tokenization everywhere, each rank trains on its own shard
     tokenizer = AutoTokenizer.from_pretrained(spec.model.tokenizer_path)
@@ -168,9 +182,11 @@ def train_worker(config: dict) -> None:
     train_set = tokenize(spec.data.train, tokenizer, spec.data)
     eval_set = tokenize(spec.data.eval, tokenizer, spec.data) if spec.data.eval else []
     total = optimizer_steps(spec, len(train_set))
+    phase_done("data")
 
     # model, optimizer, engine
     model = build_model(spec, config.get("corda_init"), total)
+    phase_done("model")
     ds_config = deepspeed_config(spec, world)
     if spec.adapter.method == "adalora":
         add_regulariser(model, zero3=ds_config.get("zero_optimization", {}).get("stage", 0) == 3)
@@ -185,10 +201,12 @@ def train_worker(config: dict) -> None:
         say(f"train: warning: adapter.adalora tinit {budget.config.tinit} + tfinal {budget.config.tfinal} leave no "
             f"step of the {budget.config.total_step} for rank reallocation; ranks will not change")
     nodes = all_gather(ray.get_runtime_context().get_node_id())
+    phase_done("engine")
     if rank == 0:
         say(f"train: {len(train_set)} examples, {total} optimizer steps, {world} worker(s) on {len(set(nodes))} "
             f"node(s) × micro-batch {micro} × accumulation {gas}, ZeRO-{engine.zero_optimization_stage()}, "
-            f"{sum(p.numel() for p in params):,} trainable parameters ({spec.adapter.method})")
+            f"{sum(p.numel() for p in params):,} trainable parameters ({spec.adapter.method}); worker start-up "
+            f"{sum(phases.values()):.1f}s ({', '.join(f'{k} {v:.1f}s' for k, v in phases.items())})")
 
     # resume: engine + optimizer + scheduler state from DeepSpeed, data position and history from state.json
     state = {"step": 0, "epoch": 0, "cursor": 0, "metrics": [], "tokens": 0, "elapsed": 0.0, "resumed_from": []}
@@ -208,6 +226,7 @@ def train_worker(config: dict) -> None:
     start = time.perf_counter() - state["elapsed"]
     engine.train()
     while state["step"] < total:
+        step_start = time.perf_counter()
         # draw this step's micro-batches first: the loss normaliser is the step's global label-token count
         batches = []
         for _ in range(gas):
@@ -238,6 +257,7 @@ def train_worker(config: dict) -> None:
         (loss,) = all_sum([step_loss])
         row = {"step": done, "loss": loss / max(global_tokens, 1), "lr": scheduler.get_last_lr()[0],
                "grad_norm": float(engine.get_global_grad_norm() or 0.0), "epoch": state["epoch"],
+               "tokens": int(seen), "step_s": time.perf_counter() - step_start,
                "tokens_per_s": state["tokens"] / (time.perf_counter() - start)}
         if budget:
             row["ranks"] = budget.ranks()
@@ -257,6 +277,7 @@ def train_worker(config: dict) -> None:
                 f"eta {elapsed / done * (total - done):.0f}s")
         if checkpoint_now:
             state["elapsed"] = time.perf_counter() - start
+            state["peak_rss_mib"] = [float(m) for m in all_gather(peak_rss_mib())]
             with tempfile.TemporaryDirectory() as tmp:
                 engine.save_checkpoint(tmp, tag=CKPT_TAG, exclude_frozen_parameters=True)
                 save_adapter(engine, Path(tmp) / "adapter", rank == 0)
@@ -275,4 +296,5 @@ def read_result(best_dir: Path, latest_dir: Path, score_key: str) -> TrainResult
     return TrainResult(adapter_files={p.name: p.read_bytes() for p in adapter.iterdir() if p.is_file()},
                        metrics=latest["metrics"], best_step=best["step"],
                        best_eval_loss=best["metrics"][-1].get(score_key), total_steps=latest["step"],
-                       resumed_from=latest["resumed_from"], nodes=latest["nodes"])
+                       resumed_from=latest["resumed_from"], nodes=latest["nodes"],
+                       peak_rss_mib=latest["peak_rss_mib"])

@@ -9,7 +9,6 @@ gives an actor with num_cpus=1 one OpenMP thread), so "1 worker" compares one co
 from __future__ import annotations
 
 import json
-import random
 import time
 
 import pytest
@@ -18,36 +17,18 @@ import torch
 from peft import LoraConfig
 from peft.tuners.lora.config import CordaConfig
 from peft.tuners.lora.corda import calib_cov_distribution, collect_eigens, target_modules
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 
 from jobspecs import parse_spec
 from orchestrator.context import Context
 from orchestrator.corda import run_calibrate, run_decompose
 from orchestrator.store import LocalStore
+from tests.benchmarks.small_llama import build_model, token_samples
 
 HIDDEN, LAYERS, INTERMEDIATE, VOCAB = 512, 4, 1376, 2048
 SAMPLES, SEQ, BATCH = 64, 128, 8
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 R = 16
-
-
-def build_model(path):
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE,
-                         num_hidden_layers=LAYERS, num_attention_heads=8, num_key_value_heads=8,
-                         max_position_embeddings=SEQ * 2, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    LlamaForCausalLM(config).save_pretrained(path)
-    from jobspecs.examples.build_assets import build_tokenizer
-
-    build_tokenizer(["a b c"], path, vocab_size=300)  # only read for its pad id; samples are pre-tokenized
-
-
-def samples_file(path) -> list[list[int]]:
-    rng = random.Random(0)
-    samples = [[1] + [rng.randrange(3, VOCAB) for _ in range(SEQ - 1 - rng.randrange(0, SEQ // 4))]
-               for _ in range(SAMPLES)]
-    path.write_text("".join(json.dumps({"input_ids": s}) + "\n" for s in samples))
-    return samples
 
 
 def peft_run(model_path, samples):
@@ -110,8 +91,8 @@ def matmul_flops() -> float:
 @pytest.mark.benchmark
 def test_bench_corda(tmp_path):
     model_path, data_path = tmp_path / "model", tmp_path / "calibration.jsonl"
-    build_model(model_path)
-    samples = samples_file(data_path)
+    build_model(model_path, HIDDEN, LAYERS, INTERMEDIATE, VOCAB, SEQ)
+    samples = token_samples(data_path, SAMPLES, SEQ, VOCAB)
     tokens = sum(len(s) for s in samples)
     peft_cal, peft_dec, peft_bytes = peft_run(model_path, samples)
     ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=512 * 1024**2,
