@@ -27,7 +27,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/pytest -q -m "not benchmark"
+	$(BIN)/pytest -q -m "not benchmark" --durations=20
 
 bench: $(STAMP)
 	$(BIN)/pytest -q -s -m benchmark tests/benchmarks

@@ -93,7 +93,7 @@ def run_export(ctx: Context) -> None:
     (report / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in result.metrics))
     summary = {"best_step": result.best_step, "best_eval_loss": result.best_eval_loss,
                "total_steps": result.total_steps, "resumed_from": result.resumed_from, "nodes": result.nodes,
-               "peak_rss_mib": result.peak_rss_mib}
+               "peak_rss_mib": result.peak_rss_mib, "engine": result.engine}
     (report / "summary.json").write_text(json.dumps(summary, indent=2))
 
 

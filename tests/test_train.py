@@ -193,3 +193,17 @@ def test_instruction_format_learns_the_response_only(local_ray, assets, tmp_path
     learned_response, learned_prompt = base_response - inst_response, base_prompt - inst_prompt
     assert learned_response > 3 * max(learned_prompt, 0.1)  # the response is learned, the prompt hardly moves...
     assert base_prompt - text_prompt > 2 * max(learned_prompt, 0.1)  # ...though unmasked, the same steps learn it
+
+
+def test_deepspeed_json_verbatim_with_bf16_and_optimizer_offload(local_ray, assets, tmp_path):
+    """A user's own DeepSpeed JSON is used as given (here ZeRO-1, bf16, CPU optimizer offload, accumulation 2)."""
+    ds = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2, "train_batch_size": 8,
+          "gradient_clipping": 1.0, "bf16": {"enabled": True},
+          "zero_optimization": {"stage": 1, "offload_optimizer": {"device": "cpu"}},
+          "zero_force_ds_cpu_optimizer": False}
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
+    result = train(assets, tmp_path, num_workers=1, deepspeed_config=str(tmp_path / "ds.json"))
+    assert result.engine == {"zero_stage": 1, "world_size": 1, "micro_batch_size": 4, "grad_accum": 2, "bf16": True,
+                             "fp16": False}
+    evals = [m["eval_loss"] for m in result.metrics if "eval_loss" in m]
+    assert evals[-1] < evals[0] - 0.1, evals

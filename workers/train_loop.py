@@ -40,6 +40,7 @@ class TrainResult:
     resumed_from: list[int] = field(default_factory=list)  # steps a restarted worker group resumed from
     nodes: list[str] = field(default_factory=list)  # the Ray node each rank ran on (the latest worker group)
     peak_rss_mib: list[float] = field(default_factory=list)  # per rank, the worker process's peak resident memory
+    engine: dict = field(default_factory=dict)  # what DeepSpeed actually ran: ZeRO stage, batch layout, precision
 
 
 def optimizer_steps(spec: JobSpec, num_examples: int) -> int:
@@ -220,6 +221,8 @@ def train_worker(config: dict) -> None:
             say(f"train: resumed from step {state['step']} (epoch {state['epoch']})")
 
     state["nodes"] = nodes
+    state["engine"] = {"zero_stage": engine.zero_optimization_stage(), "world_size": world, "micro_batch_size": micro,
+                       "grad_accum": gas, "bf16": engine.bfloat16_enabled(), "fp16": engine.fp16_enabled()}
     order = shard(train_set, rank, world, cfg.seed, state["epoch"])
     score_key = "eval_loss" if eval_set else "loss"
     ckpt_every = cfg.checkpoint_every or cfg.eval_every or total
@@ -297,4 +300,4 @@ def read_result(best_dir: Path, latest_dir: Path, score_key: str) -> TrainResult
                        metrics=latest["metrics"], best_step=best["step"],
                        best_eval_loss=best["metrics"][-1].get(score_key), total_steps=latest["step"],
                        resumed_from=latest["resumed_from"], nodes=latest["nodes"],
-                       peak_rss_mib=latest["peak_rss_mib"])
+                       peak_rss_mib=latest["peak_rss_mib"], engine=latest["engine"])
