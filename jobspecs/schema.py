@@ -278,11 +278,25 @@ class TrainSpec(Section):
     log_every: int = Field(1, gt=0, description="Optimizer steps between two progress lines.")
 
 
-ExportFormat = Literal["adapter"]
+ExportFormat = Literal["adapter", "adapter_on_original_base", "merged", "scaled_adapter"]
+Alpha = Annotated[float, Field(ge=0, le=2)]
 
 
 class ExportSpec(Section):
-    formats: list[ExportFormat] = Field(default_factory=lambda: ["adapter"], description="Artifact kinds to write.")
+    formats: list[ExportFormat] = Field(
+        default_factory=lambda: ["adapter"],
+        description="Artifact kinds: adapter (as trained); adapter_on_original_base (CorDA: a LoRA on the original "
+        "model); merged (a full model W + α·ΔW per merge_alphas); scaled_adapter (a stock adapter with effect α·ΔW "
+        "per merge_alphas). The report is always written.")
+    wise_ft_alphas: list[Alpha] = Field(
+        default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0],
+        description="α values whose W_base + α·ΔW is evaluated on data.eval (the Wise-FT table and plot in the "
+        "report); skipped without data.eval or for prefix/prompt tuning. [] skips the sweep.")
+    merge_alphas: list[Alpha] = Field(default_factory=lambda: [1.0],
+                                      description="α of each merged@α / adapter@α artifact.")
+    conversion_tolerance: float = Field(
+        1e-3, gt=0, description="Largest |Δlogits| allowed between residual base + trained adapter and original "
+        "base + adapter_on_original_base; the stage fails above it.")
 
 
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
@@ -404,6 +418,16 @@ class JobSpec(Section):
             raise ValueError("train.offload_param: parameter offload needs train.zero_stage: 3")
         if self.train.offload_optimizer and self.train.zero_stage == 0:
             raise ValueError("train.offload_optimizer: optimizer offload needs train.zero_stage >= 1")
+        export = self.export
+        if "adapter_on_original_base" in export.formats and self.init.method != "corda":
+            raise ValueError("export.formats: adapter_on_original_base converts an adapter trained on a residual "
+                             "base (init.method: corda); this adapter already applies to the original base")
+        if self.adapter.method in ("prefix", "prompt") and {"merged", "scaled_adapter"} & set(export.formats):
+            raise ValueError(f"export.formats: {self.adapter.method} tuning adds virtual tokens, not a weight "
+                             "delta: there is no W + α·ΔW to merge or scale")
+        if self.adapter.method == "dora" and "scaled_adapter" in export.formats:
+            raise ValueError("export.formats: a DoRA adapter cannot be scaled (its magnitude vector renormalises the "
+                             "weights, so α·adapter ≠ α·ΔW); use merged, which interpolates the merged weights")
         if self.train.precision == "fp16" and not self.train.use_gpu:
             raise ValueError("train.precision: fp16 needs a GPU (DeepSpeed's CPU accelerator has no fp16); use bf16")
         return self

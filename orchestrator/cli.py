@@ -251,6 +251,20 @@ def cmd_fetch(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    index = _index(args)
+    entry = index.get(args.job)
+    dest = Path(args.dest) if args.dest else index.job_dir(args.job)
+    fetch_artifacts(entry.store(), args.job, dest, kind="report")
+    page = (dest / "report" / "index.html").resolve()
+    out.print(str(page))
+    if args.open:
+        import webbrowser
+
+        webbrowser.open(page.as_uri())
+    return 0
+
+
 def cmd_list(args) -> int:
     index = _index(args)
     rows = []
@@ -298,6 +312,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("job")
     p.add_argument("dest", help="destination folder")
     p.add_argument("--kind", help="only this artifact kind (e.g. adapter)")
+    p = command("report", cmd_report, "fetch a finished job's report (verified) and print the path of its page")
+    p.add_argument("job")
+    p.add_argument("--dest", help="folder to fetch into (default: the job's folder under --state-dir)")
+    p.add_argument("--open", action="store_true", help="also open the page in a browser")
     command("list", cmd_list, "jobs submitted from this machine")
     return parser
 

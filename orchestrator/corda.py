@@ -159,6 +159,7 @@ def run_decompose(ctx: Context) -> None:
     (report_dir / "corda.json").write_text(json.dumps(report, indent=2))
     plot_spectra(results, report_dir / "corda_spectrum.png")
     ctx.results["corda_init"] = {"residual_base": residual_dir, "adapter": adapter_dir}
+    ctx.results["fidelity_samples"] = state["held"]  # the export checks its conversion on the same held-out data
     log.info("decompose: init fidelity max |Δlogits| %.2e (tolerance %.0e)", fidelity, corda.fidelity_tolerance)
     if not fidelity <= corda.fidelity_tolerance:
         raise ValueError(f"init-fidelity check failed: residual base + CorDA adapter changes the logits by up to "

@@ -29,6 +29,7 @@ from jobspecs.schema import StorageSpec
 from orchestrator.artifacts import job_key, upload_artifacts
 from orchestrator.context import Context
 from orchestrator.corda import run_calibrate, run_decompose
+from orchestrator.export import run_export
 from orchestrator.jobs import JobRecord, JobState, stage_names
 from orchestrator.store import Store, open_store, train_storage
 from orchestrator.waits import JobCancelled, check_cancelled, request_cancel, run_in_thread
@@ -83,20 +84,6 @@ def run_train(ctx: Context) -> None:
              out.best_eval_loss if out.best_eval_loss is not None else float("nan"))
 
 
-def run_export(ctx: Context) -> None:
-    result = ctx.results["train"]
-    if "adapter" in ctx.spec.export.formats:
-        adapter = ctx.artifact_dir("adapter")
-        for name, data in result.adapter_files.items():
-            (adapter / name).write_bytes(data)
-    report = ctx.artifact_dir("report")
-    (report / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in result.metrics))
-    summary = {"best_step": result.best_step, "best_eval_loss": result.best_eval_loss,
-               "total_steps": result.total_steps, "resumed_from": result.resumed_from, "nodes": result.nodes,
-               "peak_rss_mib": result.peak_rss_mib, "engine": result.engine}
-    (report / "summary.json").write_text(json.dumps(summary, indent=2))
-
-
 def run_upload(ctx: Context) -> None:
     def progress(entry, i, n):
         log.info("upload: %d/%d %s (%d bytes)", i, n, entry.path, entry.size)
@@ -112,7 +99,8 @@ STAGES: dict[str, Stage] = {
         Stage("calibrate", ("model", "data.calibration"), ("corda",), run_calibrate),
         Stage("decompose", ("corda",), ("residual_base", "corda_init", "report/corda.json"), run_decompose),
         Stage("train", ("model", "data.train", "data.eval", "corda_init?"), ("train",), run_train),
-        Stage("export", ("train",), ("adapter", "report"), run_export),
+        Stage("export", ("train", "corda_init?", "data.eval"),
+              ("adapter", "adapter_on_original_base", "merged@α", "adapter@α", "report"), run_export),
         Stage("upload", ("staging",), ("manifest",), run_upload),
     )
 }

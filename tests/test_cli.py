@@ -37,6 +37,8 @@ def test_tiny_example_end_to_end(tmp_path, state_dir, assets):
 
     fetched = cli(state_dir, "fetch", job_id, tmp_path / "out", check=True)
     assert "sha256 ok" in fetched.stderr
+    page = Path(cli(state_dir, "report", job_id, check=True).stdout.strip())
+    assert page == state_dir / "jobs" / job_id / "report" / "index.html" and "loss.png" in page.read_text()
     metrics = [json.loads(line) for line in (tmp_path / "out" / "report" / "metrics.jsonl").read_text().splitlines()]
     evals = [m["eval_loss"] for m in metrics if "eval_loss" in m]
     assert len(metrics) == 40 and len(evals) == 4
@@ -161,45 +163,61 @@ def test_corda_only_job_is_the_cluster_scale_init(tmp_path, state_dir, assets):
 
 
 def test_help_everywhere(state_dir):
-    commands = ["validate", "submit", "status", "logs", "cancel", "artifacts", "fetch", "list"]
+    commands = ["validate", "submit", "status", "logs", "cancel", "artifacts", "fetch", "report", "list"]
     top = cli(state_dir, "--help", check=True).stdout
     assert all(c in top for c in commands)
     for command in commands:
         assert cli(state_dir, command, "--help", check=True).stdout.startswith("usage: peftfleet " + command)
 
 
-@pytest.mark.parametrize(
-    ("method", "adapter"),
-    [
-        ("dora", {"target_modules": ["q_proj", "v_proj"]}),
-        ("adalora", {"r": 2, "target_modules": ["q_proj", "v_proj"], "adalora": {"init_r": 4, "tinit": 1}}),
-        ("ia3", {"target_modules": ["k_proj", "v_proj", "down_proj"], "ia3": {"feedforward_modules": ["down_proj"]}}),
-        ("prefix", {"prefix": {"num_virtual_tokens": 4}}),
-        ("prompt", {"prompt": {"num_virtual_tokens": 4, "init_text": "reverse upper repeat add"}}),
-    ],
-)
-def test_each_adapter_method_trains_through_the_cli(tmp_path, state_dir, assets, method, adapter):
-    spec = tiny_spec(assets, f"file://{tmp_path / 'store'}", adapter={"method": method, **adapter},
-                     train={"max_steps": 3, "eval_every": 3, "learning_rate": 0.01})
-    job_id = cli(state_dir, "submit", write_spec(tmp_path / "job.yaml", spec), "--wait", check=True).stdout.strip()
-    cli(state_dir, "fetch", job_id, tmp_path / "out", "--kind", "adapter", check=True)
-    config = json.loads((tmp_path / "out" / "adapter" / "adapter_config.json").read_text())
-    assert config["peft_type"] == {"dora": "LORA", "adalora": "ADALORA", "ia3": "IA3", "prefix": "PREFIX_TUNING",
-                                   "prompt": "PROMPT_TUNING"}[method]
-    assert config.get("use_dora", False) == (method == "dora")
+METHODS = {
+    "dora": {"target_modules": ["q_proj", "v_proj"]},
+    "adalora": {"r": 2, "target_modules": ["q_proj", "v_proj"], "adalora": {"init_r": 4, "tinit": 1}},
+    "ia3": {"target_modules": ["k_proj", "v_proj", "down_proj"], "ia3": {"feedforward_modules": ["down_proj"]}},
+    "prefix": {"prefix": {"num_virtual_tokens": 4}},
+    "prompt": {"prompt": {"num_virtual_tokens": 4, "init_text": "reverse upper repeat add"}},
+}
 
+
+def test_each_adapter_method_trains_through_the_cli_on_a_running_cluster(tmp_path, state_dir, assets, local_ray):
+    """Five jobs at once, submitted to an already running Ray (`cluster.address`), as on a shared cluster."""
+    import ray
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(assets / "tiny-llama"),
-                                      tmp_path / "out" / "adapter")
-    with torch.no_grad():
-        assert torch.isfinite(model(input_ids=torch.tensor([[1, 40, 41, 42]])).logits).all()
+    address = ray.get_runtime_context().gcs_address
+    jobs = {}
+    for method, adapter in METHODS.items():
+        spec = tiny_spec(assets, f"file://{tmp_path / 'store'}", adapter={"method": method, **adapter},
+                         train={"max_steps": 3, "eval_every": 3, "learning_rate": 0.01},
+                         cluster={"address": address})
+        jobs[method] = cli(state_dir, "submit", write_spec(tmp_path / f"{method}.yaml", spec),
+                           check=True).stdout.strip()
+    for method, job_id in jobs.items():
+        assert _final_state(state_dir, job_id) == "SUCCEEDED", cli(state_dir, "logs", job_id).stdout[-3000:]
+        out = tmp_path / "out" / method
+        cli(state_dir, "fetch", job_id, out, "--kind", "adapter", check=True)
+        config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+        assert config["peft_type"] == {"dora": "LORA", "adalora": "ADALORA", "ia3": "IA3",
+                                       "prefix": "PREFIX_TUNING", "prompt": "PROMPT_TUNING"}[method]
+        assert config.get("use_dora", False) == (method == "dora")
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(assets / "tiny-llama"), out / "adapter")
+        with torch.no_grad():
+            assert torch.isfinite(model(input_ids=torch.tensor([[1, 40, 41, 42]])).logits).all()
+    assert ray.is_initialized()  # the jobs' drivers disconnected from the cluster; they did not stop it
+
+
+def _final_state(state_dir, job_id: str, timeout: float = 600) -> str:
+    deadline = time.monotonic() + timeout
+    while (state := record(state_dir, job_id)["state"]) in ("PENDING", "RUNNING"):
+        assert time.monotonic() < deadline, f"{job_id} still {state}"
+        time.sleep(1)
+    return state
 
 
 def test_resubmitting_after_a_driver_crash_resumes_training(tmp_path, state_dir, assets):
     spec = write_spec(tmp_path / "job.yaml", tiny_spec(assets, f"file://{tmp_path / 'store'}", train={
-        "max_steps": 24, "checkpoint_every": 2, "eval_every": 12, "log_every": 1}))
+        "max_steps": 12, "checkpoint_every": 2, "eval_every": 6, "log_every": 1}))
     job_id = cli(state_dir, "submit", spec, check=True).stdout.strip()
     snapshot = tmp_path / "store" / "jobs" / job_id / "train" / "checkpoint_manager_snapshot.json"
     deadline = time.monotonic() + 240
@@ -216,7 +234,7 @@ def test_resubmitting_after_a_driver_crash_resumes_training(tmp_path, state_dir,
 
     # a different spec under the same id is refused: the checkpoints belong to the frozen one
     changed = write_spec(tmp_path / "changed.yaml", tiny_spec(assets, f"file://{tmp_path / 'store'}", train={
-        "max_steps": 30, "checkpoint_every": 2, "eval_every": 12, "log_every": 1}))
+        "max_steps": 30, "checkpoint_every": 2, "eval_every": 6, "log_every": 1}))
     refused = cli(state_dir, "submit", changed, "--job-id", job_id)
     assert refused.returncode == 2 and "differs at: train.max_steps" in refused.stderr
 
@@ -225,12 +243,12 @@ def test_resubmitting_after_a_driver_crash_resumes_training(tmp_path, state_dir,
     rec = record(state_dir, job_id)
     assert rec["state"] == "SUCCEEDED" and rec["attempts"] == 2
     match = re.search(r"train: resumed from step (\d+)", resumed.stderr)
-    assert match and 2 <= int(match.group(1)) < 24  # resumed from a checkpoint, not restarted
+    assert match and 2 <= int(match.group(1)) < 12  # resumed from a checkpoint, not restarted
     cli(state_dir, "fetch", job_id, tmp_path / "out", "--kind", "report", check=True)
     summary = json.loads((tmp_path / "out" / "report" / "summary.json").read_text())
     assert summary["resumed_from"] == [int(match.group(1))]
     metrics = [json.loads(line) for line in (tmp_path / "out" / "report" / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in metrics] == list(range(1, 25))  # the step count continued
+    assert [m["step"] for m in metrics] == list(range(1, 13))  # the step count continued
 
     again = cli(state_dir, "submit", spec, "--job-id", job_id)
     assert again.returncode == 2 and "already SUCCEEDED" in again.stderr

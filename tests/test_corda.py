@@ -101,7 +101,7 @@ def test_decomposition_of_peft_covariance_is_peft_exactly(assets, peft_reference
         assert torch.allclose(got.residual, ref[f"{layer}.base_layer.weight"], atol=1e-6)
 
 
-@pytest.mark.parametrize(("workers", "batch"), [(1, 1), (2, 4), (3, 1), (1, 4), (2, 1), (3, 4)])
+@pytest.mark.parametrize(("workers", "batch"), [(1, 1), (2, 4), (3, 4)])
 def test_matches_peft_any_workers_any_batch(local_ray, assets, tmp_path, peft_reference, workers, batch):
     for mode in ("ipm", "kpm"):
         spec = corda_spec(assets, tmp_path / mode, num_workers=workers, batch_size=batch, shard_samples=6, mode=mode)

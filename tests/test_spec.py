@@ -60,6 +60,12 @@ def test_frozen_spec_round_trips(tmp_path, assets):
         ({"stages": ["export"]}, "stages", "export needs train"),
         ({"stages": ["calibrate", "decompose"]}, "stages", "set init.method: corda"),
         ({"name": "Has Spaces"}, "name", "a-z"),
+        ({"export": {"formats": ["adapter_on_original_base"]}}, "export.formats", "init.method: corda"),
+        ({"adapter": {"method": "prefix"}, "export": {"formats": ["merged"]}}, "export.formats", "no W + α·ΔW"),
+        ({"adapter": {"method": "dora"}, "export": {"formats": ["scaled_adapter"]}}, "export.formats",
+         "cannot be scaled"),
+        ({"export": {"merge_alphas": [3]}}, "export.merge_alphas.0", "less than or equal to 2"),
+        ({"export": {"formats": ["onnx"]}}, "export.formats.0", "'adapter'"),
     ],
 )
 def test_spec_errors_name_field_and_reason(tmp_path, assets, change, path, reason):

@@ -1,0 +1,175 @@
+"""The export stage: adapter on the original base (CorDA), Wise-FT sweep, merged@α / adapter@α, the report."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+
+import pytest
+import torch
+from peft import PeftModel
+from peft.helpers import rescale_adapter_scale
+from transformers import AutoModelForCausalLM
+
+from jobspecs import parse_spec
+from orchestrator.context import Context
+from orchestrator.corda import run_calibrate, run_decompose
+from orchestrator.driver import run_train
+from orchestrator.export import run_export
+from orchestrator.store import LocalStore
+from tests.corda_helpers import ALPHA, TARGETS, R
+from tests.helpers import tiny_spec
+
+IDS = torch.tensor([[1, 17, 42, 99, 7, 23, 64, 5, 11, 80]])
+
+
+def run_job(assets, tmp, stages, steps: int = 6, **sections) -> Context:
+    """The job's stages in this process's Ray, as the driver runs them (upload aside)."""
+    raw = tiny_spec(assets, f"file://{tmp / 'store'}", **sections)
+    raw["train"] = {**raw["train"], "max_steps": steps, "eval_every": steps // 2, "micro_batch_size": 8}
+    raw["data"]["calibration"] = str(assets / "calibration.jsonl")
+    spec = parse_spec(raw)
+    ctx = Context(job_id=f"t-{uuid.uuid4().hex[:6]}", spec=spec, store=LocalStore(tmp / "store"),
+                  staging=tmp / "staging")
+    for stage in stages:
+        stage(ctx)
+    return ctx
+
+
+def logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=IDS).logits
+
+
+def base(assets):
+    return AutoModelForCausalLM.from_pretrained(assets / "tiny-llama").eval()
+
+
+@pytest.fixture(scope="module")
+def lora_job(local_ray, assets, tmp_path_factory):
+    return run_job(assets, tmp_path_factory.mktemp("lora"), [run_train, run_export],
+                   export={"formats": ["adapter", "merged", "scaled_adapter"], "merge_alphas": [0.0, 0.5, 1.0]})
+
+
+def test_merged_models_interpolate_from_the_base_to_the_trained_model(lora_job, assets):
+    staging = lora_job.staging
+    trained = PeftModel.from_pretrained(base(assets), staging / "adapter").eval()
+    merged = {a: AutoModelForCausalLM.from_pretrained(staging / f"merged@{a}").eval() for a in ("0", "0.5", "1")}
+    assert torch.allclose(logits(merged["0"]), logits(base(assets)), atol=1e-5)
+    assert torch.allclose(logits(merged["1"]), logits(trained), atol=1e-4)
+    assert not torch.allclose(logits(merged["0.5"]), logits(merged["1"]), atol=1e-3)
+    # adapter@0.5 is what peft's own rescale_adapter_scale(0.5) does, and equals merged@0.5
+    half = PeftModel.from_pretrained(base(assets), staging / "adapter@0.5").eval()
+    with rescale_adapter_scale(trained, multiplier=0.5):
+        assert torch.allclose(logits(half), logits(trained), atol=1e-5)
+    assert torch.allclose(logits(half), logits(merged["0.5"]), atol=1e-4)
+
+
+def test_wise_ft_sweep_ends_at_the_base_and_the_trained_model(lora_job):
+    rows = {r["alpha"]: r for r in lora_job.results["export"]["wise_ft"]}
+    assert sorted(rows) == [0.0, 0.25, 0.5, 0.75, 1.0]
+    result = lora_job.results["train"]
+    # α = 1 is the exported (best) checkpoint, evaluated the way training evaluated it
+    assert rows[1.0]["eval_loss"] == pytest.approx(result.best_eval_loss, rel=1e-4)
+    assert rows[0.0]["eval_loss"] > rows[1.0]["eval_loss"] + 0.1  # the base model is worse on this task
+    assert rows[1.0]["perplexity"] == pytest.approx(torch.tensor(rows[1.0]["eval_loss"]).exp().item(), rel=1e-6)
+
+
+def test_report_renders_with_the_numbers_of_the_metrics(lora_job):
+    folder = lora_job.staging / "report"
+    report = json.loads((folder / "report.json").read_text())
+    metrics = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert report["curves"]["loss"] == [m["loss"] for m in metrics]
+    assert report["curves"]["eval"] == [[m["step"], m["eval_loss"]] for m in metrics if "eval_loss" in m]
+    assert report["best_step"] == lora_job.results["train"].best_step
+    assert set(report["plots"]) == {"loss.png", "throughput.png", "wise_ft.png"}
+    from PIL import Image
+
+    for name in report["plots"]:
+        with Image.open(folder / name) as image:
+            image.verify()
+            assert image.format == "PNG" and image.size[0] > 300
+        assert f'src="{name}"' in (folder / "index.html").read_text()
+
+
+def test_every_artifact_loads_with_stock_libraries_in_a_fresh_process(lora_job, assets, tmp_path):
+    code = """
+import sys, torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+staging, base = sys.argv[1], sys.argv[2]
+ids = torch.tensor([[1, 17, 42, 99, 7]])
+for kind in ("adapter", "adapter@0.5"):
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), f"{staging}/{kind}")(input_ids=ids)
+for kind in ("merged@0", "merged@0.5", "merged@1"):
+    AutoModelForCausalLM.from_pretrained(f"{staging}/{kind}")(input_ids=ids)
+    AutoTokenizer.from_pretrained(f"{staging}/{kind}")
+assert not any(m.split(".")[0] in ("orchestrator", "workers", "jobspecs") for m in sys.modules)
+print("loaded")
+"""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", code, str(lora_job.staging), str(assets / "tiny-llama")],
+                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert proc.returncode == 0 and "loaded" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_dora_is_interpolated_on_merged_weights(local_ray, assets, tmp_path):
+    job = run_job(assets, tmp_path, [run_train, run_export], adapter={"method": "dora"},
+                  export={"formats": ["adapter", "merged"], "merge_alphas": [0.0, 1.0], "wise_ft_alphas": [0.0, 1.0]})
+    trained = PeftModel.from_pretrained(base(assets), job.staging / "adapter").eval()
+    merged0 = AutoModelForCausalLM.from_pretrained(job.staging / "merged@0").eval()
+    merged1 = AutoModelForCausalLM.from_pretrained(job.staging / "merged@1").eval()
+    assert torch.allclose(logits(merged0), logits(base(assets)), atol=1e-5)
+    assert torch.allclose(logits(merged1), logits(trained), atol=1e-4)
+    # why: scaling a DoRA adapter to 0 is not the base model (the magnitude vector still renormalises)
+    with rescale_adapter_scale(trained, multiplier=0.0):
+        assert (logits(trained) - logits(base(assets))).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("mode", ["ipm", "kpm"])
+def test_corda_adapter_on_the_original_base_reproduces_the_trained_model(local_ray, assets, tmp_path, mode):
+    job = run_job(assets, tmp_path, [run_calibrate, run_decompose, run_train, run_export], steps=2,
+                  adapter={"r": R, "alpha": ALPHA, "target_modules": TARGETS},
+                  init={"method": "corda", "corda": {"samples": 32, "fidelity_samples": 4, "mode": mode}},
+                  export={"formats": ["adapter", "adapter_on_original_base"], "wise_ft_alphas": [0.0, 1.0]})
+    staging = job.staging
+    residual = AutoModelForCausalLM.from_pretrained(staging / "residual_base")
+    trained = PeftModel.from_pretrained(residual, staging / "adapter").eval()
+    converted = PeftModel.from_pretrained(base(assets), staging / "adapter_on_original_base").eval()
+    assert converted.peft_config["default"].r == 2 * R
+    assert torch.allclose(logits(converted), logits(trained), atol=1e-4)
+    conversion = job.results["export"]["conversion"]
+    assert conversion["max_abs_logit_diff"] < 1e-4 and conversion["samples"] == 4
+    # the sweep runs on the original base: α = 0 is the original model, not the residual one
+    rows = {r["alpha"]: r["eval_loss"] for r in job.results["export"]["wise_ft"]}
+    assert rows[1.0] == pytest.approx(job.results["train"].best_eval_loss, rel=1e-4)
+
+
+@pytest.mark.parametrize("method", ["lora", "adalora", "ia3"])
+def test_interpolation_endpoints_per_method(assets, tmp_path, method):
+    """α = 0 is the base model and α = 1 the adapter's model, for every method with a weight delta."""
+    from peft import get_peft_model
+
+    from jobspecs.schema import AdapterSpec
+    from workers.adapters import peft_config
+    from workers.export import interpolated_model
+
+    extra = {"ia3": {"target_modules": ["k_proj", "down_proj"], "ia3": {"feedforward_modules": ["down_proj"]}},
+             "adalora": {"r": 2, "adalora": {"init_r": 4}}}.get(method, {})
+    spec = AdapterSpec.model_validate({"method": method, **extra})
+    torch.manual_seed(0)
+    model = get_peft_model(base(assets), peft_config(spec, total_steps=10, tokenizer_path=assets / "tiny-llama"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:  # a stand-in for training: every adapter tensor away from its init
+                p.copy_(1 + 0.3 * torch.randn_like(p) if "ia3" in name else 0.3 * torch.randn_like(p))
+    model.save_pretrained(tmp_path / "adapter")
+    trained = PeftModel.from_pretrained(base(assets), tmp_path / "adapter").eval()
+    assert (logits(trained) - logits(base(assets))).abs().max() > 1e-2
+    at = {a: interpolated_model(str(assets / "tiny-llama"), tmp_path / "adapter", method, a, tmp_path / f"w{a}")
+          for a in (0.0, 1.0)}
+    assert torch.allclose(logits(at[0.0].eval()), logits(base(assets)), atol=1e-5)
+    assert torch.allclose(logits(at[1.0].eval()), logits(trained), atol=1e-4)

@@ -1,0 +1,130 @@
+"""Turning a trained adapter into things a user deploys: the adapter on the original base (for adapters trained on a
+residual base, like CorDA's), Wise-FT interpolations `W_base + α·ΔW` evaluated over α, merged models and α-scaled
+adapters. Everything here goes through stock peft/transformers files, so what we check is what a user loads.
+
+How α scales each method (α = 0 is the base model, α = 1 the trained one, exactly):
+- LoRA / AdaLoRA: ΔW = s·B·A is linear in B, so α scales lora_B (the same as peft's `rescale_adapter_scale`).
+- DoRA: not linear — its magnitude vector renormalises the columns, so even "α = 0" on the adapter changes the
+  output. We interpolate the merged weights instead: W(α) = W_base + α·(W_dora − W_base).
+- IA3: the learned vectors l scale activations; l(α) = 1 + α·(l − 1).
+- Prefix / prompt tuning have no weight delta to scale (refused by the spec's validation).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from workers.data import IGNORE, collate
+
+ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
+
+
+def read_adapter(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    return json.loads((folder / ADAPTER_CONFIG).read_text()), load_file(str(folder / ADAPTER_WEIGHTS))
+
+
+def write_adapter(folder: Path, config: dict, tensors: dict[str, torch.Tensor]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / ADAPTER_WEIGHTS),
+              metadata={"format": "pt"})
+
+
+def to_original_base(trained: Path, initial: Path, original_base: str, out: Path) -> None:
+    """The trained adapter re-expressed on the original base. The residual base is W0 − s·B0·A0, so the trained
+    model is W0 + s·(B·A − B0·A0): a LoRA of rank 2r with A' = [A; A0], B' = [B, −B0] and the same scaling
+    (alpha doubled with r). This is what peft's `path_initial_model_for_weight_conversion` writes."""
+    config, weights = read_adapter(trained)
+    init_config, init_weights = read_adapter(initial)
+    if config.get("use_rslora") or config.get("use_dora"):
+        raise ValueError("adapter_on_original_base: only plain LoRA adapters can be converted (not rsLoRA/DoRA)")
+    converted = {}
+    for key, value in weights.items():
+        if "lora_A" in key:
+            converted[key] = torch.cat([value, init_weights[key]], dim=0)
+        elif "lora_B" in key:
+            converted[key] = torch.cat([value, -init_weights[key]], dim=1)
+        else:
+            converted[key] = value
+    config = {**config, "r": 2 * config["r"], "lora_alpha": 2 * config["lora_alpha"],
+              "rank_pattern": {k: 2 * v for k, v in (config.get("rank_pattern") or {}).items()},
+              "alpha_pattern": {k: 2 * v for k, v in (config.get("alpha_pattern") or {}).items()},
+              "base_model_name_or_path": original_base, "init_lora_weights": True}
+    assert init_config["r"] == config["r"] // 2, "the initial adapter must have the trained adapter's rank"
+    write_adapter(out, config, converted)
+
+
+def scaled_adapter(adapter: Path, method: str, alpha: float, out: Path) -> None:
+    """A stock adapter whose effect is α·ΔW (LoRA-family: lora_B·α; IA3: 1 + α·(l − 1))."""
+    config, weights = read_adapter(adapter)
+    if method == "dora":
+        raise ValueError("adapter@α: a DoRA adapter cannot be scaled (its magnitude renormalises); use merged@α")
+    scaled = {}
+    for key, value in weights.items():
+        if "lora_B" in key:
+            scaled[key] = value * alpha
+        elif method == "ia3" and "ia3_" in key:
+            scaled[key] = 1 + alpha * (value - 1)
+        else:
+            scaled[key] = value
+    write_adapter(out, config, scaled)
+
+
+def load_model(base_path: str, adapter: Path | None = None):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_path).eval()
+    return PeftModel.from_pretrained(model, str(adapter)).eval() if adapter else model
+
+
+def interpolated_model(base_path: str, adapter: Path, method: str, alpha: float, work: Path):
+    """A plain transformers model with weights W_base + α·ΔW (see the module docstring per method)."""
+    if method == "dora":
+        model = load_model(base_path, adapter).merge_and_unload()
+        base = load_model(base_path).state_dict()
+        with torch.no_grad():
+            for name, value in model.state_dict().items():
+                value.copy_(base[name] + alpha * (value - base[name]))
+        return model
+    scaled_adapter(adapter, method, alpha, work)
+    return load_model(base_path, work).merge_and_unload()
+
+
+@torch.no_grad()
+def eval_loss(model, examples: list[dict], batch_size: int, pad_id: int) -> float:
+    """Mean next-token loss per label token (the train stage's eval loss)."""
+    total, tokens = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        batch = collate(examples[i : i + batch_size], pad_id)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        labels = batch["labels"][:, 1:]
+        total += float(torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
+                                                         labels.reshape(-1), ignore_index=IGNORE, reduction="sum"))
+        tokens += int((labels != IGNORE).sum())
+    return total / max(tokens, 1)
+
+
+def wise_ft_sweep(base_path: str, adapter: Path, method: str, alphas: list[float], examples: list[dict],
+                  batch_size: int, pad_id: int, work: Path) -> list[dict]:
+    """Eval loss and perplexity of W_base + α·ΔW for each α."""
+    rows = []
+    for alpha in alphas:
+        model = interpolated_model(base_path, adapter, method, alpha, work / f"alpha-{alpha:g}")
+        loss = eval_loss(model, examples, batch_size, pad_id)
+        rows.append({"alpha": alpha, "eval_loss": loss, "perplexity": math.exp(min(loss, 50.0))})
+    return rows
+
+
+@torch.no_grad()
+def max_logit_gap(model_a, model_b, samples: list[list[int]]) -> float:
+    worst = 0.0
+    for ids in samples:
+        x = torch.tensor([ids])
+        worst = max(worst, float((model_a(input_ids=x).logits - model_b(input_ids=x).logits).abs().max()))
+    return worst
