@@ -95,25 +95,32 @@ def test_report_renders_with_the_numbers_of_the_metrics(lora_job):
         assert f'src="{name}"' in (folder / "index.html").read_text()
 
 
-def test_every_artifact_loads_with_stock_libraries_in_a_fresh_process(lora_job, assets, tmp_path):
+def load_in_fresh_process(tmp_path, staging, base_path, adapters: list[tuple[str, str]], models: list[str]) -> None:
+    """Load artifacts with stock transformers/peft in a new interpreter that cannot import peftfleet."""
     code = """
-import sys, torch
+import json, sys, torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
-staging, base = sys.argv[1], sys.argv[2]
+staging, adapters, models = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
 ids = torch.tensor([[1, 17, 42, 99, 7]])
-for kind in ("adapter", "adapter@0.5"):
+for base, kind in adapters:
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), f"{staging}/{kind}")(input_ids=ids)
-for kind in ("merged@0", "merged@0.5", "merged@1"):
+for kind in models:
     AutoModelForCausalLM.from_pretrained(f"{staging}/{kind}")(input_ids=ids)
     AutoTokenizer.from_pretrained(f"{staging}/{kind}")
 assert not any(m.split(".")[0] in ("orchestrator", "workers", "jobspecs") for m in sys.modules)
 print("loaded")
 """
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run([sys.executable, "-c", code, str(lora_job.staging), str(assets / "tiny-llama")],
+    proc = subprocess.run([sys.executable, "-c", code, str(staging), json.dumps(adapters), json.dumps(models)],
                           capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
     assert proc.returncode == 0 and "loaded" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_every_artifact_loads_with_stock_libraries_in_a_fresh_process(lora_job, assets, tmp_path):
+    base_path = str(assets / "tiny-llama")
+    load_in_fresh_process(tmp_path, lora_job.staging, base_path, [(base_path, "adapter"), (base_path, "adapter@0.5")],
+                          ["merged@0", "merged@0.5", "merged@1"])
 
 
 def test_dora_is_interpolated_on_merged_weights(local_ray, assets, tmp_path):
@@ -143,6 +150,9 @@ def test_corda_adapter_on_the_original_base_reproduces_the_trained_model(local_r
     assert torch.allclose(logits(converted), logits(trained), atol=1e-4)
     conversion = job.results["export"]["conversion"]
     assert conversion["max_abs_logit_diff"] < 1e-4 and conversion["samples"] == 4
+    load_in_fresh_process(tmp_path, staging, str(assets / "tiny-llama"),
+                          [(str(assets / "tiny-llama"), "adapter_on_original_base"),
+                           (str(staging / "residual_base"), "adapter")], ["residual_base"])
     # the sweep runs on the original base: α = 0 is the original model, not the residual one
     rows = {r["alpha"]: r["eval_loss"] for r in job.results["export"]["wise_ft"]}
     assert rows[1.0] == pytest.approx(job.results["train"].best_eval_loss, rel=1e-4)
