@@ -229,18 +229,9 @@ def write_corda_outputs(spec: JobSpec, results, residual_dir: Path, adapter_dir:
 
 def init_fidelity(base_path: str, residual_dir: str, adapter_dir: str, samples: list[list[int]]) -> float:
     """max |logits(residual base + corda adapter) − logits(base)| over `samples`, loaded the way a user would."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+    from workers.export import load_model, max_logit_gap
 
-    base = AutoModelForCausalLM.from_pretrained(base_path).eval()
-    init = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(residual_dir), adapter_dir).eval()
-    worst = 0.0
-    with torch.no_grad():
-        for ids in samples:
-            x = torch.tensor([ids])
-            worst = max(worst, float((init(input_ids=x).logits - base(input_ids=x).logits).abs().max()))
-    return worst
+    return max_logit_gap(load_model(residual_dir, Path(adapter_dir)), load_model(base_path), samples)
 
 
 def diagnostics(spec: JobSpec, results, fidelity: float, tokens: int, calibrate_s: float, decompose_s: float

@@ -106,6 +106,21 @@ def new_record(job_id: str, spec: JobSpec) -> JobRecord:
     return JobRecord(id=job_id, name=spec.name, stages=[StageRecord(n) for n in stage_names(spec)])
 
 
+def process_running(pid: int) -> bool:
+    """Whether `pid` is a live process here. A finished child that nobody reaped is a zombie: it holds its PID but
+    runs nothing (in a container whose PID 1 never reaps orphans, it stays one)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0] != "Z"
+    except OSError:  # exited between the two checks
+        return False
+
+
 class UnknownJob(Exception):
     pass
 
@@ -123,17 +138,7 @@ class IndexEntry:
 
     def driver_alive(self) -> bool:
         """Whether the driver process this machine started is still running (False if it ran elsewhere)."""
-        if self.pid is None or self.host != socket.gethostname():
-            return False
-        try:
-            os.kill(self.pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        # A finished child that nobody reaped is a zombie: it holds its PID but runs nothing.
-        stat = Path(f"/proc/{self.pid}/stat")
-        return not (stat.exists() and stat.read_text().rsplit(")", 1)[-1].split()[0] == "Z")
+        return self.pid is not None and self.host == socket.gethostname() and process_running(self.pid)
 
 
 class LocalIndex:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import copy
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import yaml
+
+from orchestrator.jobs import process_running
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "jobspecs" / "examples"
 
@@ -47,22 +48,9 @@ def cli(state_dir: Path, *args: str, timeout: float = 300, check: bool = False) 
     return proc
 
 
-def pid_alive(pid: int) -> bool:
-    """True while `pid` runs; a zombie counts as gone (in a container, PID 1 may never reap orphans)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    stat = Path(f"/proc/{pid}/stat")
-    try:
-        return stat.read_text().rsplit(")", 1)[-1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def wait_gone(pid: int, timeout: float = 60) -> bool:
     """Wait for `pid` to exit: a process whose raylet died notices it only on its next poll."""
     deadline = time.monotonic() + timeout
-    while pid_alive(pid) and time.monotonic() < deadline:
+    while process_running(pid) and time.monotonic() < deadline:
         time.sleep(0.2)
-    return not pid_alive(pid)
+    return not process_running(pid)

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import cli, pid_alive, tiny_spec, wait_gone, write_spec
+from orchestrator.jobs import process_running
+from tests.helpers import cli, tiny_spec, wait_gone, write_spec
 from tests.train_helpers import registered
 
 
@@ -101,7 +102,7 @@ def test_cancel_running_job(tmp_path, state_dir, assets):
     rec = record(state_dir, job_id)
     assert rec["state"] == "CANCELLED" and rec["stage"] == "train"
     assert rec["stages"][0]["state"] == "cancelled"
-    assert not pid_alive(driver_pid)
+    assert not process_running(driver_pid)
     assert wait_gone(worker_pid, timeout=20), "training worker survived the cancel"  # it goes with embedded Ray
     assert not (tmp_path / "store" / "jobs" / job_id / "manifest.json").exists()
 
