@@ -311,7 +311,11 @@ class StorageSpec(Section):
     endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, Ceph, ...); AWS when unset.")
     region: str | None = None
     multipart_threshold_mb: int = Field(8, gt=0, description="Files larger than this upload in parts of this size.")
-    max_attempts: int = Field(5, gt=0, description="Attempts per file before the upload stage fails.")
+    max_attempts: int = Field(5, gt=0, description="Whole-operation attempts per file before the stage fails; "
+                              "each request inside one is also retried by botocore up to this many times.")
+    timeout_s: float = Field(
+        60, gt=0, description="Seconds a request may wait for the server (connecting: at most 10) before it is retried."
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -360,6 +364,10 @@ class ClusterSpec(Section):
     )
     num_cpus: int | None = Field(None, gt=0, description="CPUs an embedded Ray may use (default: all).")
     object_store_memory_mb: int = Field(512, gt=0, description="Object store size of an embedded Ray.")
+    driver_cpus: float = Field(
+        0, ge=0, description="CPUs reserved for the job's driver when it runs as a Ray job (`submit --address`, the "
+        "gateway); Ray queues jobs whose driver does not fit. 0: the driver reserves nothing, like any Ray job."
+    )
 
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,39}$")

@@ -8,41 +8,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-import yaml
 from rich.console import Console
 from rich.table import Table
 
-from jobspecs import JobSpec, SpecError, dump_spec, load_spec
+from jobspecs import SpecError, load_spec
 from orchestrator.artifacts import IncompleteJob, IntegrityError, fetch_artifacts, job_key, read_manifest
-from orchestrator.jobs import (
-    JOB_ID,
-    IndexEntry,
-    JobRecord,
-    JobState,
-    LocalIndex,
-    UnknownJob,
-    current_record,
-    new_job_id,
-    new_record,
-)
-from orchestrator.store import StoreError, open_store
+from orchestrator.jobs import JobRecord, JobState, LocalIndex, UnknownJob, current_record
+from orchestrator.ray_jobs import RayJobsError
+from orchestrator.store import StoreError
+from orchestrator.submission import JobError, cancel, follow, read_log, submit
 
 DEFAULT_STATE_DIR = Path("~/.peftfleet").expanduser()
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
-
-
-class CliError(Exception):
-    def __init__(self, message: str, code: int = 1):
-        super().__init__(message)
-        self.code = code
 
 
 def print_table(headers: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
@@ -70,72 +51,10 @@ def cmd_validate(args) -> int:
     return 0
 
 
-def differences(a, b, path: str = "") -> list[str]:
-    """Dotted paths where two frozen specs differ."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        return [d for key in sorted(set(a) | set(b))
-                for d in differences(a.get(key), b.get(key), f"{path}.{key}" if path else key)]
-    return [] if a == b else [path]
-
-
-def prepare_resubmission(spec: JobSpec, job_id: str, store, index: LocalIndex) -> JobRecord | None:
-    """The record of an earlier attempt of `job_id` if it may be resumed (None: a new job with this id).
-    Checkpoints live in the job's storage, so a new driver continues training where the last one stopped."""
-    if not JOB_ID.fullmatch(job_id):
-        raise CliError(f"--job-id {job_id!r}: use 1-80 characters of a-z, 0-9, '.', '_' and '-'", code=2)
-    if not store.exists(job_key(job_id, "job.json")):
-        return None
-    try:
-        previous = current_record(index.get(job_id))  # notices a local driver that died mid-job
-    except UnknownJob:
-        previous = JobRecord.load(store, job_id)
-    if previous.state == JobState.SUCCEEDED:
-        raise CliError(f"job {job_id} already SUCCEEDED; fetch its artifacts with: peftfleet fetch {job_id} DEST",
-                       code=2)
-    if not previous.state.terminal:
-        raise CliError(f"job {job_id} is {previous.state.value} (driver {previous.driver or 'not started'}); "
-                       f"cancel it first, or wait for it", code=2)
-    frozen = yaml.safe_load(store.get_bytes(job_key(job_id, "spec.yaml")))
-    changed = differences(frozen, yaml.safe_load(dump_spec(spec)))
-    if changed:
-        raise CliError(f"job {job_id} was submitted with a different spec (differs at: {', '.join(changed)}); "
-                       f"resuming needs the same spec, or submit without --job-id for a new job", code=2)
-    return previous
-
-
-def submit(spec: JobSpec, index: LocalIndex, job_id: str | None = None) -> str:
-    """Freeze the spec and record into the store, start the driver, and return the job id. With the id of a job
-    that failed, was cancelled or lost its driver, the job runs again and training resumes from its checkpoints."""
-    store = open_store(spec.storage)
-    try:
-        previous = prepare_resubmission(spec, job_id, store, index) if job_id else None
-        job_id = job_id or new_job_id(spec.name)
-        record = new_record(job_id, spec)
-        if previous:
-            record.created_at, record.attempts = previous.created_at, previous.attempts + 1
-        store.put_bytes(job_key(job_id, "spec.yaml"), dump_spec(spec).encode())
-        record.save(store)
-    except StoreError as e:
-        raise CliError(f"cannot write the job to {spec.storage.uri}: {e}") from None
-    job_dir = index.job_dir(job_id)
-    job_dir.mkdir(parents=True, exist_ok=True)
-    log_path = job_dir / "driver.log"
-    storage_json = spec.storage.model_dump_json()
-    with open(log_path, "ab") as log:
-        if previous:
-            log.write(f"--- attempt {record.attempts} (resubmitted) ---\n".encode())
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "orchestrator.driver", job_id, storage_json],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-    index.add(IndexEntry(job_id=job_id, storage=json.loads(storage_json), log=str(log_path), pid=proc.pid))
-    return job_id
-
-
 def cmd_submit(args) -> int:
-    spec = load_spec(args.spec)
-    job_id = submit(spec, _index(args), args.job_id)
+    # A Ray job reads the spec's paths on the cluster: they need not exist here (the driver checks them there).
+    spec = load_spec(args.spec, check_files=args.address is None)
+    job_id = submit(spec, _index(args), args.job_id, address=args.address)
     print(job_id, flush=True)
     if not args.wait:
         err.print(f"submitted {job_id}; follow it with: peftfleet logs {job_id} --follow")
@@ -149,28 +68,6 @@ def _final(record: JobRecord) -> int:
     detail = f" at stage {record.stage}: {record.error}" if record.error else ""
     err.print(f"[{style}]job {record.id} {record.state.value}[/{style}]{detail}")
     return 0 if record.state == JobState.SUCCEEDED else 1
-
-
-def follow(entry: IndexEntry, sink, poll_s: float = 0.5) -> JobRecord:
-    """Stream the job's log into `sink` until the job reaches a final state; returns the final record."""
-    log_path = Path(entry.log)
-    position, last_check = 0, 0.0
-    record = current_record(entry)
-    while True:
-        if log_path.exists():
-            with open(log_path, "rb") as f:
-                f.seek(position)
-                chunk = f.read()
-                position += len(chunk)
-            if chunk:
-                sink.write(chunk.decode(errors="replace"))
-                sink.flush()
-        if record.state.terminal:
-            return record
-        if time.monotonic() - last_check > 1.0:
-            record, last_check = current_record(entry), time.monotonic()
-            continue  # read the log once more before returning on a final state
-        time.sleep(poll_s)
 
 
 def cmd_status(args) -> int:
@@ -188,7 +85,8 @@ def cmd_status(args) -> int:
         out.print(f"warning: {warning}", markup=False)
     print_table(("stage", "state", "started", "ended"),
                 [(s.name, s.state, s.started_at or "-", s.ended_at or "-") for s in record.stages])
-    out.print(f"store: {entry.store().url_of(job_key(record.id))}   log: {entry.log}")
+    where = f"Ray job {record.id} at {entry.address}" if entry.address else entry.log
+    out.print(f"store: {entry.store().url_of(job_key(record.id))}   log: {where}")
     return 0
 
 
@@ -197,34 +95,18 @@ def cmd_logs(args) -> int:
     if args.follow:
         follow(entry, sys.stdout)
         return 0
-    log_path = Path(entry.log)
-    if not log_path.exists():
-        raise CliError(f"no log for {args.job} at {log_path}")
-    sys.stdout.write(log_path.read_text(errors="replace"))
+    if entry.log and not Path(entry.log).exists():
+        raise JobError(f"no log for {args.job} at {entry.log}")
+    sys.stdout.write(read_log(entry)[0])
     return 0
 
 
 def cmd_cancel(args) -> int:
     entry = _index(args).get(args.job)
-    record = current_record(entry)
-    if record.state.terminal:
+    if (record := current_record(entry)).state.terminal:
         out.print(f"job {record.id} already {record.state.value}")
         return 0
-    if not entry.driver_alive():
-        raise CliError(f"job {record.id}: its driver (pid {entry.pid}) is not running on this machine")
-    os.kill(entry.pid, signal.SIGTERM)
-    deadline = time.monotonic() + args.timeout
-    while time.monotonic() < deadline and entry.driver_alive():
-        time.sleep(0.2)
-    forced = entry.driver_alive()
-    if forced:  # it did not wind down in time: take its whole session (embedded Ray included) down
-        os.killpg(entry.pid, signal.SIGKILL)
-    store = entry.store()
-    record = JobRecord.load(store, entry.job_id)
-    if not record.state.terminal:  # the driver died before it could record the cancel: record it for it
-        how = f" (driver killed after {args.timeout:.0f}s)" if forced else ""
-        record.finish(JobState.CANCELLED, f"cancelled during stage {record.stage}{how}")
-        record.save(store)
+    record = cancel(entry, args.timeout)
     out.print(f"job {record.id} {record.state.value}" + (f": {record.error}" if record.error else ""))
     return 0 if record.state == JobState.CANCELLED else 1
 
@@ -278,6 +160,25 @@ def cmd_list(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from orchestrator.gateway import serve  # FastAPI is imported only by the gateway
+
+    serve(args.config)
+    return 0
+
+
+def cmd_token(args) -> int:
+    import secrets
+
+    from orchestrator.gateway import hash_token
+
+    token = secrets.token_urlsafe(32)
+    print(token)
+    err.print(f"give the token above to {args.user}; add this line under `users:` in the gateway's users file:\n"
+              f"  {args.user}: {hash_token(token)}", markup=False)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="peftfleet", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -294,13 +195,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("spec", help="job spec YAML")
     p = command("submit", cmd_submit, "start a job (embedded local Ray unless cluster.address is set)")
     p.add_argument("spec", help="job spec YAML")
+    p.add_argument("--address", help="run the driver as a Ray job on the cluster whose job API is here "
+                                     "(http://HEAD:8265); Ray's token comes from RAY_AUTH_TOKEN or "
+                                     "RAY_AUTH_TOKEN_PATH. The spec's paths are read on the cluster; its storage "
+                                     "must be reachable from both sides (an S3 bucket, or a shared filesystem)")
     p.add_argument("--wait", action="store_true", help="follow the job's log until it ends; exit 1 unless it succeeds")
     p.add_argument("--job-id", help="run under this id; the id of a failed or cancelled job (same spec) runs it "
                                     "again, resuming training from its last checkpoint")
     p = command("status", cmd_status, "a job's state, stages and error")
     p.add_argument("job")
     p.add_argument("--json", action="store_true", help="the job record as JSON")
-    p = command("logs", cmd_logs, "a job's driver log")
+    p = command("logs", cmd_logs, "a job's driver log (from Ray for jobs submitted with --address)")
     p.add_argument("job")
     p.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
     p = command("cancel", cmd_cancel, "stop a running job; it ends CANCELLED")
@@ -317,6 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dest", help="folder to fetch into (default: the job's folder under --state-dir)")
     p.add_argument("--open", action="store_true", help="also open the page in a browser")
     command("list", cmd_list, "jobs submitted from this machine")
+    p = command("serve", cmd_serve, "run the HTTP gateway: users submit specs with their own tokens, never Ray's")
+    p.add_argument("config", type=Path, help="gateway config YAML (see orchestrator/gateway.py: GatewayConfig)")
+    p = command("token", cmd_token, "make a gateway user token: prints it, and its users-file line on stderr")
+    p.add_argument("user", help="the user's name in the gateway's users file")
     return parser
 
 
@@ -330,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     except UnknownJob as e:
         err.print(f"error: {e}", markup=False)
         return 2
-    except (CliError, IncompleteJob, IntegrityError, StoreError, KeyError) as e:
+    except (JobError, RayJobsError, IncompleteJob, IntegrityError, StoreError, KeyError) as e:
         err.print(f"error: {e.args[0] if isinstance(e, KeyError) else e}", markup=False)
         return getattr(e, "code", 1)
 

@@ -82,8 +82,11 @@ def run_calibrate(ctx: Context) -> None:
     # Reducers: one per covariance actor, spread like them, no CPU reservation — their adds are light and must not
     # wait behind the actors, and they decompose only after the actors have given their CPUs back. They start
     # now, beside the actors: a process start (import torch) during collection would steal the actors' cores.
+    # Out of order: the fold order lives in the chain of object refs, not in the actor's queue, and an ordered
+    # actor restarted with its node can stall 30 s waiting for a call sequence number that never comes.
     reducers = [ray.remote(Reducer).options(num_cpus=0, scheduling_strategy="SPREAD", max_restarts=-1,
-                                            max_task_retries=-1).remote() for _ in actors]
+                                            max_task_retries=-1, allow_out_of_order_execution=True).remote()
+                for _ in actors]
     placement = wait_all([a.where.remote() for a in actors], fetch=True)
     wait_all([r.ready.remote() for r in reducers], fetch=True)
     for i, (pid, node) in enumerate(placement):

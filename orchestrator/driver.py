@@ -1,6 +1,9 @@
 """The Ray driver: runs one job's stages in order and keeps its record true.
 
-    python -m orchestrator.driver JOB_ID STORAGE_JSON      (started by `peftfleet submit`)
+    python -m orchestrator.driver JOB_ID STORAGE_JSON [--ray-address auto]
+
+Started by `peftfleet submit`: as a local process (Ray per the spec's `cluster` section), or as a Ray job on a
+cluster (`--ray-address auto`: join the cluster it runs on, whatever the spec says).
 
 Every stage reads what earlier stages left in `Context` and writes artifacts under `staging/<kind>/`. The
 upload stage always runs last and writes the manifest last, so a FAILED or CANCELLED job never has one.
@@ -10,6 +13,7 @@ stage was interrupted.
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -24,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from jobspecs import JobSpec, spec_from_frozen
+from jobspecs import JobSpec, SpecError, spec_from_frozen
 from jobspecs.schema import StorageSpec
 from orchestrator.artifacts import job_key, upload_artifacts
 from orchestrator.context import Context
@@ -106,10 +110,12 @@ STAGES: dict[str, Stage] = {
 }
 
 
-def _init_ray(spec: JobSpec) -> None:
+def _init_ray(spec: JobSpec, ray_address: str | None) -> None:
     import ray
 
-    if spec.cluster.address is None:
+    if ray_address is not None:
+        ray.init(address=ray_address, configure_logging=False)
+    elif spec.cluster.address is None:
         # "local" always starts a private embedded Ray, never joins one that happens to run on this machine.
         ray.init(address="local", num_cpus=spec.cluster.num_cpus, include_dashboard=False,
                  object_store_memory=spec.cluster.object_store_memory_mb * 1024 * 1024, configure_logging=False)
@@ -132,14 +138,24 @@ def _reason(err: Exception) -> str:
     return f"{type(cause).__name__}: {text}"
 
 
-def run_job(job_id: str, store: Store) -> JobRecord:
+def run_job(job_id: str, store: Store, ray_address: str | None = None) -> JobRecord:
     """Run every stage of the job recorded in `store`; returns the final record (never raises for stage errors)."""
     import ray
 
-    spec = spec_from_frozen(store.get_bytes(job_key(job_id, "spec.yaml")).decode())
     record = JobRecord.load(store, job_id)
+    if record.state.terminal:  # e.g. cancelled while Ray still had it queued
+        log.warning("job %s is already %s; nothing to run", job_id, record.state.value)
+        return record
     record.state, record.started_at = JobState.RUNNING, record.started_at or record.created_at
     record.driver = {"host": socket.gethostname(), "pid": os.getpid()}
+    try:
+        # The files are checked where they are read: a job submitted to a cluster names paths on the cluster.
+        spec = spec_from_frozen(store.get_bytes(job_key(job_id, "spec.yaml")).decode(), check_files=True)
+    except SpecError as err:
+        record.finish(JobState.FAILED, f"the spec's files are not all here on {socket.gethostname()}: {err}")
+        record.save(store)
+        log.error("%s", record.error)
+        return record
     record.save(store)
 
     staging = Path(tempfile.mkdtemp(prefix=f"peftfleet-{job_id}-"))
@@ -149,7 +165,7 @@ def run_job(job_id: str, store: Store) -> JobRecord:
         # for its daemons. Overlap them: this is the bulk of a job's time to its first training step.
         preload = threading.Thread(target=_preload_stage_code, daemon=True)
         preload.start()
-        _init_ray(spec)
+        _init_ray(spec, ray_address)
         preload.join()
         # After ray.init, which installs a handler of its own. Only a flag: raising inside Ray's C++ calls breaks them.
         signal.signal(signal.SIGTERM, lambda signum, frame: request_cancel())
@@ -180,12 +196,16 @@ def run_job(job_id: str, store: Store) -> JobRecord:
 
 
 def main(argv: list[str] | None = None) -> int:
-    job_id, storage_json = (argv or sys.argv[1:])[:2]
+    parser = argparse.ArgumentParser(prog="python -m orchestrator.driver")
+    parser.add_argument("job_id")
+    parser.add_argument("storage_json")
+    parser.add_argument("--ray-address", help="join this Ray cluster (a Ray job passes 'auto') instead of the spec's")
+    args = parser.parse_args(argv)
     os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # the log is a file: no ANSI colour codes in it
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stdout,
                         force=True)
-    store = open_store(StorageSpec.model_validate(json.loads(storage_json)))
-    record = run_job(job_id, store)
+    store = open_store(StorageSpec.model_validate(json.loads(args.storage_json)))
+    record = run_job(args.job_id, store, args.ray_address)
     return 0 if record.state == JobState.SUCCEEDED else 1
 
 

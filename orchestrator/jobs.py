@@ -2,7 +2,8 @@
 
 The record lives in the store (`jobs/<id>/job.json`), so a finished job's state survives the machine or cluster
 that ran it. The local index (`~/.peftfleet/jobs/<id>.json`) only remembers, per job submitted from here, which
-store holds it, where the driver's log is and the driver's PID (for `cancel` and for spotting a dead driver).
+store holds it and where its driver runs: a local process (its PID and log file, for `cancel` and for spotting a
+dead driver) or a Ray job on a cluster (the cluster's job API address; Ray keeps the log).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 
 from jobspecs.schema import JobSpec, StorageSpec
 from orchestrator.artifacts import job_key
+from orchestrator.ray_jobs import RAY_TERMINAL, RayCluster, RayJobsError
 from orchestrator.store import NotInStore, Store, open_store
 
 
@@ -42,7 +44,8 @@ JOB_ID = re.compile(r"[a-z0-9][a-z0-9._-]{0,79}")
 
 
 def new_job_id(name: str) -> str:
-    return f"{name}-{datetime.now(UTC):%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
+    # 32 random bits: a gateway may take many submissions in one second, and ids must never collide.
+    return f"{name}-{datetime.now(UTC):%Y%m%d-%H%M%S}-{secrets.token_hex(4)}"
 
 
 @dataclass
@@ -67,6 +70,7 @@ class JobRecord:
     warnings: list[str] = field(default_factory=list)  # things a user can act on (e.g. too little calibration data)
     driver: dict = field(default_factory=dict)  # host, pid
     attempts: int = 1  # resubmissions of a failed job under its id run it again (training resumes)
+    owner: str | None = None  # the gateway user who submitted it
 
     def save(self, store: Store) -> None:
         store.put_bytes(job_key(self.id, "job.json"), json.dumps(asdict(self), indent=2).encode())
@@ -129,9 +133,11 @@ class UnknownJob(Exception):
 class IndexEntry:
     job_id: str
     storage: dict  # StorageSpec as JSON, enough to reopen the job's store
-    log: str
+    log: str | None = None  # a local driver's log file (a Ray job's log is Ray's)
     pid: int | None = None
     host: str = field(default_factory=socket.gethostname)
+    address: str | None = None  # the Ray job API the driver was submitted to; None: a local driver process
+    owner: str | None = None
 
     def store(self) -> Store:
         return open_store(StorageSpec.model_validate(self.storage))
@@ -168,18 +174,38 @@ class LocalIndex:
         return sorted(p.stem for p in self.root.glob("*.json")) if self.root.is_dir() else []
 
 
+def _driver_end(entry: IndexEntry) -> tuple[JobState, str] | None:
+    """How the job ends if its driver is gone without a final state; None while it runs (or can't be asked)."""
+    if entry.address:
+        try:
+            ray_state, message = RayCluster(entry.address).status(entry.job_id)
+        except RayJobsError:  # the cluster is gone or unreachable: the stored record is all there is
+            return None
+        if ray_state not in RAY_TERMINAL:
+            return None
+        if ray_state == "STOPPED":
+            return JobState.CANCELLED, "stopped through the Ray job API"
+        return JobState.FAILED, (f"Ray job {entry.job_id} ended {ray_state} without a final state"
+                                 + (f": {message}" if message else ""))
+    if entry.pid is not None and not entry.driver_alive():
+        return JobState.FAILED, f"driver process {entry.pid} exited without a final state (killed or crashed); " \
+                                f"see {entry.log}"
+    return None
+
+
 def current_record(entry: IndexEntry) -> JobRecord:
-    """The job's record, corrected when its local driver died without writing a final state."""
+    """The job's record, from the store; corrected when its driver (local process or Ray job) ended without
+    writing a final state."""
     store = entry.store()
     try:
         record = JobRecord.load(store, entry.job_id)
     except NotInStore:
         raise UnknownJob(f"job {entry.job_id}: no record in {store.uri}") from None
-    if not record.state.terminal and entry.pid is not None and not entry.driver_alive():
+    if not record.state.terminal and (end := _driver_end(entry)):
         # Re-read once: the driver may have written its final state between our read and its exit.
         record = JobRecord.load(store, entry.job_id)
         if not record.state.terminal:
-            record.finish(JobState.FAILED, f"driver process {entry.pid} exited without a final state "
-                                           f"(killed or crashed); see {entry.log}")
+            state, reason = end
+            record.finish(state, f"{reason} (during stage {record.stage or 'start-up'})")
             record.save(store)
     return record

@@ -78,6 +78,10 @@ class Store(ABC):
     def url_of(self, key: str) -> str:
         return f"{self.uri}/{key}"
 
+    @abstractmethod
+    def presigned_get(self, key: str, expires_s: int = 900) -> str:
+        """A URL that reads the object without credentials, for `expires_s` seconds."""
+
 
 class LocalStore(Store):
     def __init__(self, root: Path):
@@ -116,6 +120,10 @@ class LocalStore(Store):
         except FileNotFoundError:
             raise NotInStore(f"{self.url_of(key)} does not exist") from None
 
+    def presigned_get(self, key: str, expires_s: int = 900) -> str:
+        """A folder has no signed URLs: its file:// URL, readable wherever the filesystem is shared."""
+        return f"file://{self._path(key)}"
+
     def list(self, prefix: str) -> list[str]:
         base = self.root / safe_relpath(prefix) if prefix else self.root
         if not base.is_dir():
@@ -144,8 +152,8 @@ class S3Store(Store):
             region_name=storage.region,
             config=Config(
                 retries={"max_attempts": storage.max_attempts, "mode": "standard"},
-                connect_timeout=10,
-                read_timeout=60,
+                connect_timeout=min(storage.timeout_s, 10),
+                read_timeout=storage.timeout_s,  # a stalled server times out and the request is retried
                 s3={"addressing_style": "path"} if storage.endpoint_url else None,
             ),
         )
@@ -176,10 +184,20 @@ class S3Store(Store):
         raise StoreError(f"{what}: failed after {self.attempts} attempts: {last}") from last
 
     def put_file(self, key: str, local: Path) -> None:
-        self._retry(
-            f"upload {self.url_of(key)}",
-            lambda: self.client.upload_file(str(local), self.bucket, self._key(key), Config=self.transfer),
-        )
+        from boto3.exceptions import S3UploadFailedError
+        from botocore.exceptions import ClientError
+
+        def op() -> None:
+            try:
+                self.client.upload_file(str(local), self.bucket, self._key(key), Config=self.transfer)
+            except S3UploadFailedError as err:
+                # boto3 wraps a failed upload's ClientError (a 500, a 503 SlowDown) in an error _retry would not
+                # know: unwrap it, so that it is retried or refused like any other request's
+                if isinstance(err.__context__, ClientError):
+                    raise err.__context__ from None
+                raise
+
+        self._retry(f"upload {self.url_of(key)}", op)
 
     def put_bytes(self, key: str, data: bytes) -> None:
         self._retry(
@@ -202,10 +220,15 @@ class S3Store(Store):
         return True
 
     def download(self, key: str, dest: Path) -> None:
-        self._retry(
-            f"download {self.url_of(key)}",
-            lambda: self.client.download_file(self.bucket, self._key(key), str(dest), Config=self.transfer),
-        )
+        from boto3.exceptions import RetriesExceededError
+
+        def op() -> None:
+            try:
+                self.client.download_file(self.bucket, self._key(key), str(dest), Config=self.transfer)
+            except RetriesExceededError as err:  # s3transfer's wrapper of a read that kept failing: unwrap it too
+                raise err.last_exception from None
+
+        self._retry(f"download {self.url_of(key)}", op)
 
     def list(self, prefix: str) -> list[str]:
         full = self._key(prefix) + "/" if prefix else (f"{self.prefix}/" if self.prefix else "")

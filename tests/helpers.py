@@ -36,11 +36,12 @@ def write_spec(path: Path, spec: dict) -> Path:
     return path
 
 
-def cli(state_dir: Path, *args: str, timeout: float = 300, check: bool = False) -> subprocess.CompletedProcess:
-    """Run `peftfleet` in a fresh process, exactly as a user would."""
+def cli(state_dir: Path, *args: str, timeout: float = 300, check: bool = False,
+        env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `peftfleet` in a fresh process, exactly as a user would (in `env`, default: this one's)."""
     proc = subprocess.run(
         [sys.executable, "-m", "orchestrator.cli", "--state-dir", str(state_dir), *map(str, args)],
-        capture_output=True, text=True, timeout=timeout,
+        capture_output=True, text=True, timeout=timeout, env=env,
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"peftfleet {' '.join(map(str, args))} exited {proc.returncode}:\n"

@@ -26,7 +26,7 @@ def test_tiny_example_end_to_end(tmp_path, state_dir, assets):
     spec = write_spec(tmp_path / "job.yaml", tiny_spec(assets, f"file://{tmp_path / 'store'}"))
     submitted = cli(state_dir, "submit", spec, "--wait", check=True)
     job_id = submitted.stdout.strip()
-    assert re.fullmatch(r"tiny-lora-\d{8}-\d{6}-[0-9a-f]{4}", job_id)
+    assert re.fullmatch(r"tiny-lora-\d{8}-\d{6}-[0-9a-f]{8}", job_id)
     assert "train: 40/40 steps" in submitted.stderr and f"job {job_id} SUCCEEDED" in submitted.stderr
 
     rec = record(state_dir, job_id)

@@ -1,0 +1,103 @@
+"""A job's driver as a Ray job: submitted to a cluster's job API (the dashboard port, e.g. http://HEAD:8265).
+
+Ray 2.60 protects that API with one cluster-wide token (RAY_AUTH_MODE=token). We find it the way Ray's own CLI
+does — RAY_AUTH_TOKEN, else the file RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token — and send it ourselves, so a
+missing or wrong token is an error that says which and where, not a bare 401.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shlex
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+RAY_TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+AGENT_WAIT_S = 60
+
+
+class RayJobsError(Exception):
+    """The cluster's job API refused or could not be reached; the message says what to do."""
+
+
+def find_token() -> tuple[str | None, str]:
+    """(token or None, where it came from) — the same sources and order as Ray's token loader."""
+    if token := os.environ.get("RAY_AUTH_TOKEN", "").strip():
+        return token, "RAY_AUTH_TOKEN"
+    path_var = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    path = Path(path_var).expanduser() if path_var else Path.home() / ".ray" / "auth_token"
+    source = f"RAY_AUTH_TOKEN_PATH ({path})" if path_var else str(path)
+    if path.is_file() and (token := path.read_text().strip()):
+        return token, source
+    return None, source
+
+
+@dataclass(frozen=True)
+class RayCluster:
+    address: str  # http(s)://HEAD:8265
+
+    def _client(self):
+        from ray.job_submission import JobSubmissionClient
+
+        token, _ = find_token()
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        try:
+            return JobSubmissionClient(self.address, headers=headers)
+        except Exception as err:
+            raise self._explain(err, token) from None
+
+    def _explain(self, err: Exception, token: str | None) -> RayJobsError:
+        from ray.exceptions import AuthenticationError
+
+        source = find_token()[1]
+        if isinstance(err, AuthenticationError) and token is None:
+            return RayJobsError(
+                f"the Ray cluster at {self.address} requires its auth token and none was found: set RAY_AUTH_TOKEN, "
+                f"or RAY_AUTH_TOKEN_PATH to a file holding it (looked in {source})")
+        if isinstance(err, AuthenticationError):
+            return RayJobsError(f"the Ray cluster at {self.address} rejected the auth token from {source}")
+        if isinstance(err, ConnectionError):
+            return RayJobsError(f"cannot reach the Ray job API at {self.address}: is the head up and the port "
+                                f"forwarded? ({err})")
+        return RayJobsError(f"Ray job API at {self.address}: {err}")
+
+    def _call(self, op: str, *args, **kwargs):
+        client = self._client()
+        try:
+            return getattr(client, op)(*args, **kwargs)
+        except Exception as err:
+            raise self._explain(err, find_token()[0]) from None
+
+    def submit_driver(self, job_id: str, storage_json: str, metadata: dict[str, str], driver_cpus: float) -> None:
+        """Start `python -m orchestrator.driver` on the cluster as Ray job `job_id`; it joins the cluster it runs on.
+        Nothing but our own driver command is ever submitted (no user entrypoint, no runtime_env from users)."""
+        entrypoint = shlex.join(["python", "-m", "orchestrator.driver", job_id, storage_json, "--ray-address", "auto"])
+        deadline = time.monotonic() + AGENT_WAIT_S
+        while True:
+            try:
+                self._call("submit_job", entrypoint=entrypoint, submission_id=job_id, metadata=metadata,
+                           runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1"}}, entrypoint_num_cpus=driver_cpus)
+                return
+            except RayJobsError as err:
+                # A head that has just started answers before its job agent has registered: worth waiting for.
+                if "No available agent" not in str(err) or time.monotonic() > deadline:
+                    raise
+            time.sleep(1.0)
+
+    def status(self, job_id: str) -> tuple[str, str]:
+        """(Ray's job status, its message)."""
+        info = self._call("get_job_info", job_id)
+        return str(info.status), info.message or ""
+
+    def logs(self, job_id: str) -> str:
+        return self._call("get_job_logs", job_id)
+
+    def stop(self, job_id: str) -> None:
+        self._call("stop_job", job_id)
+
+    def forget(self, job_id: str) -> None:
+        """Delete a finished Ray job's entry, if the cluster still has it."""
+        with contextlib.suppress(RayJobsError):
+            self._call("delete_job", job_id)
