@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -67,6 +68,9 @@ class IncompleteJob(Exception):
     """The job has no manifest: its artifacts were never completely uploaded."""
 
 
+UPLOAD_THREADS = 4  # files in flight at once: hashing one overlaps sending others (large files also go in parts)
+
+
 def upload_artifacts(
     store: Store, job_id: str, staging: Path, on_file: Callable[[FileEntry, int, int], None] | None = None
 ) -> Manifest:
@@ -75,19 +79,28 @@ def upload_artifacts(
     Any failure raises before the manifest exists, so a manifest is never written for an incomplete upload.
     """
     local_files = sorted(p for p in staging.rglob("*") if p.is_file())
-    files: list[FileEntry] = []
-    artifacts: dict[str, str] = {}
-    for i, local in enumerate(local_files, 1):
+
+    def upload(local: Path) -> FileEntry:
         rel = local.relative_to(staging).as_posix()
-        kind = rel.split("/", 1)[0]
         path = f"artifacts/{safe_relpath(rel)}"
-        entry = FileEntry(path=path, size=local.stat().st_size, sha256=sha256_file(local), kind=kind)
+        entry = FileEntry(path=path, size=local.stat().st_size, sha256=sha256_file(local), kind=rel.split("/", 1)[0])
         store.put_file(job_key(job_id, path), local)
-        files.append(entry)
-        artifacts[kind] = f"artifacts/{kind}"
-        if on_file:
-            on_file(entry, i, len(local_files))
-    manifest = Manifest(job_id=job_id, files=files, artifacts=artifacts)
+        return entry
+
+    files: list[FileEntry] = []
+    with ThreadPoolExecutor(UPLOAD_THREADS) as pool:
+        pending = [pool.submit(upload, local) for local in local_files]
+        try:
+            for i, done in enumerate(as_completed(pending), 1):
+                files.append(done.result())
+                if on_file:
+                    on_file(files[-1], i, len(local_files))
+        except BaseException:
+            for future in pending:  # what has not started never will; what runs finishes, unlisted
+                future.cancel()
+            raise
+    files.sort(key=lambda f: f.path)
+    manifest = Manifest(job_id=job_id, files=files, artifacts={f.kind: f"artifacts/{f.kind}" for f in files})
     store.put_bytes(job_key(job_id, MANIFEST), manifest.to_json().encode())
     return manifest
 

@@ -8,6 +8,7 @@ missing or wrong token is an error that says which and where, not a bare 401.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shlex
 import time
@@ -34,17 +35,22 @@ def find_token() -> tuple[str | None, str]:
     return None, source
 
 
+@functools.lru_cache(maxsize=16)
+def _connect(address: str, token: str | None):
+    """One client per cluster and token: making one costs a round trip (Ray checks the server's version)."""
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(address, headers={"Authorization": f"Bearer {token}"} if token else {})
+
+
 @dataclass(frozen=True)
 class RayCluster:
     address: str  # http(s)://HEAD:8265
 
     def _client(self):
-        from ray.job_submission import JobSubmissionClient
-
         token, _ = find_token()
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
         try:
-            return JobSubmissionClient(self.address, headers=headers)
+            return _connect(self.address, token)
         except Exception as err:
             raise self._explain(err, token) from None
 

@@ -55,20 +55,6 @@ def test_tiny_example_end_to_end(tmp_path, state_dir, assets):
     assert lora_b and all(torch.count_nonzero(p) > 0 for p in lora_b)
 
 
-def test_job_on_s3_store(tmp_path, state_dir, assets, s3_endpoint, bucket):
-    import boto3
-
-    spec = tiny_spec(assets, f"s3://{bucket}/runs", train={"max_steps": 4, "eval_every": None})
-    spec["storage"].update(endpoint_url=s3_endpoint, region="us-east-1")
-    job_id = cli(state_dir, "submit", write_spec(tmp_path / "job.yaml", spec), "--wait", check=True).stdout.strip()
-    keys = {o["Key"] for o in boto3.client("s3", endpoint_url=s3_endpoint).list_objects_v2(
-        Bucket=bucket, Prefix=f"runs/jobs/{job_id}/")["Contents"]}
-    assert {f"runs/jobs/{job_id}/{k}" for k in ("spec.yaml", "job.json", "manifest.json")} <= keys
-    cli(state_dir, "fetch", job_id, tmp_path / "out", "--kind", "adapter", check=True)
-    assert (tmp_path / "out" / "adapter" / "adapter_config.json").is_file()
-    assert not (tmp_path / "out" / "report").exists()
-
-
 def test_failed_stage_leaves_failed_job_and_no_manifest(tmp_path, state_dir, assets):
     broken = tmp_path / "broken-model"
     shutil.copytree(assets / "tiny-llama", broken)

@@ -11,6 +11,7 @@ import yaml
 
 from jobspecs import parse_spec
 from orchestrator.cli import build_parser
+from orchestrator.gateway import GatewayConfig
 
 INFRA = Path(__file__).resolve().parents[1] / "infra"
 
@@ -67,7 +68,7 @@ def test_gpu_workers_ask_for_gpus_and_the_head_runs_no_gpu_work():
 def test_every_secret_reference_exists_and_token_auth_is_on_every_ray_pod():
     secrets = {s["metadata"]["name"]: set(s["stringData"]) for s in by_kind("k8s/secrets.example.yaml", "Secret")}
     refs = []
-    for name in ("k8s/raycluster.yaml", "k8s/rayjob.yaml", "k8s/minio.yaml"):
+    for name in ("k8s/raycluster.yaml", "k8s/rayjob.yaml", "k8s/minio.yaml", "k8s/gateway.yaml"):
         text = (INFRA / name).read_text()
         refs += re.findall(r"secretKeyRef: \{name: ([\w-]+), key: (\w+)\}", text)
     assert refs and all(key in secrets.get(secret, set()) for secret, key in refs), refs
@@ -79,7 +80,7 @@ def test_every_secret_reference_exists_and_token_auth_is_on_every_ray_pod():
 
 def test_the_dashboard_is_not_exposed_outside_the_cluster():
     assert cluster()["spec"]["headGroupSpec"]["serviceType"] == "ClusterIP"
-    services = [d for name in ("k8s/raycluster.yaml", "k8s/rayjob.yaml", "k8s/minio.yaml")
+    services = [d for name in ("k8s/raycluster.yaml", "k8s/rayjob.yaml", "k8s/minio.yaml", "k8s/gateway.yaml")
                 for d in by_kind(name, "Service")]
     assert all(s["spec"].get("type", "ClusterIP") == "ClusterIP" for s in services)
     assert not any(d["kind"] == "Ingress" for name in INFRA.glob("k8s/*.yaml")
@@ -112,3 +113,36 @@ def test_rayjob_runs_a_valid_peftfleet_command_on_a_valid_spec_wired_to_minio():
     (bucket_job,) = by_kind("k8s/minio.yaml", "Job")
     bucket = spec.storage.uri.removeprefix("s3://").split("/")[0]
     assert f"mc mb --ignore-existing store/{bucket}" in " ".join(containers(bucket_job["spec"]["template"])[0]["args"])
+
+
+def test_gateway_holds_the_ray_token_serves_its_config_and_reaches_the_head_and_minio():
+    (deployment,) = by_kind("k8s/gateway.yaml", "Deployment")
+    pod = deployment["spec"]["template"]
+    (container,) = containers(pod)
+    assert container["image"] == "peftfleet:0.1.0-cpu"
+    args = build_parser().parse_args(container["command"][1:])
+    assert container["command"][0] == "peftfleet" and args.command == "serve"
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    (configmap,) = by_kind("k8s/gateway.yaml", "ConfigMap")
+    assert volumes["config"]["configMap"]["name"] == configmap["metadata"]["name"]
+    assert mounts["config"]["mountPath"] == str(args.config) and mounts["config"]["subPath"] in configmap["data"]
+    config = GatewayConfig.model_validate(yaml.safe_load(configmap["data"][mounts["config"]["subPath"]]))
+    # users file from its Secret, the data root and the job index on volumes
+    secrets = {s["metadata"]["name"]: set(s["stringData"]) for s in by_kind("k8s/secrets.example.yaml", "Secret")}
+    assert config.users_file.parent == Path(mounts["users"]["mountPath"])
+    assert config.users_file.name in secrets[volumes["users"]["secret"]["secretName"]]
+    assert str(config.data_root) == mounts["data"]["mountPath"] == "/data"
+    assert str(config.state_dir) == mounts["state"]["mountPath"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "peftfleet-ray-token"
+    # the head's in-cluster job API (KubeRay names the head Service <cluster>-head-svc)
+    head = cluster()["spec"]["headGroupSpec"]["template"]
+    dashboard = next(p["containerPort"] for p in containers(head)[0]["ports"] if p["name"] == "dashboard")
+    assert config.ray_address == f"http://{cluster()['metadata']['name']}-head-svc.default.svc.cluster.local:" \
+                                 f"{dashboard}"
+    (service,) = by_kind("k8s/minio.yaml", "Service")
+    assert config.storage.endpoint_url == f"http://{service['metadata']['name']}.default.svc.cluster.local:" \
+                                          f"{service['spec']['ports'][0]['port']}"
+    (gateway_service,) = by_kind("k8s/gateway.yaml", "Service")
+    assert gateway_service["spec"]["ports"][0]["port"] == config.port and config.host == "0.0.0.0"

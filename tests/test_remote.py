@@ -3,90 +3,37 @@ stopped by its PID), reached with `peftfleet submit --address` and through the g
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
 import re
 import secrets
 import shutil
-import signal
-import subprocess
-import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import requests
-import yaml
 
-from orchestrator.gateway import hash_token
 from tests.conftest import free_port
 from tests.helpers import cli, tiny_spec, wait_gone, write_spec
-
-BIN = Path(sys.executable).parent
-
-
-def _wait_http(url: str, ok, what: str, proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"{what} exited:\n{log.read_text()[-3000:]}"
-        with contextlib.suppress(requests.RequestException):
-            if ok(requests.get(url, timeout=5)):
-                return
-        time.sleep(0.5)
-    raise AssertionError(f"{what} did not come up:\n{log.read_text()[-3000:]}")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """SIGTERM to the process (`ray start` then drains and stops its node), SIGKILL to whatever is left of its
-    session. Never `ray stop`: that stops every Ray on the machine."""
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(proc.pid, signal.SIGTERM)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=30)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+from tests.live_cluster import call, gateway, ray_head, with_token
 
 
 @pytest.fixture(scope="module")
-def ray_head(tmp_path_factory):
-    token = secrets.token_hex(32)
-    temp_dir = tempfile.mkdtemp(prefix="pfray-", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
-    log = tmp_path_factory.mktemp("ray-head") / "ray-start.log"
-    port = free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "PATH": f"{BIN}:{os.environ['PATH']}",
-           "RAY_JOB_STOP_WAIT_TIME_S": "30"}  # let a cancelled driver record its end before Ray kills it
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [str(BIN / "ray"), "start", "--head", "--block", f"--port={free_port()}", "--dashboard-host=127.0.0.1",
-             f"--dashboard-port={port}", "--num-cpus=4", f"--object-store-memory={200 * 1024**2}",
-             f"--temp-dir={temp_dir}", "--disable-usage-stats"],
-            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    address = f"http://127.0.0.1:{port}"
-    # Up when the job API answers; without the token it must refuse.
-    _wait_http(f"{address}/api/jobs/", lambda r: r.status_code == 401, "ray head", proc, log)
-    yield SimpleNamespace(address=address, token=token, log=log)
-    _stop(proc)
-    shutil.rmtree(temp_dir, ignore_errors=True)
+def head(tmp_path_factory):
+    with ray_head(tmp_path_factory.mktemp("ray-head")) as running:
+        yield running
 
 
-def with_token(token: str | None, home: Path | None = None) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
-    if home is not None:  # no ~/.ray/auth_token either
-        env["HOME"] = str(home)
-    return {**env, "RAY_AUTH_TOKEN": token} if token else env
+def test_cli_runs_a_job_on_the_cluster_and_the_record_outlives_it(head, tmp_path, state_dir, assets, s3_endpoint,
+                                                                  bucket):
+    import boto3
 
-
-def test_cli_runs_a_job_on_the_cluster_and_the_record_outlives_it(ray_head, tmp_path, state_dir, assets):
-    spec = write_spec(tmp_path / "job.yaml", tiny_spec(assets, f"file://{tmp_path / 'store'}",
-                                                       train={"max_steps": 4, "eval_every": None}))
-    env = with_token(ray_head.token)
-    run = cli(state_dir, "submit", spec, "--address", ray_head.address, "--wait", env=env)
+    spec = tiny_spec(assets, f"s3://{bucket}/runs", train={"max_steps": 4, "eval_every": None})
+    spec["storage"].update(endpoint_url=s3_endpoint, region="us-east-1")
+    env = with_token(head.token)
+    run = cli(state_dir, "submit", write_spec(tmp_path / "job.yaml", spec), "--address", head.address, "--wait",
+              env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     job_id = run.stdout.strip()
     assert "stage train: done" in run.stderr and f"job {job_id} SUCCEEDED" in run.stderr
@@ -94,8 +41,13 @@ def test_cli_runs_a_job_on_the_cluster_and_the_record_outlives_it(ray_head, tmp_
     rec = json.loads(cli(state_dir, "status", job_id, "--json", env=env, check=True).stdout)
     assert rec["state"] == "SUCCEEDED" and rec["driver"]["pid"] > 0
     assert "stage upload: done" in cli(state_dir, "logs", job_id, env=env, check=True).stdout  # Ray's job log
-    fetched = cli(state_dir, "fetch", job_id, tmp_path / "out", env=env, check=True)
+    keys = {o["Key"] for o in boto3.client("s3", endpoint_url=s3_endpoint).list_objects_v2(
+        Bucket=bucket, Prefix=f"runs/jobs/{job_id}/")["Contents"]}
+    assert {f"runs/jobs/{job_id}/{k}" for k in ("spec.yaml", "job.json", "manifest.json")} <= keys
+    assert any(k.startswith(f"runs/jobs/{job_id}/train/") for k in keys)  # Ray Train's checkpoints, in the bucket
+    fetched = cli(state_dir, "fetch", job_id, tmp_path / "out", "--kind", "adapter", env=env, check=True)
     assert "sha256 ok" in fetched.stderr and (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()
+    assert not (tmp_path / "out" / "report").exists()
 
     # The cluster goes away (its address answers nothing): the record in the store still says how the job ended.
     entry_file = state_dir / "jobs" / f"{job_id}.json"
@@ -105,12 +57,12 @@ def test_cli_runs_a_job_on_the_cluster_and_the_record_outlives_it(ray_head, tmp_
     assert "SUCCEEDED" in status.stdout
 
 
-def test_missing_or_wrong_ray_token_is_a_clear_error(ray_head, tmp_path, state_dir, assets):
+def test_missing_or_wrong_ray_token_is_a_clear_error(head, tmp_path, state_dir, assets):
     spec = write_spec(tmp_path / "job.yaml", tiny_spec(assets, f"file://{tmp_path / 'store'}"))
-    missing = cli(state_dir, "submit", spec, "--address", ray_head.address, env=with_token(None, home=tmp_path))
+    missing = cli(state_dir, "submit", spec, "--address", head.address, env=with_token(None, home=tmp_path))
     assert missing.returncode == 1
     assert "requires its auth token and none was found" in missing.stderr and "RAY_AUTH_TOKEN" in missing.stderr
-    wrong = cli(state_dir, "submit", spec, "--address", ray_head.address, env=with_token("not-the-token"))
+    wrong = cli(state_dir, "submit", spec, "--address", head.address, env=with_token("not-the-token"))
     assert wrong.returncode == 1 and "rejected the auth token from RAY_AUTH_TOKEN" in wrong.stderr
     # Nothing runs, and nothing in the store claims otherwise.
     records = [json.loads(p.read_text()) for p in (tmp_path / "store" / "jobs").glob("*/job.json")]
@@ -121,36 +73,17 @@ def test_missing_or_wrong_ray_token_is_a_clear_error(ray_head, tmp_path, state_d
 
 
 @pytest.fixture(scope="module")
-def gateway(ray_head, assets, s3_endpoint, tmp_path_factory):
+def gw(head, assets, s3_endpoint, tmp_path_factory):
     import boto3
 
-    root = tmp_path_factory.mktemp("gateway")
-    tokens = {user: secrets.token_urlsafe(32) for user in ("alice", "bob")}
-    (root / "users.yaml").write_text(yaml.safe_dump({"users": {u: hash_token(t) for u, t in tokens.items()}}))
     bucket = f"pf-gw-{secrets.token_hex(4)}"
     boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
-    port = free_port()
-    config = {"ray_address": ray_head.address, "users_file": str(root / "users.yaml"), "data_root": str(assets),
-              "storage": {"uri": f"s3://{bucket}/gw", "endpoint_url": s3_endpoint, "region": "us-east-1"},
-              "state_dir": str(root / "state"), "port": port, "max_body_kb": 64}
-    (root / "gateway.yaml").write_text(yaml.safe_dump(config))
-    log = root / "gateway.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "serve", str(root / "gateway.yaml")],
-                                env=with_token(ray_head.token), stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    _wait_http(f"{url}/openapi.json", lambda r: r.ok, "gateway", proc, log)
-    yield SimpleNamespace(url=url, tokens=tokens, log=log, bucket=bucket, s3_endpoint=s3_endpoint)
-    _stop(proc)
-    logged = log.read_text()
-    assert not any(t in logged for t in [*tokens.values(), ray_head.token]), "a token reached the gateway's log"
-
-
-def call(gateway, method: str, path: str, user: str | None = "alice", **kwargs) -> requests.Response:
-    headers = {"Authorization": f"Bearer {gateway.tokens[user]}"} if user else {}
-    return requests.request(method, f"{gateway.url}{path}", headers={**headers, **kwargs.pop("headers", {})},
-                            timeout=120, **kwargs)
+    storage = {"uri": f"s3://{bucket}/gw", "endpoint_url": s3_endpoint, "region": "us-east-1"}
+    with gateway(head, tmp_path_factory.mktemp("gateway"), data_root=assets, storage=storage) as running:
+        running.bucket, running.s3_endpoint = bucket, s3_endpoint
+        yield running
+    logged = running.log.read_text()
+    assert not any(t in logged for t in [*running.tokens.values(), head.token]), "a token reached the gateway's log"
 
 
 def gateway_spec(**train) -> dict:
@@ -161,29 +94,21 @@ def gateway_spec(**train) -> dict:
             "train": {"max_steps": 4, "micro_batch_size": 8, "log_every": 1, **train}}
 
 
-def wait_state(gateway, job_id: str, states: set[str], timeout: float = 180) -> dict:
-    deadline = time.monotonic() + timeout
-    while (job := call(gateway, "GET", f"/v1/jobs/{job_id}").json())["state"] not in states:
-        assert time.monotonic() < deadline, job
-        time.sleep(0.5)
-    return job
-
-
-def test_gateway_runs_a_job_streams_its_log_and_hands_out_verified_artifacts(gateway):
-    submitted = call(gateway, "POST", "/v1/jobs", json={"spec": gateway_spec()})
+def test_gateway_runs_a_job_streams_its_log_and_hands_out_verified_artifacts(gw):
+    submitted = call(gw, "POST", "/v1/jobs", json={"spec": gateway_spec()})
     assert submitted.status_code == 201, submitted.text
     job_id = submitted.json()["job_id"]
-    with call(gateway, "GET", f"/v1/jobs/{job_id}/logs", params={"follow": "true"}, stream=True) as streamed:
+    with call(gw, "GET", f"/v1/jobs/{job_id}/logs", params={"follow": "true"}, stream=True) as streamed:
         log = "".join(streamed.iter_content(chunk_size=None, decode_unicode=True))  # ends when the job does
     assert "stage train: done" in log and "stage upload: done" in log
-    assert call(gateway, "GET", f"/v1/jobs/{job_id}").json()["state"] == "SUCCEEDED"
-    assert [j["job_id"] for j in call(gateway, "GET", "/v1/jobs").json()] == [job_id]
-    assert call(gateway, "GET", "/v1/jobs", user="bob").json() == []
+    assert call(gw, "GET", f"/v1/jobs/{job_id}").json()["state"] == "SUCCEEDED"
+    assert [j["job_id"] for j in call(gw, "GET", "/v1/jobs").json()] == [job_id]
+    assert call(gw, "GET", "/v1/jobs", user="bob").json() == []
     for path in ("", "/logs", "/artifacts"):
-        assert call(gateway, "GET", f"/v1/jobs/{job_id}{path}", user="bob").status_code == 403
-    assert call(gateway, "POST", f"/v1/jobs/{job_id}/cancel", user="bob").status_code == 403
+        assert call(gw, "GET", f"/v1/jobs/{job_id}{path}", user="bob").status_code == 403
+    assert call(gw, "POST", f"/v1/jobs/{job_id}/cancel", user="bob").status_code == 403
 
-    listing = call(gateway, "GET", f"/v1/jobs/{job_id}/artifacts").json()
+    listing = call(gw, "GET", f"/v1/jobs/{job_id}/artifacts").json()
     assert {"adapter", "report"} <= set(listing["artifacts"]) and listing["expires_in_s"] == 900
     for f in listing["files"]:  # presigned: plain GETs, no credentials
         body = requests.get(f["url"], timeout=30).content
@@ -191,73 +116,73 @@ def test_gateway_runs_a_job_streams_its_log_and_hands_out_verified_artifacts(gat
     assert any(f["path"].endswith("adapter/adapter_model.safetensors") for f in listing["files"])
 
 
-def test_gateway_cancels_a_running_job_and_its_workers_go(gateway):
-    job_id = call(gateway, "POST", "/v1/jobs", json={"spec": gateway_spec(max_steps=100_000)}).json()["job_id"]
+def test_gateway_cancels_a_running_job_and_its_workers_go(gw):
+    job_id = call(gw, "POST", "/v1/jobs", json={"spec": gateway_spec(max_steps=100_000)}).json()["job_id"]
     deadline, log = time.monotonic() + 180, ""
     while "train: step 2/" not in log:
         assert time.monotonic() < deadline, log[-3000:]
         time.sleep(1)
-        log = call(gateway, "GET", f"/v1/jobs/{job_id}/logs").text
+        log = call(gw, "GET", f"/v1/jobs/{job_id}/logs").text
     worker_pid = int(re.search(r"\(RayTrainWorker pid=(\d+)", log).group(1))
-    job = call(gateway, "POST", f"/v1/jobs/{job_id}/cancel").json()
+    job = call(gw, "POST", f"/v1/jobs/{job_id}/cancel").json()
     assert job["state"] == "CANCELLED" and job["stage"] == "train", job
     assert wait_gone(worker_pid, timeout=60), "the training worker outlived the cancel"
-    assert call(gateway, "GET", f"/v1/jobs/{job_id}/artifacts").status_code == 409  # no manifest
+    assert call(gw, "GET", f"/v1/jobs/{job_id}/artifacts").status_code == 409  # no manifest
 
 
 @pytest.mark.parametrize("case", ["no token", "wrong token", "entrypoint", "runtime_env", "oversize", "bad field",
                                   "storage", "unknown job"])
-def test_gateway_refusals(gateway, case):
+def test_gateway_refusals(gw, case):
     spec = gateway_spec()
     if case == "no token":
-        response, expect = call(gateway, "POST", "/v1/jobs", user=None, json={"spec": spec}), 401
+        response, expect = call(gw, "POST", "/v1/jobs", user=None, json={"spec": spec}), 401
     elif case == "wrong token":
-        response = call(gateway, "GET", "/v1/jobs", user=None, headers={"Authorization": "Bearer nope"})
+        response = call(gw, "GET", "/v1/jobs", user=None, headers={"Authorization": "Bearer nope"})
         expect = 401
     elif case in ("entrypoint", "runtime_env"):
         body = {"spec": spec, case: "rm -rf /" if case == "entrypoint" else {"pip": ["evil"]}}
-        response, expect = call(gateway, "POST", "/v1/jobs", json=body), 422
+        response, expect = call(gw, "POST", "/v1/jobs", json=body), 422
         assert response.json()["detail"][0]["loc"] == ["body", case]
     elif case == "oversize":
-        response, expect = call(gateway, "POST", "/v1/jobs", json={"spec": {**spec, "pad": "x" * 70_000}}), 413
+        response, expect = call(gw, "POST", "/v1/jobs", json={"spec": {**spec, "pad": "x" * 70_000}}), 413
     elif case == "bad field":
-        response = call(gateway, "POST", "/v1/jobs", json={"spec": {**spec, "adapter": {"method": "lora", "r": 0}}})
+        response = call(gw, "POST", "/v1/jobs", json={"spec": {**spec, "adapter": {"method": "lora", "r": 0}}})
         expect = 422
         assert response.json()["detail"][0]["loc"] == ["body", "spec", "adapter", "r"], response.text
     elif case == "storage":
-        response = call(gateway, "POST", "/v1/jobs", json={"spec": {**spec, "storage": {"uri": "file:///tmp/x"}}})
+        response = call(gw, "POST", "/v1/jobs", json={"spec": {**spec, "storage": {"uri": "file:///tmp/x"}}})
         expect = 422
         assert "set by the gateway" in response.text
     else:
-        response, expect = call(gateway, "GET", "/v1/jobs/no-such-job"), 404
+        response, expect = call(gw, "GET", "/v1/jobs/no-such-job"), 404
     assert response.status_code == expect, response.text
-    assert not any(t in response.text for t in gateway.tokens.values())
+    assert not any(t in response.text for t in gw.tokens.values())
 
 
-def test_gateway_data_root_confines_paths(gateway, assets, tmp_path):
+def test_gateway_data_root_confines_paths(gw, assets, tmp_path):
     outside = tmp_path / "model"
     shutil.copytree(assets / "tiny-llama", outside)
-    response = call(gateway, "POST", "/v1/jobs", json={"spec": {**gateway_spec(), "model": {"path": str(outside)}}})
+    response = call(gw, "POST", "/v1/jobs", json={"spec": {**gateway_spec(), "model": {"path": str(outside)}}})
     assert response.status_code == 422 and "outside the gateway's data root" in response.text
     assert response.json()["detail"][0]["loc"] == ["body", "spec", "model", "path"]
 
 
-def test_twenty_concurrent_submissions_are_all_recorded(gateway):
+def test_twenty_concurrent_submissions_are_all_recorded(gw):
     import boto3
 
     # A driver that needs more CPUs than the cluster has waits in Ray's queue: submissions are recorded, nothing runs.
     spec = {**gateway_spec(), "cluster": {"driver_cpus": 64}}
     with ThreadPoolExecutor(20) as pool:
-        responses = list(pool.map(lambda _: call(gateway, "POST", "/v1/jobs", user="bob", json={"spec": spec}),
+        responses = list(pool.map(lambda _: call(gw, "POST", "/v1/jobs", user="bob", json={"spec": spec}),
                                   range(20)))
     assert [r.status_code for r in responses] == [201] * 20, [r.text for r in responses if r.status_code != 201]
     ids = {r.json()["job_id"] for r in responses}
     assert len(ids) == 20
-    assert {j["job_id"] for j in call(gateway, "GET", "/v1/jobs", user="bob").json()} == ids
-    s3 = boto3.client("s3", endpoint_url=gateway.s3_endpoint)
+    assert {j["job_id"] for j in call(gw, "GET", "/v1/jobs", user="bob").json()} == ids
+    s3 = boto3.client("s3", endpoint_url=gw.s3_endpoint)
     for job_id in ids:
-        record = json.loads(s3.get_object(Bucket=gateway.bucket, Key=f"gw/jobs/{job_id}/job.json")["Body"].read())
+        record = json.loads(s3.get_object(Bucket=gw.bucket, Key=f"gw/jobs/{job_id}/job.json")["Body"].read())
         assert record["state"] == "PENDING" and record["owner"] == "bob"
     with ThreadPoolExecutor(5) as pool:
-        cancelled = list(pool.map(lambda j: call(gateway, "POST", f"/v1/jobs/{j}/cancel", user="bob").json(), ids))
+        cancelled = list(pool.map(lambda j: call(gw, "POST", f"/v1/jobs/{j}/cancel", user="bob").json(), ids))
     assert {c["state"] for c in cancelled} == {"CANCELLED"}

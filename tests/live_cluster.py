@@ -1,0 +1,110 @@
+"""A real Ray head (`ray start --head`, token auth, dashboard on 127.0.0.1, its own temp dir) and a real gateway
+(`peftfleet serve`), each started as its own process and stopped by PID — never `ray stop`, which would stop every
+Ray on the machine. Shared by the remote-job tests and the benchmark."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+
+import requests
+import yaml
+
+from orchestrator.gateway import hash_token
+from tests.conftest import free_port
+
+BIN = Path(sys.executable).parent
+
+
+def _wait_http(url: str, ok, what: str, proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"{what} exited:\n{log.read_text()[-3000:]}"
+        with contextlib.suppress(requests.RequestException):
+            if ok(requests.get(url, timeout=5)):
+                return
+        time.sleep(0.5)
+    raise AssertionError(f"{what} did not come up:\n{log.read_text()[-3000:]}")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM to the process (`ray start` then drains and stops its node), SIGKILL to whatever is left of its
+    session."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(proc.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=30)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def with_token(token: str | None, home: Path | None = None) -> dict:
+    """This process's environment with only `token` as Ray's token (and, with `home`, no ~/.ray/auth_token)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    if home is not None:
+        env["HOME"] = str(home)
+    return {**env, "RAY_AUTH_TOKEN": token} if token else env
+
+
+@contextlib.contextmanager
+def ray_head(log_dir: Path, num_cpus: int = 4) -> Iterator[SimpleNamespace]:
+    token = secrets.token_hex(32)
+    temp_dir = tempfile.mkdtemp(prefix="pfray-", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
+    log = log_dir / "ray-start.log"
+    port = free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "PATH": f"{BIN}:{os.environ['PATH']}",
+           "RAY_JOB_STOP_WAIT_TIME_S": "30"}  # let a cancelled driver record its end before Ray kills it
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [str(BIN / "ray"), "start", "--head", "--block", f"--port={free_port()}", "--dashboard-host=127.0.0.1",
+             f"--dashboard-port={port}", f"--num-cpus={num_cpus}", f"--object-store-memory={200 * 1024**2}",
+             f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{port}"
+    try:
+        # Up when the job API answers; without the token it must refuse.
+        _wait_http(f"{address}/api/jobs/", lambda r: r.status_code == 401, "ray head", proc, log)
+        yield SimpleNamespace(address=address, token=token, log=log)
+    finally:
+        _stop(proc)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def gateway(head: SimpleNamespace, root: Path, data_root: Path, storage: dict,
+            users: tuple[str, ...] = ("alice", "bob")) -> Iterator[SimpleNamespace]:
+    tokens = {user: secrets.token_urlsafe(32) for user in users}
+    (root / "users.yaml").write_text(yaml.safe_dump({"users": {u: hash_token(t) for u, t in tokens.items()}}))
+    port = free_port()
+    config = {"ray_address": head.address, "users_file": str(root / "users.yaml"), "data_root": str(data_root),
+              "storage": storage, "state_dir": str(root / "state"), "port": port, "max_body_kb": 64}
+    (root / "gateway.yaml").write_text(yaml.safe_dump(config))
+    log = root / "gateway.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "serve", str(root / "gateway.yaml")],
+                                env=with_token(head.token), stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_http(f"{url}/openapi.json", lambda r: r.ok, "gateway", proc, log)
+        yield SimpleNamespace(url=url, tokens=tokens, log=log)
+    finally:
+        _stop(proc)
+
+
+def call(gw: SimpleNamespace, method: str, path: str, user: str | None = "alice", **kwargs) -> requests.Response:
+    """An HTTP request to the gateway as `user` (None: without a token)."""
+    headers = {"Authorization": f"Bearer {gw.tokens[user]}"} if user else {}
+    return requests.request(method, f"{gw.url}{path}", headers={**headers, **kwargs.pop("headers", {})},
+                            timeout=120, **kwargs)
