@@ -17,13 +17,18 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 R, ALPHA = 4, 8
 
 
-def corda_spec(assets: Path, tmp: Path, model: dict | None = None, **corda) -> object:
+def corda_job(assets: Path, tmp: Path, model: dict | None = None, **corda) -> dict:
+    """The CorDA spec as a dict (calibrate + decompose), for a test to extend or write out for the CLI."""
     spec = tiny_spec(assets, f"file://{tmp / 'store'}", adapter={"r": R, "alpha": ALPHA, "target_modules": TARGETS},
                      init={"method": "corda", "corda": {"samples": 32, "fidelity_samples": 4, **corda}},
                      stages=["calibrate", "decompose"])
     spec["model"].update(model or {})
     spec["data"]["calibration"] = str(assets / "calibration.jsonl")
-    return parse_spec(spec)
+    return spec
+
+
+def corda_spec(assets: Path, tmp: Path, model: dict | None = None, **corda) -> object:
+    return parse_spec(corda_job(assets, tmp, model, **corda))
 
 
 def run_stages(spec, tmp: Path, holder: dict | None = None) -> Context:
@@ -37,8 +42,14 @@ def run_stages(spec, tmp: Path, holder: dict | None = None) -> Context:
 
 
 def ours(ctx: Context) -> dict[str, torch.Tensor]:
-    residual = load_file(str(ctx.staging / "residual_base" / "model.safetensors"))
-    adapter = load_file(str(ctx.staging / "corda_init" / "adapter_model.safetensors"))
+    return corda_tensors(ctx.staging)
+
+
+def corda_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """CorDA's A, B and residual weight per layer, from a folder holding `residual_base/` and `corda_init/` (a
+    stage's staging folder, or a job's fetched artifacts)."""
+    residual = load_file(str(folder / "residual_base" / "model.safetensors"))
+    adapter = load_file(str(folder / "corda_init" / "adapter_model.safetensors"))
     out = {}
     for key, value in adapter.items():  # base_model.model.<layer>.lora_A.weight
         layer, kind = key.removeprefix("base_model.model.").rsplit(".", 2)[0], key.split(".")[-2]

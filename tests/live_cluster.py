@@ -39,11 +39,11 @@ def _wait_http(url: str, ok, what: str, proc: subprocess.Popen, log: Path, timeo
 
 def _stop(proc: subprocess.Popen) -> None:
     """SIGTERM to the process (`ray start` then drains and stops its node), SIGKILL to whatever is left of its
-    session."""
+    session after 10 s (a drain waiting on queued Ray jobs would take 30)."""
     with contextlib.suppress(ProcessLookupError):
         os.kill(proc.pid, signal.SIGTERM)
     with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=30)
+        proc.wait(timeout=10)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -69,7 +69,12 @@ def ray_head(log_dir: Path, num_cpus: int = 4) -> Iterator[SimpleNamespace]:
         proc = subprocess.Popen(
             [str(BIN / "ray"), "start", "--head", "--block", f"--port={free_port()}", "--dashboard-host=127.0.0.1",
              f"--dashboard-port={port}", f"--num-cpus={num_cpus}", f"--object-store-memory={200 * 1024**2}",
-             f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+             f"--temp-dir={temp_dir}", "--disable-usage-stats",
+             # Ray's fixed default ports would collide with any other Ray on the machine (the job agent's
+             # especially: without it the head answers every submission "No available agent").
+             *(f"--{name}={free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                      "runtime-env-agent-port", "metrics-export-port",
+                                                      "ray-client-server-port"))],
             env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{port}"
     try:
