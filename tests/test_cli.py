@@ -150,7 +150,8 @@ def test_corda_only_job_is_the_cluster_scale_init(tmp_path, state_dir, assets):
 
 
 def test_help_everywhere(state_dir):
-    commands = ["validate", "submit", "status", "logs", "cancel", "artifacts", "fetch", "report", "list"]
+    commands = ["validate", "submit", "status", "logs", "cancel", "artifacts", "fetch", "report", "list", "serve",
+                "token"]
     top = cli(state_dir, "--help", check=True).stdout
     assert all(c in top for c in commands)
     for command in commands:

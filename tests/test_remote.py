@@ -130,7 +130,8 @@ def test_gateway_cancels_a_running_job_and_its_workers_go(gw):
     assert call(gw, "GET", f"/v1/jobs/{job_id}/artifacts").status_code == 409  # no manifest
 
 
-@pytest.mark.parametrize("case", ["no token", "wrong token", "entrypoint", "runtime_env", "oversize", "bad field",
+@pytest.mark.parametrize("case", ["no token", "wrong token", "entrypoint", "runtime_env", "oversize",
+                                  "oversize chunked", "bad field",
                                   "storage", "unknown job"])
 def test_gateway_refusals(gw, case):
     spec = gateway_spec()
@@ -145,6 +146,10 @@ def test_gateway_refusals(gw, case):
         assert response.json()["detail"][0]["loc"] == ["body", case]
     elif case == "oversize":
         response, expect = call(gw, "POST", "/v1/jobs", json={"spec": {**spec, "pad": "x" * 70_000}}), 413
+    elif case == "oversize chunked":  # no Content-Length to refuse up front: counted as it streams in
+        body = (b"x" * 8192 for _ in range(10))
+        response = call(gw, "POST", "/v1/jobs", data=body, headers={"Content-Type": "application/json"})
+        expect = 413
     elif case == "bad field":
         response = call(gw, "POST", "/v1/jobs", json={"spec": {**spec, "adapter": {"method": "lora", "r": 0}}})
         expect = 422
