@@ -106,7 +106,8 @@ def submit(spec: JobSpec, index: LocalIndex, job_id: str | None = None, address:
         except RayJobsError as err:  # recorded, so the store never holds a PENDING job that nothing will run
             record.finish(JobState.FAILED, f"not started: {err}")
             record.save(store)
-            raise
+            raise JobError(f"{err}\njob {job_id} is recorded FAILED; once that is fixed, start it with "
+                           f"--job-id {job_id}") from None
     else:
         job_dir = index.job_dir(job_id)
         job_dir.mkdir(parents=True, exist_ok=True)

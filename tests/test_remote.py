@@ -29,20 +29,32 @@ def test_cli_runs_a_job_on_the_cluster_and_the_record_outlives_it(head, tmp_path
                                                                   bucket):
     import boto3
 
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
     spec = tiny_spec(assets, f"s3://{bucket}/runs", train={"max_steps": 4, "eval_every": None})
     spec["storage"].update(endpoint_url=s3_endpoint, region="us-east-1")
+    spec = write_spec(tmp_path / "job.yaml", spec)
+
+    # Without Ray's token, or with a wrong one: a clear error, and a record that says the job never started.
+    missing = cli(state_dir, "submit", spec, "--address", head.address, env=with_token(None, home=tmp_path))
+    assert missing.returncode == 1
+    assert "requires its auth token and none was found" in missing.stderr and "RAY_AUTH_TOKEN" in missing.stderr
+    job_id = re.search(r"--job-id (\S+)", missing.stderr).group(1)
+    wrong = cli(state_dir, "submit", spec, "--address", head.address, env=with_token("not-the-token"))
+    assert wrong.returncode == 1 and "rejected the auth token from RAY_AUTH_TOKEN" in wrong.stderr
+    records = [json.loads(s3.get_object(Bucket=bucket, Key=o["Key"])["Body"].read()) for o in
+               s3.list_objects_v2(Bucket=bucket, Prefix="runs/jobs/")["Contents"] if o["Key"].endswith("job.json")]
+    assert len(records) == 2 and all(r["state"] == "FAILED" and "not started" in r["error"] for r in records)
+
+    # With the token, the failed job runs under its id, its driver a Ray job on the head.
     env = with_token(head.token)
-    run = cli(state_dir, "submit", write_spec(tmp_path / "job.yaml", spec), "--address", head.address, "--wait",
-              env=env)
-    assert run.returncode == 0, run.stderr[-3000:]
-    job_id = run.stdout.strip()
+    run = cli(state_dir, "submit", spec, "--address", head.address, "--job-id", job_id, "--wait", env=env)
+    assert run.returncode == 0 and run.stdout.strip() == job_id, run.stderr[-3000:]
     assert "stage train: done" in run.stderr and f"job {job_id} SUCCEEDED" in run.stderr
 
     rec = json.loads(cli(state_dir, "status", job_id, "--json", env=env, check=True).stdout)
-    assert rec["state"] == "SUCCEEDED" and rec["driver"]["pid"] > 0
+    assert rec["state"] == "SUCCEEDED" and rec["attempts"] == 2 and rec["driver"]["pid"] > 0
     assert "stage upload: done" in cli(state_dir, "logs", job_id, env=env, check=True).stdout  # Ray's job log
-    keys = {o["Key"] for o in boto3.client("s3", endpoint_url=s3_endpoint).list_objects_v2(
-        Bucket=bucket, Prefix=f"runs/jobs/{job_id}/")["Contents"]}
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix=f"runs/jobs/{job_id}/")["Contents"]}
     assert {f"runs/jobs/{job_id}/{k}" for k in ("spec.yaml", "job.json", "manifest.json")} <= keys
     assert any(k.startswith(f"runs/jobs/{job_id}/train/") for k in keys)  # Ray Train's checkpoints, in the bucket
     fetched = cli(state_dir, "fetch", job_id, tmp_path / "out", "--kind", "adapter", env=env, check=True)
@@ -57,16 +69,16 @@ def test_cli_runs_a_job_on_the_cluster_and_the_record_outlives_it(head, tmp_path
     assert "SUCCEEDED" in status.stdout
 
 
-def test_missing_or_wrong_ray_token_is_a_clear_error(head, tmp_path, state_dir, assets):
-    spec = write_spec(tmp_path / "job.yaml", tiny_spec(assets, f"file://{tmp_path / 'store'}"))
-    missing = cli(state_dir, "submit", spec, "--address", head.address, env=with_token(None, home=tmp_path))
-    assert missing.returncode == 1
-    assert "requires its auth token and none was found" in missing.stderr and "RAY_AUTH_TOKEN" in missing.stderr
-    wrong = cli(state_dir, "submit", spec, "--address", head.address, env=with_token("not-the-token"))
-    assert wrong.returncode == 1 and "rejected the auth token from RAY_AUTH_TOKEN" in wrong.stderr
-    # Nothing runs, and nothing in the store claims otherwise.
-    records = [json.loads(p.read_text()) for p in (tmp_path / "store" / "jobs").glob("*/job.json")]
-    assert len(records) == 2 and all(r["state"] == "FAILED" and "not started" in r["error"] for r in records)
+def test_gateway_config_errors_name_the_file_and_field(tmp_path, state_dir):
+    users = tmp_path / "users.yaml"
+    users.write_text("users:\n  alice: not-a-digest\n")
+    config = {"ray_address": "http://127.0.0.1:1", "storage": {"uri": f"file://{tmp_path}"},
+              "users_file": str(users), "data_root": str(tmp_path)}
+    bad_users = cli(state_dir, "serve", write_spec(tmp_path / "gateway.yaml", config))
+    assert bad_users.returncode == 2 and f"{users}: users.alice: must be the sha256 hex digest" in bad_users.stderr
+    del config["ray_address"]
+    missing = cli(state_dir, "serve", write_spec(tmp_path / "gateway.yaml", config))
+    assert missing.returncode == 2 and "gateway.yaml" in missing.stderr and "ray_address" in missing.stderr
 
 
 # --- the gateway -------------------------------------------------------------------------------------------------
