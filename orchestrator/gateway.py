@@ -106,12 +106,15 @@ class BodyLimit:
         await send({"type": "http.response.body", "body": body})
 
 
-def _paths(value: Any, where: str = "") -> Iterator[tuple[str, str]]:
-    """(field path, value) of every path-like string in a dumped spec."""
+def _paths(value: Any, where: str = "") -> Iterator[tuple[str, Path]]:
+    """(field path, path) of every filesystem path in a spec's `model_dump()` (paths keep their type there)."""
     if isinstance(value, dict):
         for key, item in value.items():
             yield from _paths(item, f"{where}.{key}" if where else key)
-    elif isinstance(value, str) and value.startswith("/"):
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from _paths(item, f"{where}.{i}")
+    elif isinstance(value, Path):
         yield where, value
 
 
@@ -176,8 +179,8 @@ def create_app(config: GatewayConfig) -> FastAPI:
         except SpecError as err:
             raise HTTPException(422, [{"loc": ["body", "spec", *p.split(".")], "msg": reason, "type": "spec_error"}
                                       for p, reason in err.problems]) from None
-        for where, value in _paths(spec.model_dump(mode="json", exclude={"storage"})):
-            if not Path(value).is_relative_to(data_root):
+        for where, value in _paths(spec.model_dump(exclude={"storage"})):
+            if not value.is_relative_to(data_root):
                 raise spec_problem(where, f"{value} is outside the gateway's data root {data_root}")
         try:
             job_id = submit(spec, index, address=config.ray_address, owner=user)
