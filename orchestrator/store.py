@@ -165,39 +165,33 @@ class S3Store(Store):
     def _retry(self, what: str, op: Callable[[], T]) -> T:
         """Whole-operation retries with backoff, on top of botocore's per-request ones (a multipart upload whose
         part failed for good is aborted by boto3 and started again here)."""
+        from boto3.exceptions import RetriesExceededError, S3UploadFailedError
         from botocore.exceptions import BotoCoreError, ClientError
 
         for attempt in range(1, self.attempts + 1):
             try:
                 return op()
-            except ClientError as err:
+            except (ClientError, BotoCoreError, OSError, S3UploadFailedError, RetriesExceededError) as raised:
+                # boto3's transfers wrap the request error that ended them (a 500, a 503 SlowDown, a read that kept
+                # failing): judge that error, like any other request's
+                err = raised.last_exception if isinstance(raised, RetriesExceededError) else raised
+                if isinstance(err, S3UploadFailedError) and isinstance(err.__context__, ClientError):
+                    err = err.__context__
+            if isinstance(err, ClientError):
                 code = err.response.get("Error", {}).get("Code", "")
                 if code in ("NoSuchKey", "404", "NotFound"):
                     raise NotInStore(f"{what}: does not exist") from None
                 if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "NoSuchBucket"):
                     raise StoreError(f"{what}: {code}: {err}") from err
-                last: Exception = err
-            except (BotoCoreError, OSError) as err:
-                last = err
             if attempt < self.attempts:
                 time.sleep(min(0.2 * 2 ** (attempt - 1), 5.0))
-        raise StoreError(f"{what}: failed after {self.attempts} attempts: {last}") from last
+        raise StoreError(f"{what}: failed after {self.attempts} attempts: {err}") from err
 
     def put_file(self, key: str, local: Path) -> None:
-        from boto3.exceptions import S3UploadFailedError
-        from botocore.exceptions import ClientError
-
-        def op() -> None:
-            try:
-                self.client.upload_file(str(local), self.bucket, self._key(key), Config=self.transfer)
-            except S3UploadFailedError as err:
-                # boto3 wraps a failed upload's ClientError (a 500, a 503 SlowDown) in an error _retry would not
-                # know: unwrap it, so that it is retried or refused like any other request's
-                if isinstance(err.__context__, ClientError):
-                    raise err.__context__ from None
-                raise
-
-        self._retry(f"upload {self.url_of(key)}", op)
+        self._retry(
+            f"upload {self.url_of(key)}",
+            lambda: self.client.upload_file(str(local), self.bucket, self._key(key), Config=self.transfer),
+        )
 
     def put_bytes(self, key: str, data: bytes) -> None:
         self._retry(
@@ -220,15 +214,10 @@ class S3Store(Store):
         return True
 
     def download(self, key: str, dest: Path) -> None:
-        from boto3.exceptions import RetriesExceededError
-
-        def op() -> None:
-            try:
-                self.client.download_file(self.bucket, self._key(key), str(dest), Config=self.transfer)
-            except RetriesExceededError as err:  # s3transfer's wrapper of a read that kept failing: unwrap it too
-                raise err.last_exception from None
-
-        self._retry(f"download {self.url_of(key)}", op)
+        self._retry(
+            f"download {self.url_of(key)}",
+            lambda: self.client.download_file(self.bucket, self._key(key), str(dest), Config=self.transfer),
+        )
 
     def list(self, prefix: str) -> list[str]:
         full = self._key(prefix) + "/" if prefix else (f"{self.prefix}/" if self.prefix else "")
