@@ -96,8 +96,7 @@ def upload_artifacts(
                 if on_file:
                     on_file(files[-1], i, len(local_files))
         except BaseException:
-            for future in pending:  # what has not started never will; what runs finishes, unlisted
-                future.cancel()
+            pool.shutdown(cancel_futures=True)  # what has not started never will; what runs finishes, unlisted
             raise
     files.sort(key=lambda f: f.path)
     manifest = Manifest(job_id=job_id, files=files, artifacts={f.kind: f"artifacts/{f.kind}" for f in files})

@@ -9,7 +9,6 @@ fetches only their own jobs. OpenAPI: /openapi.json (browsable at /docs).
 
 import hashlib
 import hmac
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
@@ -25,7 +24,7 @@ from orchestrator.artifacts import IncompleteJob, job_key, read_manifest
 from orchestrator.jobs import IndexEntry, JobRecord, LocalIndex, UnknownJob, current_record
 from orchestrator.ray_jobs import RayJobsError
 from orchestrator.store import StoreError
-from orchestrator.submission import JobError, cancel, read_log, submit
+from orchestrator.submission import JobError, cancel, read_log, submit, tail
 
 
 class GatewayConfig(BaseModel):
@@ -156,9 +155,10 @@ def create_app(config: GatewayConfig) -> FastAPI:
                 "created_at": record.created_at, "started_at": record.started_at, "ended_at": record.ended_at,
                 "stages": [s.__dict__ for s in record.stages]}
 
-    def spec_problem(path: str, reason: str) -> HTTPException:
-        return HTTPException(422, [{"loc": ["body", "spec", *path.split(".")], "msg": reason,
-                                    "type": "spec_error"}])
+    def spec_problems(*problems: tuple[str, str]) -> HTTPException:
+        """422 in FastAPI's own shape, each problem located at its field inside the spec."""
+        return HTTPException(422, [{"loc": ["body", "spec", *path.split(".")], "msg": reason, "type": "spec_error"}
+                                   for path, reason in problems])
 
     @app.exception_handler(RayJobsError)
     async def ray_unavailable(request: Request, err: RayJobsError):
@@ -172,16 +172,15 @@ def create_app(config: GatewayConfig) -> FastAPI:
     def submit_job(body: SubmitRequest, user: User) -> dict:
         data = dict(body.spec)
         if "storage" in data:  # where jobs live, and with whose credentials, is the gateway's business
-            raise spec_problem("storage", f"set by the gateway ({config.storage.uri}); leave it out")
+            raise spec_problems(("storage", f"set by the gateway ({config.storage.uri}); leave it out"))
         data["storage"] = storage
         try:
             spec = parse_spec(data, source="spec", base_dir=data_root, check_files=True)
         except SpecError as err:
-            raise HTTPException(422, [{"loc": ["body", "spec", *p.split(".")], "msg": reason, "type": "spec_error"}
-                                      for p, reason in err.problems]) from None
+            raise spec_problems(*err.problems) from None
         for where, value in _paths(spec.model_dump(exclude={"storage"})):
             if not value.is_relative_to(data_root):
-                raise spec_problem(where, f"{value} is outside the gateway's data root {data_root}")
+                raise spec_problems((where, f"{value} is outside the gateway's data root {data_root}"))
         try:
             job_id = submit(spec, index, address=config.ray_address, owner=user)
         except JobError as err:
@@ -202,22 +201,10 @@ def create_app(config: GatewayConfig) -> FastAPI:
                      "it until the job ends")
     def logs(job_id: str, user: User, offset: Annotated[int, Query(ge=0)] = 0, follow: bool = False):
         entry = own(job_id, user)
-        if not follow:
-            text, position = read_log(entry, offset)
-            return PlainTextResponse(text, headers={"X-Next-Offset": str(position)})
-
-        def stream() -> Iterator[str]:
-            position = offset
-            while True:
-                ended = current_record(entry).state.terminal
-                text, position = read_log(entry, position)
-                if text:
-                    yield text
-                if ended:
-                    return
-                time.sleep(1.0)
-
-        return StreamingResponse(stream(), media_type="text/plain")
+        if follow:
+            return StreamingResponse(tail(entry, offset, poll_s=1.0), media_type="text/plain")
+        text, position = read_log(entry, offset)
+        return PlainTextResponse(text, headers={"X-Next-Offset": str(position)})
 
     @app.post("/v1/jobs/{job_id}/cancel", summary="Stop a running job; it ends CANCELLED")
     def cancel_job(job_id: str, user: User) -> dict:

@@ -47,17 +47,9 @@ def _connect(address: str, token: str | None):
 class RayCluster:
     address: str  # http(s)://HEAD:8265
 
-    def _client(self):
-        token, _ = find_token()
-        try:
-            return _connect(self.address, token)
-        except Exception as err:
-            raise self._explain(err, token) from None
-
-    def _explain(self, err: Exception, token: str | None) -> RayJobsError:
+    def _explain(self, err: Exception, token: str | None, source: str) -> RayJobsError:
         from ray.exceptions import AuthenticationError
 
-        source = find_token()[1]
         if isinstance(err, AuthenticationError) and token is None:
             return RayJobsError(
                 f"the Ray cluster at {self.address} requires its auth token and none was found: set RAY_AUTH_TOKEN, "
@@ -70,11 +62,11 @@ class RayCluster:
         return RayJobsError(f"Ray job API at {self.address}: {err}")
 
     def _call(self, op: str, *args, **kwargs):
-        client = self._client()
-        try:
-            return getattr(client, op)(*args, **kwargs)
+        token, source = find_token()
+        try:  # making the client is a request too (it may be the one refused)
+            return getattr(_connect(self.address, token), op)(*args, **kwargs)
         except Exception as err:
-            raise self._explain(err, find_token()[0]) from None
+            raise self._explain(err, token, source) from None
 
     def submit_driver(self, job_id: str, storage_json: str, metadata: dict[str, str], driver_cpus: float) -> None:
         """Start `python -m orchestrator.driver` on the cluster as Ray job `job_id`; it joins the cluster it runs on.

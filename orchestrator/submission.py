@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
 
@@ -65,15 +66,15 @@ def prepare_resubmission(spec: JobSpec, job_id: str, store, index: LocalIndex) -
         previous = JobRecord.load(store, job_id)
     if previous.state == JobState.SUCCEEDED:
         raise JobError(f"job {job_id} already SUCCEEDED; fetch its artifacts with: peftfleet fetch {job_id} DEST",
-                          code=2)
+                       code=2)
     if not previous.state.terminal:
         raise JobError(f"job {job_id} is {previous.state.value} (driver {previous.driver or 'not started'}); "
-                          f"cancel it first, or wait for it", code=2)
+                       f"cancel it first, or wait for it", code=2)
     frozen = yaml.safe_load(store.get_bytes(job_key(job_id, "spec.yaml")))
     changed = differences(frozen, yaml.safe_load(dump_spec(spec)))
     if changed:
         raise JobError(f"job {job_id} was submitted with a different spec (differs at: {', '.join(changed)}); "
-                          f"resuming needs the same spec, or submit without --job-id for a new job", code=2)
+                       f"resuming needs the same spec, or submit without --job-id for a new job", code=2)
     return previous
 
 
@@ -139,21 +140,24 @@ def read_log(entry: IndexEntry, position: int = 0) -> tuple[str, int]:
     return chunk.decode(errors="replace"), position + len(chunk)
 
 
-def follow(entry: IndexEntry, sink: TextIO, poll_s: float = 0.5) -> JobRecord:
-    """Stream the job's log into `sink` until the job reaches a final state; returns the final record."""
-    position, last_check = 0, 0.0
-    record = current_record(entry)
+def tail(entry: IndexEntry, position: int = 0, poll_s: float = 0.5) -> Iterator[str]:
+    """The job's log as it grows, from `position`, until the job has ended (its last lines included)."""
     while True:
+        ended = current_record(entry).state.terminal  # before the read: what it wrote before ending is read too
         chunk, position = read_log(entry, position)
         if chunk:
-            sink.write(chunk)
-            sink.flush()
-        if record.state.terminal:
-            return record
-        if time.monotonic() - last_check > 1.0:
-            record, last_check = current_record(entry), time.monotonic()
-            continue  # read the log once more before returning on a final state
+            yield chunk
+        if ended:
+            return
         time.sleep(poll_s)
+
+
+def follow(entry: IndexEntry, sink: TextIO, poll_s: float = 0.5) -> JobRecord:
+    """Stream the job's log into `sink` until the job reaches a final state; returns the final record."""
+    for chunk in tail(entry, poll_s=poll_s):
+        sink.write(chunk)
+        sink.flush()
+    return current_record(entry)
 
 
 def cancel(entry: IndexEntry, timeout: float) -> JobRecord:
