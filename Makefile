@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 TORCH_CPU := torch==2.13.0
 DEMO_SPEC := jobspecs/examples/tiny-lora.yaml
 
-.PHONY: install demo test bench lint clean
+.PHONY: install demo test test-fast bench lint clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q -m "not benchmark" --durations=20
+
+# The edit-test loop (≤ 5 min on 2 cores): spec, store, CLI plumbing, CorDA math, one tiny end-to-end job.
+test-fast: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/pytest -q -m "not benchmark and not slow" --durations=10
 
 bench: $(STAMP)
 	$(BIN)/pytest -q -s -m benchmark tests/benchmarks

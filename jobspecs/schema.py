@@ -10,6 +10,8 @@ spec means the same thing from any working directory. Cross-field rules (what ca
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import re
 from pathlib import Path
 from typing import Annotated, Literal
@@ -54,6 +56,30 @@ def _existing(value: Path, info: ValidationInfo) -> Path:
 
 ExistingPath = Annotated[Path, AfterValidator(_existing)]
 """A local path that must exist when the spec is validated (relative to the spec's folder)."""
+
+
+def tokenizer_problem(folder: Path) -> str | None:
+    """Why transformers cannot build a tokenizer from `folder` with the packages installed here (None: it can).
+    A `tokenizers` file needs nothing else; a SentencePiece/tiktoken model needs its package to be converted."""
+    if (folder / "tokenizer.json").is_file():
+        return None
+    if (folder / "tokenizer.model").is_file():
+        if importlib.util.find_spec("sentencepiece") or importlib.util.find_spec("tiktoken"):
+            return None
+        return ("holds only tokenizer.model, which transformers converts with the sentencepiece (or tiktoken) "
+                "package, and neither is installed: install one, or add the tokenizer.json of a fast tokenizer")
+    return "has no tokenizer (no tokenizer.json or tokenizer.model)"
+
+
+def config_pad_id(model_folder: Path) -> int | None:
+    """The pad id a model's config.json names (else its eos id), for pre-tokenized data without a tokenizer."""
+    config = json.loads((model_folder / "config.json").read_text())
+    for key in ("pad_token_id", "eos_token_id"):
+        value = config.get(key)
+        value = value[0] if isinstance(value, list) and value else value
+        if isinstance(value, int):
+            return value
+    return None
 
 
 class Section(BaseModel):
@@ -122,6 +148,10 @@ class DataSpec(Section):
     calibration: Source | None = Field(None, description="Records whose activations CorDA's covariance is built from.")
     max_seq_len: int = Field(512, gt=0, description="Sequences are truncated to this many tokens.")
     fields: DataFields = Field(default_factory=DataFields)
+    pad_token_id: int | None = Field(
+        None, ge=0, description="Id given to padding positions (they are masked out, so any valid id works). "
+        "Default: the tokenizer's pad token (else its eos); for format tokens without a tokenizer, config.json's "
+        "pad_token_id (else eos_token_id).")
 
 
 class AdaLoraSpec(Section):
@@ -400,6 +430,30 @@ class JobSpec(Section):
             return list(self.stages)
         implied = ["train", "export"]
         return ["calibrate", "decompose", *implied] if self.init.method == "corda" else implied
+
+    @property
+    def needs_tokenizer(self) -> bool:
+        """Text is tokenized (every format but tokens), or prompt tuning starts from text."""
+        prompt = self.adapter.prompt
+        return self.data.format != "tokens" or bool(self.adapter.method == "prompt" and prompt and prompt.init_text)
+
+    @model_validator(mode="after")
+    def _tokenizer(self, info: ValidationInfo) -> JobSpec:
+        if not (info.context or {}).get("check_files", True):
+            return self
+        folder = self.model.tokenizer_path
+        problem = tokenizer_problem(folder)
+        if problem and self.needs_tokenizer:
+            which = ("model.tokenizer" if self.model.tokenizer else
+                     "model.tokenizer: not set, so the model folder is used, and it")
+            why = ("adapter.prompt.init_text is tokenized" if self.data.format == "tokens" else
+                   f"data.format {self.data.format!r} tokenizes text")
+            raise ValueError(f"{which}: {folder} {problem}; {why}. Point model.tokenizer at a tokenizer folder "
+                             "(save_pretrained of the model's tokenizer)")
+        if problem and self.data.pad_token_id is None and config_pad_id(self.model.path) is None:
+            raise ValueError(f"data.pad_token_id: needed for format tokens, since {folder} has no tokenizer and "
+                             f"{self.model.path / 'config.json'} names no pad_token_id or eos_token_id")
+        return self
 
     @model_validator(mode="after")
     def _combinations(self) -> JobSpec:

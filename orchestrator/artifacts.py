@@ -6,12 +6,15 @@ Layout under the store root:
     jobs/<id>/spec.yaml         the frozen spec, written before any compute
     jobs/<id>/artifacts/<kind>/...
     jobs/<id>/manifest.json     written LAST: its presence means every listed file is complete
+    jobs/<id>/verbose.log       the driver's verbose log (library output), uploaded when the driver ends
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
@@ -21,6 +24,7 @@ from pathlib import Path
 from orchestrator.store import NotInStore, Store, safe_relpath, sha256_file
 
 MANIFEST = "manifest.json"
+VERBOSE_LOG = "verbose.log"  # the driver's library output, uploaded when it ends (not an artifact)
 
 
 def job_key(job_id: str, rel: str = "") -> str:
@@ -125,7 +129,9 @@ def fetch_artifacts(
 ) -> list[Path]:
     """Download the job's files (or one kind) into `dest/<kind>/...`, verifying size and sha256 of each.
 
-    A file that fails verification is deleted and reported; nothing unverified is left under its real name.
+    A kind is written whole or not at all: its files are downloaded into a hidden staging folder beside it and the
+    folder is moved into place only when every one of them verified (replacing an earlier fetch of that kind).
+    A kind with a bad file leaves nothing under its name; the error lists the bad files and what was written.
     """
     manifest = read_manifest(store, job_id)
     files = manifest.files
@@ -135,23 +141,43 @@ def fetch_artifacts(
             raise KeyError(f"job {job_id} has no artifact kind {kind!r}; it has: {have}")
         files = [f for f in files if f.kind == kind]
     dest = Path(dest)
-    written, bad = [], []
-    for i, entry in enumerate(files, 1):
-        target = dest / safe_relpath(entry.path.removeprefix("artifacts/"))
-        target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_name(target.name + ".partial")
-        store.download(job_key(job_id, entry.path), partial)
-        size, digest = partial.stat().st_size, sha256_file(partial)
-        if size != entry.size or digest != entry.sha256:
-            partial.unlink()
-            bad.append(f"{entry.path}: expected {entry.size} bytes sha256 {entry.sha256[:12]}…, "
-                       f"got {size} bytes sha256 {digest[:12]}…")
-            continue
-        os.replace(partial, target)
-        written.append(target)
-        if on_file:
-            on_file(entry, i, len(files))
+    dest.mkdir(parents=True, exist_ok=True)
+    by_kind: dict[str, list[FileEntry]] = {}
+    for entry in files:
+        by_kind.setdefault(entry.kind, []).append(entry)
+    written, bad, refused = [], [], []
+    done = 0
+    for name, entries in by_kind.items():
+        final = dest / safe_relpath(name)
+        staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.fetching-", dir=dest))
+        try:
+            problems = []
+            for entry in entries:
+                rel = safe_relpath(entry.path.removeprefix(f"artifacts/{name}/"))
+                target = staging / rel
+                target.parent.mkdir(parents=True, exist_ok=True)
+                store.download(job_key(job_id, entry.path), target)
+                size, digest = target.stat().st_size, sha256_file(target)
+                if size != entry.size or digest != entry.sha256:
+                    problems.append(f"{entry.path}: expected {entry.size} bytes sha256 {entry.sha256[:12]}…, "
+                                    f"got {size} bytes sha256 {digest[:12]}…")
+                    continue
+                done += 1
+                if on_file:
+                    on_file(entry, done, len(files))
+            if problems:
+                bad += problems
+                refused.append(name)
+                continue
+            if final.exists():
+                shutil.rmtree(final) if final.is_dir() else final.unlink()
+            os.replace(staging, final)
+            written += [final / safe_relpath(e.path.removeprefix(f"artifacts/{name}/")) for e in entries]
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     if bad:
-        raise IntegrityError(f"job {job_id}: {len(bad)} file(s) failed verification and were not kept:\n  "
-                             + "\n  ".join(bad))
+        kept = ", ".join(sorted(set(by_kind) - set(refused)))
+        raise IntegrityError(
+            f"job {job_id}: {len(bad)} file(s) failed verification, so nothing of kind(s) {', '.join(refused)} was "
+            f"written{f' (verified and written: {kept})' if kept else ''}:\n  " + "\n  ".join(bad))
     return written

@@ -93,11 +93,11 @@ def cmd_status(args) -> int:
 def cmd_logs(args) -> int:
     entry = _index(args).get(args.job)
     if args.follow:
-        follow(entry, sys.stdout)
+        follow(entry, sys.stdout, verbose=args.verbose)
         return 0
-    if entry.log and not Path(entry.log).exists():
+    if entry.log and not args.verbose and not Path(entry.log).exists():
         raise JobError(f"no log for {args.job} at {entry.log}")
-    sys.stdout.write(read_log(entry)[0])
+    sys.stdout.write(read_log(entry, verbose=args.verbose)[0])
     return 0
 
 
@@ -208,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("logs", cmd_logs, "a job's driver log (from Ray for jobs submitted with --address)")
     p.add_argument("job")
     p.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
+    p.add_argument("--verbose", "-v", action="store_true",
+                   help="the verbose log instead: everything the libraries said (Ray, Ray Train, DeepSpeed, "
+                        "transformers), interleaved with the job's log; for a Ray job, once its driver has ended")
     p = command("cancel", cmd_cancel, "stop a running job; it ends CANCELLED")
     p.add_argument("job")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for a clean stop (default: 30)")

@@ -34,14 +34,10 @@ TOKENS_PER_DIM = 128
 
 def calibration_samples(spec: JobSpec) -> tuple[list[list[int]], list[list[int]], int]:
     """(samples for the statistics, held-out samples for the fidelity check, pad id), as token ids."""
-    from transformers import AutoTokenizer
+    from workers.data import load_tokenizer, pad_id, tokenize
 
-    from workers.data import quiet_progress_bars, tokenize
-
-    quiet_progress_bars()
     corda = spec.init.corda_spec
-    tokenizer = AutoTokenizer.from_pretrained(spec.model.tokenizer_path)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    tokenizer = load_tokenizer(spec)
     examples = tokenize(spec.data.calibration, tokenizer, spec.data, max_len=corda.seq_len)
     ids = [ex["input_ids"] for ex in examples if ex["input_ids"]]
     samples = ids[: corda.samples]
@@ -49,7 +45,7 @@ def calibration_samples(spec: JobSpec) -> tuple[list[list[int]], list[list[int]]
     if len(samples) < corda.samples:
         log.warning("calibrate: data.calibration has %d records, init.corda.samples asks for %d; using %d",
                     len(ids), corda.samples, len(samples))
-    return samples, held, pad_id
+    return samples, held, pad_id(spec, tokenizer)
 
 
 def run_calibrate(ctx: Context) -> None:
@@ -207,7 +203,9 @@ def write_corda_outputs(spec: JobSpec, results, residual_dir: Path, adapter_dir:
     """residual_base: the base model with W_res; corda_init: a stock LoRA adapter holding the CorDA A, B."""
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
+
+    from workers.data import load_tokenizer
 
     model = AutoModelForCausalLM.from_pretrained(spec.model.path, dtype=getattr(torch, spec.model.dtype))
     modules = dict(model.named_modules())
@@ -216,7 +214,8 @@ def write_corda_outputs(spec: JobSpec, results, residual_dir: Path, adapter_dir:
         for layer in layers:
             modules[layer.name].weight.copy_(layer.residual)
     model.save_pretrained(residual_dir)
-    AutoTokenizer.from_pretrained(spec.model.tokenizer_path).save_pretrained(residual_dir)
+    if (tokenizer := load_tokenizer(spec)) is not None:  # a complete model folder, as the base was
+        tokenizer.save_pretrained(residual_dir)
     config = LoraConfig(r=spec.adapter.r, lora_alpha=spec.adapter.alpha, lora_dropout=spec.adapter.dropout,
                         target_modules=sorted({name.split(".")[-1] for name in (layer.name for layer in layers)}),
                         init_lora_weights=True, task_type="CAUSAL_LM")

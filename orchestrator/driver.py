@@ -14,6 +14,7 @@ stage was interrupted.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 import os
@@ -27,16 +28,18 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 from jobspecs import JobSpec, SpecError, spec_from_frozen
 from jobspecs.schema import StorageSpec
-from orchestrator.artifacts import job_key, upload_artifacts
+from orchestrator.artifacts import VERBOSE_LOG, job_key, upload_artifacts
 from orchestrator.context import Context
 from orchestrator.corda import run_calibrate, run_decompose
 from orchestrator.export import run_export
 from orchestrator.jobs import JobRecord, JobState, stage_names
-from orchestrator.store import Store, open_store, train_storage
+from orchestrator.store import Store, StoreError, open_store, train_storage
 from orchestrator.waits import JobCancelled, check_cancelled, request_cancel, run_in_thread
+from workers.logs import quiet_libraries
 
 log = logging.getLogger("peftfleet.driver")
 
@@ -128,6 +131,8 @@ def _preload_stage_code() -> None:
 
     import workers.train_loop  # noqa: F401
 
+    quiet_libraries()
+
 
 def _reason(err: Exception) -> str:
     """One line a user can act on: the remote exception itself, not Ray's wrapper with its traceback."""
@@ -195,17 +200,63 @@ def run_job(job_id: str, store: Store, ray_address: str | None = None) -> JobRec
     return record
 
 
+class _Tee(io.TextIOBase):
+    """stdout that also lands in the verbose log, so that log has every line in order."""
+
+    def __init__(self, *streams: TextIO):
+        self.streams = streams
+
+    def write(self, text: str) -> int:
+        for stream in self.streams:
+            stream.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        for stream in self.streams:
+            stream.flush()
+
+    def fileno(self) -> int:
+        return self.streams[0].fileno()
+
+
+def route_output(verbose_log: Path) -> None:
+    """The job's log is stdout (our lines and every worker's stdout, which Ray forwards there); stderr — library
+    logs, warnings, Ray's C++ logs, every worker's stderr — goes to `verbose_log`, and so does a copy of stdout."""
+    verbose = open(verbose_log, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 (open for the process's life)
+    os.dup2(verbose.fileno(), 2)
+    sys.stderr = verbose
+    sys.stdout = _Tee(sys.stdout, verbose)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s")
+    ours = logging.StreamHandler(sys.stdout)
+    ours.setFormatter(fmt)
+    ours_logger = logging.getLogger("peftfleet")
+    ours_logger.handlers, ours_logger.propagate = [ours], False
+    logging.basicConfig(level=logging.INFO, format=fmt._fmt, stream=sys.stderr, force=True)  # the libraries
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m orchestrator.driver")
     parser.add_argument("job_id")
     parser.add_argument("storage_json")
     parser.add_argument("--ray-address", help="join this Ray cluster (a Ray job passes 'auto') instead of the spec's")
+    parser.add_argument("--verbose-log", type=Path, help="where library output goes (default: a temporary file); "
+                        "uploaded to the job's store prefix as verbose.log when the driver ends")
     args = parser.parse_args(argv)
+    verbose_log = args.verbose_log or Path(tempfile.mkstemp(prefix=f"peftfleet-{args.job_id}-", suffix=".log")[1])
     os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # the log is a file: no ANSI colour codes in it
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stdout,
-                        force=True)
+    route_output(verbose_log)
     store = open_store(StorageSpec.model_validate(json.loads(args.storage_json)))
-    record = run_job(args.job_id, store, args.ray_address)
+    try:
+        record = run_job(args.job_id, store, args.ray_address)
+    finally:
+        sys.stdout.flush()
+        try:
+            store.put_file(job_key(args.job_id, VERBOSE_LOG), verbose_log)
+        except (StoreError, OSError) as err:
+            log.warning("the verbose log stays at %s: not uploaded (%s)", verbose_log, err)
+        else:
+            if args.verbose_log is None:
+                verbose_log.unlink()
     return 0 if record.state == JobState.SUCCEEDED else 1
 
 

@@ -32,10 +32,8 @@ def run_export(ctx: Context) -> None:
 
 def export_artifacts(ctx: Context, work: Path) -> dict:
     """Write the artifact folders the spec asks for; returns the checks and the sweep for the report."""
-    from transformers import AutoTokenizer
-
     from workers import export
-    from workers.data import tokenize
+    from workers.data import load_tokenizer, pad_id, tokenize
 
     spec, result = ctx.spec, ctx.results["train"]
     formats, method = spec.export.formats, spec.adapter.method
@@ -43,8 +41,8 @@ def export_artifacts(ctx: Context, work: Path) -> dict:
     adapter.mkdir(parents=True, exist_ok=True)
     for name, data in result.adapter_files.items():
         (adapter / name).write_bytes(data)
-    tokenizer = AutoTokenizer.from_pretrained(spec.model.tokenizer_path)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    tokenizer = load_tokenizer(spec)
+    pad = pad_id(spec, tokenizer)
     original_base = str(spec.model.path)
     outputs: dict = {}
 
@@ -69,7 +67,7 @@ def export_artifacts(ctx: Context, work: Path) -> dict:
     if method not in ("prefix", "prompt") and spec.export.wise_ft_alphas and spec.data.eval:
         examples = tokenize(spec.data.eval, tokenizer, spec.data)
         rows = export.wise_ft_sweep(original_base, on_original, method, spec.export.wise_ft_alphas, examples,
-                                    spec.train.micro_batch_size, pad_id, work / "wise-ft")
+                                    spec.train.micro_batch_size, pad, work / "wise-ft")
         for row in rows:
             log.info("export: Wise-FT α %s: eval loss %.4f, perplexity %.2f", _fmt(row["alpha"]), row["eval_loss"],
                      row["perplexity"])
@@ -78,7 +76,8 @@ def export_artifacts(ctx: Context, work: Path) -> dict:
         folder = ctx.artifact_dir(f"merged@{_fmt(alpha)}")
         merged = export.interpolated_model(original_base, on_original, method, alpha, work / f"merge-{_fmt(alpha)}")
         merged.save_pretrained(folder, safe_serialization=True)
-        tokenizer.save_pretrained(folder)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
         log.info("export: merged@%s written", _fmt(alpha))
     for alpha in spec.export.merge_alphas if "scaled_adapter" in formats else []:
         export.scaled_adapter(on_original, method, alpha, ctx.artifact_dir(f"adapter@{_fmt(alpha)}"))

@@ -38,12 +38,17 @@ def figure(out: Path, size: tuple[float, float]):
         plt.close(fig)
 
 
-def plot_loss(metrics: list[dict], out: Path) -> None:
+def eval_curve(metrics: list[dict], at_start: float | None) -> list[list[float]]:
+    """[step, eval loss] pairs, from step 0 (the model before training) when it was evaluated."""
+    start = [[0, at_start]] if at_start is not None else []
+    return start + [[m["step"], m["eval_loss"]] for m in metrics if "eval_loss" in m]
+
+
+def plot_loss(metrics: list[dict], evals: list[list[float]], out: Path) -> None:
     with figure(out, (7, 4)) as (_, ax):
         ax.plot([m["step"] for m in metrics], [m["loss"] for m in metrics], label="train loss", linewidth=1)
-        evals = [m for m in metrics if "eval_loss" in m]
         if evals:
-            ax.plot([m["step"] for m in evals], [m["eval_loss"] for m in evals], "o-", label="eval loss")
+            ax.plot([s for s, _ in evals], [e for _, e in evals], "o-", label="eval loss")
         ax.set(xlabel="optimizer step", ylabel="loss per label token", title="loss")
         ax.legend()
 
@@ -89,13 +94,15 @@ def write_report(ctx: Context) -> None:
     metrics = result.metrics
     (folder / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in metrics))
     summary = {"job": ctx.job_id, "best_step": result.best_step, "best_eval_loss": result.best_eval_loss,
+               "eval_loss_at_start": result.eval_loss_at_start,
                "total_steps": result.total_steps, "resumed_from": result.resumed_from, "nodes": result.nodes,
                "peak_rss_mib": result.peak_rss_mib, "engine": result.engine}
     (folder / "summary.json").write_text(json.dumps(summary, indent=2))
     exported = ctx.results.get("export", {})
     plots = []
+    evals = eval_curve(metrics, result.eval_loss_at_start)
     if metrics:
-        plot_loss(metrics, folder / "loss.png")
+        plot_loss(metrics, evals, folder / "loss.png")
         plot_throughput(metrics, folder / "throughput.png")
         plots += ["loss.png", "throughput.png"]
         if "ranks" in metrics[0]:
@@ -109,7 +116,7 @@ def write_report(ctx: Context) -> None:
         plots.append("corda_spectrum.png")
     report = {**summary, **exported, "plots": plots,
               "curves": {"step": [m["step"] for m in metrics], "loss": [m["loss"] for m in metrics],
-                         "eval": [[m["step"], m["eval_loss"]] for m in metrics if "eval_loss" in m],
+                         "eval": evals,
                          "tokens_per_s": [m["tokens"] / m["step_s"] for m in metrics]},
               "corda": corda}
     (folder / "report.json").write_text(json.dumps(report, indent=2))

@@ -21,7 +21,7 @@ from typing import TextIO
 import yaml
 
 from jobspecs import JobSpec, dump_spec
-from orchestrator.artifacts import job_key
+from orchestrator.artifacts import VERBOSE_LOG, job_key
 from orchestrator.jobs import (
     JOB_ID,
     IndexEntry,
@@ -34,7 +34,7 @@ from orchestrator.jobs import (
     new_record,
 )
 from orchestrator.ray_jobs import RAY_TERMINAL, RayCluster, RayJobsError
-from orchestrator.store import StoreError, open_store
+from orchestrator.store import NotInStore, StoreError, open_store
 
 
 class JobError(Exception):
@@ -113,12 +113,14 @@ def submit(spec: JobSpec, index: LocalIndex, job_id: str | None = None, address:
         job_dir = index.job_dir(job_id)
         job_dir.mkdir(parents=True, exist_ok=True)
         entry.log = str(job_dir / "driver.log")
-        with open(entry.log, "ab") as log:
+        verbose = verbose_log(entry)
+        with open(entry.log, "ab") as log, open(verbose, "ab") as library_log:
             if previous:
-                log.write(f"--- attempt {record.attempts} (resubmitted) ---\n".encode())
+                for f in (log, library_log):
+                    f.write(f"--- attempt {record.attempts} (resubmitted) ---\n".encode())
             proc = subprocess.Popen(
-                [sys.executable, "-m", "orchestrator.driver", job_id, storage_json],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                [sys.executable, "-m", "orchestrator.driver", job_id, storage_json, "--verbose-log", str(verbose)],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=library_log, start_new_session=True,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
             )
         entry.pid = proc.pid
@@ -126,12 +128,24 @@ def submit(spec: JobSpec, index: LocalIndex, job_id: str | None = None, address:
     return job_id
 
 
-def read_log(entry: IndexEntry, position: int = 0) -> tuple[str, int]:
-    """The job's log from byte/character `position` on, and the position after it."""
+def verbose_log(entry: IndexEntry) -> Path:
+    """A local driver's verbose log: library output (and a copy of the job's log), beside the job's log."""
+    return Path(entry.log).with_name("verbose.log")
+
+
+def read_log(entry: IndexEntry, position: int = 0, verbose: bool = False) -> tuple[str, int]:
+    """The job's log (or its verbose log) from byte/character `position` on, and the position after it."""
+    if verbose and (entry.address or not verbose_log(entry).exists()):
+        try:  # the driver uploads it when it ends
+            text = entry.store().get_bytes(job_key(entry.job_id, VERBOSE_LOG)).decode(errors="replace")
+        except NotInStore:
+            raise JobError(f"job {entry.job_id}: its verbose log is uploaded to the store when its driver ends, and "
+                           "is not there yet") from None
+        return text[position:], len(text)
     if entry.address:
         text = RayCluster(entry.address).logs(entry.job_id)
         return text[position:], len(text)
-    path = Path(entry.log)
+    path = verbose_log(entry) if verbose else Path(entry.log)
     if not path.exists():
         return "", position
     with open(path, "rb") as f:
@@ -140,11 +154,11 @@ def read_log(entry: IndexEntry, position: int = 0) -> tuple[str, int]:
     return chunk.decode(errors="replace"), position + len(chunk)
 
 
-def tail(entry: IndexEntry, position: int = 0, poll_s: float = 0.5) -> Iterator[str]:
+def tail(entry: IndexEntry, position: int = 0, poll_s: float = 0.5, verbose: bool = False) -> Iterator[str]:
     """The job's log as it grows, from `position`, until the job has ended (its last lines included)."""
     while True:
         ended = current_record(entry).state.terminal  # before the read: what it wrote before ending is read too
-        chunk, position = read_log(entry, position)
+        chunk, position = read_log(entry, position, verbose)
         if chunk:
             yield chunk
         if ended:
@@ -152,9 +166,9 @@ def tail(entry: IndexEntry, position: int = 0, poll_s: float = 0.5) -> Iterator[
         time.sleep(poll_s)
 
 
-def follow(entry: IndexEntry, sink: TextIO, poll_s: float = 0.5) -> JobRecord:
+def follow(entry: IndexEntry, sink: TextIO, poll_s: float = 0.5, verbose: bool = False) -> JobRecord:
     """Stream the job's log into `sink` until the job reaches a final state; returns the final record."""
-    for chunk in tail(entry, poll_s=poll_s):
+    for chunk in tail(entry, poll_s=poll_s, verbose=verbose):
         sink.write(chunk)
         sink.flush()
     return current_record(entry)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import shutil
 import subprocess
 import sys
 import time
@@ -29,6 +30,14 @@ def tiny_spec(assets: Path, store: str, **sections) -> dict:
         else:
             spec[name] = value
     return spec
+
+
+def weights_only(assets: Path, folder: Path) -> Path:
+    """The tiny model's folder without its tokenizer files."""
+    folder.mkdir()
+    for name in ("config.json", "generation_config.json", "model.safetensors"):
+        shutil.copy(assets / "tiny-llama" / name, folder / name)
+    return folder
 
 
 def write_spec(path: Path, spec: dict) -> Path:

@@ -32,7 +32,17 @@ def test_tiny_example_end_to_end(tmp_path, state_dir, assets):
     rec = record(state_dir, job_id)
     assert rec["state"] == "SUCCEEDED" and rec["error"] is None
     assert [s["state"] for s in rec["stages"]] == ["succeeded"] * 3
-    assert "train: 40/40 steps" in cli(state_dir, "logs", job_id, check=True).stdout
+    log = cli(state_dir, "logs", job_id, check=True).stdout
+    assert "train: 40/40 steps" in log and "train: step 0/40 eval_loss" in log
+    # the log a user reads holds our lines only: the driver's, and the workers' progress lines Ray forwards
+    ours = re.compile(r"\d{4}-\d\d-\d\d [\d:,]+ (INFO|WARNING|ERROR) |\((RayTrainWorker|CovarianceWorker) pid=\d+\) "
+                      r"(train|calibrate):|--- attempt ")
+    assert [line for line in log.splitlines() if not ours.match(line)] == []
+    # everything the libraries said is in the verbose log (with the job's own lines), here and in the store
+    verbose = cli(state_dir, "logs", job_id, "--verbose", check=True).stdout
+    assert "TrainController" in verbose and "train: 40/40 steps" in verbose
+    uploaded = (tmp_path / "store" / "jobs" / job_id / "verbose.log").read_text()
+    assert "TrainController" in uploaded and verbose.startswith(uploaded)  # uploaded as the driver ended
     listing = cli(state_dir, "artifacts", job_id, check=True).stdout
     assert "adapter_model.safetensors" in listing and "metrics.jsonl" in listing
 
@@ -55,6 +65,7 @@ def test_tiny_example_end_to_end(tmp_path, state_dir, assets):
     assert lora_b and all(torch.count_nonzero(p) > 0 for p in lora_b)
 
 
+@pytest.mark.slow
 def test_failed_stage_leaves_failed_job_and_no_manifest(tmp_path, state_dir, assets):
     broken = tmp_path / "broken-model"
     shutil.copytree(assets / "tiny-llama", broken)
@@ -72,6 +83,7 @@ def test_failed_stage_leaves_failed_job_and_no_manifest(tmp_path, state_dir, ass
     assert fetch.returncode == 1 and "has no manifest" in fetch.stderr
 
 
+@pytest.mark.slow
 def test_cancel_running_job(tmp_path, state_dir, assets):
     spec = tiny_spec(assets, f"file://{tmp_path / 'store'}", train={"max_steps": 100_000, "eval_every": None})
     job_id = cli(state_dir, "submit", write_spec(tmp_path / "job.yaml", spec), check=True).stdout.strip()
@@ -99,6 +111,7 @@ def test_unknown_job_is_a_clear_error(state_dir, command):
     assert run.returncode == 2 and "unknown job 'no-such-job'" in run.stderr
 
 
+@pytest.mark.slow
 def test_corda_job_end_to_end(tmp_path, state_dir, assets):
     """The CorDA example through the CLI: calibrate → decompose → train from the CorDA init → export → upload."""
     import yaml
@@ -132,6 +145,7 @@ def test_corda_job_end_to_end(tmp_path, state_dir, assets):
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out / "residual_base"), out / "adapter")
 
 
+@pytest.mark.slow
 def test_corda_only_job_is_the_cluster_scale_init(tmp_path, state_dir, assets):
     import yaml
 
@@ -167,6 +181,7 @@ METHODS = {
 }
 
 
+@pytest.mark.slow
 def test_each_adapter_method_trains_through_the_cli_on_a_running_cluster(tmp_path, state_dir, assets, local_ray):
     """Five jobs at once, submitted to an already running Ray (`cluster.address`), as on a shared cluster."""
     import ray
@@ -203,6 +218,7 @@ def _final_state(state_dir, job_id: str, timeout: float = 600) -> str:
     return state
 
 
+@pytest.mark.slow
 def test_resubmitting_after_a_driver_crash_resumes_training(tmp_path, state_dir, assets):
     spec = write_spec(tmp_path / "job.yaml", tiny_spec(assets, f"file://{tmp_path / 'store'}", train={
         "max_steps": 12, "checkpoint_every": 2, "eval_every": 6, "log_every": 1}))

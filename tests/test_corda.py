@@ -101,7 +101,8 @@ def test_decomposition_of_peft_covariance_is_peft_exactly(assets, peft_reference
         assert torch.allclose(got.residual, ref[f"{layer}.base_layer.weight"], atol=1e-6)
 
 
-@pytest.mark.parametrize(("workers", "batch"), [(1, 1), (2, 4), (3, 4)])
+@pytest.mark.parametrize(("workers", "batch"), [(1, 1), pytest.param(2, 4, marks=pytest.mark.slow),
+                                                pytest.param(3, 4, marks=pytest.mark.slow)])
 def test_matches_peft_any_workers_any_batch(local_ray, assets, tmp_path, peft_reference, workers, batch):
     for mode in ("ipm", "kpm"):
         spec = corda_spec(assets, tmp_path / mode, num_workers=workers, batch_size=batch, shard_samples=6, mode=mode)
@@ -158,6 +159,7 @@ def actor_pids_in(method: str) -> list[int]:
     return pids
 
 
+@pytest.mark.slow
 def test_killed_actor_mid_shard_gives_the_same_numbers(local_ray, assets, tmp_path):
     def spec_for(tmp):  # many small shards: an actor is inside `collect` nearly all the time
         return corda_spec(assets, tmp, samples=64, num_workers=2, shard_samples=2, batch_size=2, max_failures=2)
@@ -187,6 +189,7 @@ def test_killed_actor_mid_shard_gives_the_same_numbers(local_ray, assets, tmp_pa
         assert torch.equal(a[key], b[key]), key  # bit-identical: shards are summed in shard order
 
 
+@pytest.mark.slow
 def test_saved_covariance_lets_another_mode_skip_collection(local_ray, assets, tmp_path):
     first = run_stages(corda_spec(assets, tmp_path / "a", batch_size=4, save_covariance=True), tmp_path / "a")
     saved = first.staging / "covariance"

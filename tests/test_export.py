@@ -23,6 +23,8 @@ from orchestrator.store import LocalStore
 from tests.corda_helpers import ALPHA, TARGETS, R
 from tests.helpers import tiny_spec
 
+pytestmark = pytest.mark.slow
+
 IDS = torch.tensor([[1, 17, 42, 99, 7, 23, 64, 5, 11, 80]])
 
 
@@ -75,6 +77,8 @@ def test_wise_ft_sweep_ends_at_the_base_and_the_trained_model(lora_job):
     # α = 1 is the exported (best) checkpoint, evaluated the way training evaluated it
     assert rows[1.0]["eval_loss"] == pytest.approx(result.best_eval_loss, rel=1e-4)
     assert rows[0.0]["eval_loss"] > rows[1.0]["eval_loss"] + 0.1  # the base model is worse on this task
+    # the eval curve starts where the base model is: LoRA's B is zero before the first step
+    assert result.eval_loss_at_start == pytest.approx(rows[0.0]["eval_loss"], rel=1e-5)
     assert rows[1.0]["perplexity"] == pytest.approx(torch.tensor(rows[1.0]["eval_loss"]).exp().item(), rel=1e-6)
 
 
@@ -83,7 +87,8 @@ def test_report_renders_with_the_numbers_of_the_metrics(lora_job):
     report = json.loads((folder / "report.json").read_text())
     metrics = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     assert report["curves"]["loss"] == [m["loss"] for m in metrics]
-    assert report["curves"]["eval"] == [[m["step"], m["eval_loss"]] for m in metrics if "eval_loss" in m]
+    assert report["curves"]["eval"] == [[0, report["eval_loss_at_start"]],
+                                        *[[m["step"], m["eval_loss"]] for m in metrics if "eval_loss" in m]]
     assert report["best_step"] == lora_job.results["train"].best_step
     assert set(report["plots"]) == {"loss.png", "throughput.png", "wise_ft.png"}
     from PIL import Image

@@ -18,6 +18,8 @@ from tests.conftest import free_port
 from tests.helpers import cli, tiny_spec, wait_gone, write_spec
 from tests.live_cluster import call, gateway, ray_head, with_token
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
@@ -53,7 +55,10 @@ def test_cli_runs_a_job_on_the_cluster_and_the_record_outlives_it(head, tmp_path
 
     rec = json.loads(cli(state_dir, "status", job_id, "--json", env=env, check=True).stdout)
     assert rec["state"] == "SUCCEEDED" and rec["attempts"] == 2 and rec["driver"]["pid"] > 0
-    assert "stage upload: done" in cli(state_dir, "logs", job_id, env=env, check=True).stdout  # Ray's job log
+    log = cli(state_dir, "logs", job_id, env=env, check=True).stdout  # Ray's job log: the driver's stdout
+    assert "stage upload: done" in log and "TrainController" not in log
+    # library output went to the verbose log, which the driver uploaded to the bucket as it ended
+    assert "TrainController" in cli(state_dir, "logs", job_id, "--verbose", env=env, check=True).stdout
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix=f"runs/jobs/{job_id}/")["Contents"]}
     assert {f"runs/jobs/{job_id}/{k}" for k in ("spec.yaml", "job.json", "manifest.json")} <= keys
     assert any(k.startswith(f"runs/jobs/{job_id}/train/") for k in keys)  # Ray Train's checkpoints, in the bucket

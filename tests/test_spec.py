@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import shutil
 from pathlib import Path
 
 import pytest
 
 from jobspecs import SpecError, dump_spec, load_spec, spec_from_frozen
-from tests.helpers import EXAMPLES, cli, tiny_spec, write_spec
+from tests.helpers import EXAMPLES, cli, tiny_spec, weights_only, write_spec
 
 
 def check(tmp_path: Path, spec: dict) -> SpecError:
@@ -118,3 +120,42 @@ def test_cli_validate_exit_codes(tmp_path, state_dir, assets):
     # submit refuses the same spec before anything starts: no job is recorded
     assert cli(state_dir, "submit", bad).returncode == 2
     assert not (state_dir / "jobs").exists()
+
+
+def test_model_folder_without_a_tokenizer_is_refused_naming_model_tokenizer(tmp_path, assets):
+    bare = weights_only(assets, tmp_path / "bare")
+    text = str(check(tmp_path, tiny_spec(assets, "file://store", model={"path": str(bare)})))
+    assert "model.tokenizer: not set, so the model folder is used, and it: " in text, text
+    assert f"{bare} has no tokenizer (no tokenizer.json or tokenizer.model); data.format 'instruction' " \
+           "tokenizes text" in text, text
+    # a SentencePiece model alone needs its package to be converted into a tokenizer
+    (tmp_path / "spm").mkdir()
+    (tmp_path / "spm" / "tokenizer.model").write_bytes(b"\x00")
+    spec = tiny_spec(assets, "file://store", model={"path": str(bare), "tokenizer": "spm"})
+    if importlib.util.find_spec("sentencepiece") is None and importlib.util.find_spec("tiktoken") is None:
+        text = str(check(tmp_path, spec))
+        assert "model.tokenizer: " in text and "neither is installed" in text, text
+    else:
+        load_spec(write_spec(tmp_path / "job.yaml", spec))
+
+
+def test_pretokenized_data_needs_no_tokenizer(tmp_path, assets):
+    from workers.data import load_tokenizer, pad_id
+
+    bare = weights_only(assets, tmp_path / "bare")
+    (tmp_path / "tokens.jsonl").write_text('{"input_ids": [1, 5, 9, 2]}\n')
+    raw = tiny_spec(assets, "file://store", model={"path": str(bare)},
+                    data={"format": "tokens", "train": "tokens.jsonl", "eval": None})
+    spec = load_spec(write_spec(tmp_path / "job.yaml", raw))
+    assert load_tokenizer(spec) is None and pad_id(spec, None) == 3  # the config's pad_token_id
+    raw["data"]["pad_token_id"] = 0
+    assert pad_id(load_spec(write_spec(tmp_path / "job.yaml", raw)), None) == 0
+    # prompt tuning from text still needs one
+    raw["adapter"] = {"method": "prompt", "prompt": {"init_text": "reverse the word"}}
+    assert "adapter.prompt.init_text is tokenized" in str(check(tmp_path, raw))
+    # a config that names no pad or eos id: the error says which field to set
+    config = json.loads((bare / "config.json").read_text())
+    config.pop("pad_token_id"), config.pop("eos_token_id")
+    (bare / "config.json").write_text(json.dumps(config))
+    raw["adapter"], raw["data"]["pad_token_id"] = {}, None
+    assert "data.pad_token_id: needed for format tokens" in str(check(tmp_path, raw))

@@ -99,12 +99,23 @@ def test_fetch_detects_corrupted_file(store, tmp_path):
     tampered = bytearray(store.get_bytes(key))
     tampered[100] ^= 0xFF
     store.put_bytes(key, bytes(tampered))  # same size, one bit flipped
-    with pytest.raises(IntegrityError, match=r"adapter_model\.safetensors: expected 4096 bytes sha256"):
+    with pytest.raises(IntegrityError, match=r"nothing of kind\(s\) adapter was written \(verified and written: "
+                                             r"report\):\n  .*adapter_model\.safetensors: expected 4096 bytes"):
         fetch_artifacts(store, "job-4", tmp_path / "out")
-    # the bad file is not left under its real name; the good ones are verified and kept
-    assert not (tmp_path / "out" / "adapter" / "adapter_model.safetensors").exists()
-    assert not list((tmp_path / "out").rglob("*.partial"))
-    assert (tmp_path / "out" / "adapter" / "adapter_config.json").exists()
+    # a kind is written whole or not at all: no adapter/ without its weights, no staging left; other kinds are kept
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == ["report"]
+    assert (out / "report" / "metrics.jsonl").exists()
+
+
+def test_refetch_replaces_a_kind_whole(store, tmp_path):
+    upload_artifacts(store, "job-6", make_staging(tmp_path / "staging"))
+    out = tmp_path / "out"
+    (out / "adapter").mkdir(parents=True)
+    (out / "adapter" / "stale.bin").write_bytes(b"from an older fetch")
+    fetched = fetch_artifacts(store, "job-6", out, kind="adapter")
+    assert sorted(p.name for p in (out / "adapter").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(fetched) == sorted((out / "adapter").iterdir())
 
 
 @pytest.mark.parametrize("name", ["../escape", "a/../../b", "/etc/passwd", "a//b/..", "", "a\\b", "./a"])

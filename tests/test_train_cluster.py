@@ -8,6 +8,8 @@ import torch
 
 from tests.train_helpers import adapter_tensors, train
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture
 def two_nodes():

@@ -24,6 +24,8 @@ from tests.corda_helpers import corda_job, corda_tensors, ours, run_stages
 from tests.helpers import cli, wait_gone, write_spec
 from tests.train_helpers import registered
 
+pytestmark = pytest.mark.slow
+
 MAX_STEPS = 6
 # Many one-sample shards: a covariance actor caught inside one still has shards to do after its node is gone.
 CORDA = {"samples": 64, "num_workers": 2, "shard_samples": 1, "batch_size": 1, "max_failures": 3}

@@ -103,6 +103,9 @@ class CovarianceWorker:
     def __init__(self, model_path: str, dtype: str, covariance_dtype: str, scale: str, device: str = "cpu"):
         from transformers import AutoModelForCausalLM
 
+        from workers.logs import quiet_libraries
+
+        quiet_libraries()
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype)).to(device).eval()
         self.device = device
         self.acc_dtype = DTYPES[covariance_dtype]

@@ -9,22 +9,28 @@ from typing import Any
 
 import torch
 
-from jobspecs.schema import DataFields, DataSource, DataSpec
+from jobspecs.schema import DataFields, DataSource, DataSpec, JobSpec, config_pad_id, tokenizer_problem
 
 IGNORE = -100
 
 
-def quiet_progress_bars() -> None:
-    """Per-file progress bars of datasets/transformers only clutter a job's log; our own progress lines stay."""
-    import warnings
+def load_tokenizer(spec: JobSpec):
+    """The spec's tokenizer; None when the job needs none (pre-tokenized data) and its folder has none."""
+    from transformers import AutoTokenizer
 
-    import datasets
-    import transformers
+    folder = spec.model.tokenizer_path
+    if not spec.needs_tokenizer and tokenizer_problem(folder):
+        return None
+    return AutoTokenizer.from_pretrained(folder)
 
-    datasets.disable_progress_bars()
-    transformers.utils.logging.disable_progress_bar()
-    # peft calls this deprecated transformers API on every get_peft_model; nothing for a user to act on.
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+def pad_id(spec: JobSpec, tokenizer) -> int:
+    """The id padding positions get: data.pad_token_id, the tokenizer's pad (else eos) token, else config.json's."""
+    if spec.data.pad_token_id is not None:
+        return spec.data.pad_token_id
+    if tokenizer is not None:
+        return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return config_pad_id(spec.model.path)
 
 
 def load_records(source: DataSource):

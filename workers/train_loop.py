@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import tempfile
 import time
@@ -24,8 +25,9 @@ import torch.nn.functional as F
 from jobspecs.schema import JobSpec
 from workers.adalora import REGULARISER, AdaLoraBudget, add_regulariser
 from workers.adapters import peft_config
-from workers.data import IGNORE, collate, quiet_progress_bars, shard, tokenize
+from workers.data import IGNORE, collate, load_tokenizer, pad_id, shard, tokenize
 from workers.deepspeed_config import deepspeed_config
+from workers.logs import quiet_libraries, say
 
 CKPT_TAG = "ds"
 
@@ -36,6 +38,7 @@ class TrainResult:
     metrics: list[dict] = field(default_factory=list)  # one row per optimizer step
     best_step: int = 0
     best_eval_loss: float | None = None
+    eval_loss_at_start: float | None = None  # the model before its first optimizer step (where the curve starts)
     total_steps: int = 0
     resumed_from: list[int] = field(default_factory=list)  # steps a restarted worker group resumed from
     nodes: list[str] = field(default_factory=list)  # the Ray node each rank ran on (the latest worker group)
@@ -68,13 +71,6 @@ def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
     loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE,
                            reduction="sum")
     return loss, int((labels != IGNORE).sum()), out.get(REGULARISER)
-
-
-def say(message: str) -> None:
-    """A progress line on stdout (Ray forwards it to the job log). Not print(): Ray Train patches print to also
-    log through its own logger, and every line would appear twice."""
-    sys.stdout.write(message + "\n")
-    sys.stdout.flush()
 
 
 def peak_rss_mib() -> float:
@@ -158,16 +154,17 @@ def train_worker(config: dict) -> None:
     def phase_done(name: str) -> None:
         phases[name] = time.perf_counter() - began - sum(phases.values())
 
+    spec: JobSpec = config["spec"]
+    cfg = spec.train
+    if not cfg.use_gpu:  # tell DeepSpeed, rather than have it probe for an accelerator and warn on every worker
+        os.environ["DS_ACCELERATOR"] = "cpu"
     import deepspeed
     import ray.train
     from ray.train import Checkpoint
-    from transformers import AutoTokenizer
 
-    spec: JobSpec = config["spec"]
-    cfg = spec.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    quiet_progress_bars()
+    quiet_libraries()
     if cfg.use_gpu:
         device = torch.device("cuda", ctx.get_local_rank())
         torch.cuda.set_device(device)
@@ -178,8 +175,8 @@ def train_worker(config: dict) -> None:
     phase_done("imports")
 
     # data: the same tokenization everywhere, each rank trains on its own shard
-    tokenizer = AutoTokenizer.from_pretrained(spec.model.tokenizer_path)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    tokenizer = load_tokenizer(spec)
+    pad = pad_id(spec, tokenizer)
     train_set = tokenize(spec.data.train, tokenizer, spec.data)
     eval_set = tokenize(spec.data.eval, tokenizer, spec.data) if spec.data.eval else []
     total = optimizer_steps(spec, len(train_set))
@@ -226,6 +223,10 @@ def train_worker(config: dict) -> None:
     order = shard(train_set, rank, world, cfg.seed, state["epoch"])
     score_key = "eval_loss" if eval_set else "loss"
     ckpt_every = cfg.checkpoint_every or cfg.eval_every or total
+    if eval_set and "eval_loss_at_start" not in state:  # once per job: a resumed run has it from its checkpoint
+        state["eval_loss_at_start"] = evaluate(engine, eval_set, micro, pad, device)
+        if rank == 0:
+            say(f"train: step 0/{total} eval_loss {state['eval_loss_at_start']:.4f} (before the first step)")
     start = time.perf_counter() - state["elapsed"]
     engine.train()
     while state["step"] < total:
@@ -237,7 +238,7 @@ def train_worker(config: dict) -> None:
                 state["epoch"], state["cursor"] = state["epoch"] + 1, 0
                 order = shard(train_set, rank, world, cfg.seed, state["epoch"])
             batches.append({k: v.to(device) for k, v in collate(
-                order[state["cursor"] : state["cursor"] + micro], pad_id).items()})
+                order[state["cursor"] : state["cursor"] + micro], pad).items()})
             state["cursor"] += micro
         local_tokens = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
         global_tokens, seen = all_sum([local_tokens, sum(int(b["attention_mask"].sum()) for b in batches)])
@@ -267,7 +268,7 @@ def train_worker(config: dict) -> None:
         last = done == total
         checkpoint_now = last or done % ckpt_every == 0
         if eval_set and (checkpoint_now or (cfg.eval_every and done % cfg.eval_every == 0)):
-            row["eval_loss"] = evaluate(engine, eval_set, micro, pad_id, device)
+            row["eval_loss"] = evaluate(engine, eval_set, micro, pad, device)
         state["metrics"].append(row)
         if rank == 0 and (last or done % cfg.log_every == 0):
             elapsed = time.perf_counter() - start
@@ -298,6 +299,7 @@ def read_result(best_dir: Path, latest_dir: Path, score_key: str) -> TrainResult
     adapter = Path(best_dir) / "adapter"
     return TrainResult(adapter_files={p.name: p.read_bytes() for p in adapter.iterdir() if p.is_file()},
                        metrics=latest["metrics"], best_step=best["step"],
-                       best_eval_loss=best["metrics"][-1].get(score_key), total_steps=latest["step"],
+                       best_eval_loss=best["metrics"][-1].get(score_key),
+                       eval_loss_at_start=latest.get("eval_loss_at_start"), total_steps=latest["step"],
                        resumed_from=latest["resumed_from"], nodes=latest["nodes"],
                        peak_rss_mib=latest["peak_rss_mib"], engine=latest["engine"])
