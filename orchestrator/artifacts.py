@@ -151,7 +151,7 @@ def fetch_artifacts(
         final = dest / safe_relpath(name)
         staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.fetching-", dir=dest))
         try:
-            problems = []
+            problems, placed = [], []
             for entry in entries:
                 rel = safe_relpath(entry.path.removeprefix(f"artifacts/{name}/"))
                 target = staging / rel
@@ -162,6 +162,7 @@ def fetch_artifacts(
                     problems.append(f"{entry.path}: expected {entry.size} bytes sha256 {entry.sha256[:12]}…, "
                                     f"got {size} bytes sha256 {digest[:12]}…")
                     continue
+                placed.append(final / rel)
                 done += 1
                 if on_file:
                     on_file(entry, done, len(files))
@@ -172,7 +173,7 @@ def fetch_artifacts(
             if final.exists():
                 shutil.rmtree(final) if final.is_dir() else final.unlink()
             os.replace(staging, final)
-            written += [final / safe_relpath(e.path.removeprefix(f"artifacts/{name}/")) for e in entries]
+            written += placed
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     if bad:

@@ -42,6 +42,7 @@ from orchestrator.waits import JobCancelled, check_cancelled, request_cancel, ru
 from workers.logs import quiet_libraries
 
 log = logging.getLogger("peftfleet.driver")
+LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
 
 
 @dataclass(frozen=True)
@@ -127,11 +128,10 @@ def _init_ray(spec: JobSpec, ray_address: str | None) -> None:
 
 
 def _preload_stage_code() -> None:
+    quiet_libraries()
     import ray.train.torch  # noqa: F401
 
     import workers.train_loop  # noqa: F401
-
-    quiet_libraries()
 
 
 def _reason(err: Exception) -> str:
@@ -226,12 +226,11 @@ def route_output(verbose_log: Path) -> None:
     os.dup2(verbose.fileno(), 2)
     sys.stderr = verbose
     sys.stdout = _Tee(sys.stdout, verbose)
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s")
     ours = logging.StreamHandler(sys.stdout)
-    ours.setFormatter(fmt)
+    ours.setFormatter(logging.Formatter(LOG_FORMAT))
     ours_logger = logging.getLogger("peftfleet")
     ours_logger.handlers, ours_logger.propagate = [ours], False
-    logging.basicConfig(level=logging.INFO, format=fmt._fmt, stream=sys.stderr, force=True)  # the libraries
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, stream=sys.stderr, force=True)  # the libraries
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -242,7 +241,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--verbose-log", type=Path, help="where library output goes (default: a temporary file); "
                         "uploaded to the job's store prefix as verbose.log when the driver ends")
     args = parser.parse_args(argv)
-    verbose_log = args.verbose_log or Path(tempfile.mkstemp(prefix=f"peftfleet-{args.job_id}-", suffix=".log")[1])
+    verbose_log = args.verbose_log
+    if verbose_log is None:
+        fd, name = tempfile.mkstemp(prefix=f"peftfleet-{args.job_id}-", suffix=".log")
+        os.close(fd)
+        verbose_log = Path(name)
     os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # the log is a file: no ANSI colour codes in it
     route_output(verbose_log)
     store = open_store(StorageSpec.model_validate(json.loads(args.storage_json)))

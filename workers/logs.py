@@ -9,6 +9,7 @@ are repaint noise in a file.
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 
@@ -21,7 +22,10 @@ def say(message: str) -> None:
 
 
 def quiet_libraries() -> None:
-    """Progress bars off; library messages to stderr. Call once in every process that runs job code."""
+    """Progress bars off; library messages to stderr. Call once in every process that runs job code, first."""
+    # save_pretrained imports DeepSpeed (accelerate's isinstance check) in processes that run no engine, and
+    # DeepSpeed then probes for an accelerator and warns on stdout. Training workers set their own, before this.
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import datasets
     import transformers
 

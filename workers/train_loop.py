@@ -156,8 +156,8 @@ def train_worker(config: dict) -> None:
 
     spec: JobSpec = config["spec"]
     cfg = spec.train
-    if not cfg.use_gpu:  # tell DeepSpeed, rather than have it probe for an accelerator and warn on every worker
-        os.environ["DS_ACCELERATOR"] = "cpu"
+    # tell DeepSpeed, rather than have it probe for an accelerator and warn on every worker
+    os.environ["DS_ACCELERATOR"] = "cuda" if cfg.use_gpu else "cpu"
     import deepspeed
     import ray.train
     from ray.train import Checkpoint

@@ -9,6 +9,7 @@ Nothing is downloaded: the tokenizer is a byte-level BPE trained on the generate
 from __future__ import annotations
 
 import json
+import os
 import random
 import sys
 from pathlib import Path
@@ -64,7 +65,11 @@ def build_tiny_llama(
     model's frozen lm_head behind RMSNorm can barely move its logits). Fixed seed, one thread → same weights."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.utils import logging
 
+    logging.disable_progress_bar()  # a bar per save is repaint noise in `make demo`'s output
+    # save_pretrained imports DeepSpeed (accelerate's isinstance check), which would probe for an accelerator and warn
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=512,
