@@ -474,6 +474,10 @@ class JobSpec(Section):
                                  f"{self.adapter.method!r} (use lora)")
         if "decompose" in stages and "calibrate" not in stages:
             raise ValueError("stages: decompose needs calibrate (the covariance it decomposes)")
+        if "calibrate" in stages and "decompose" not in stages:
+            raise ValueError("stages: calibrate alone keeps nothing (its statistics live in memory until decompose "
+                             "turns them into the CorDA init, or into the covariance artifact with "
+                             "init.corda.save_covariance); add decompose")
         if self.init.method == "corda" and "train" in stages and "decompose" not in stages:
             raise ValueError("stages: training a CorDA-initialised adapter needs calibrate and decompose first")
         if self.train.offload_param and self.train.zero_stage != 3:

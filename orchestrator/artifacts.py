@@ -72,6 +72,10 @@ class IncompleteJob(Exception):
     """The job has no manifest: its artifacts were never completely uploaded."""
 
 
+class NoSuchKind(LookupError):
+    """The manifest lists no artifact of the kind asked for."""
+
+
 UPLOAD_THREADS = 4  # files in flight at once: hashing one overlaps sending others (large files also go in parts)
 
 
@@ -138,7 +142,7 @@ def fetch_artifacts(
     if kind is not None:
         if kind not in manifest.artifacts:
             have = ", ".join(sorted(manifest.artifacts))
-            raise KeyError(f"job {job_id} has no artifact kind {kind!r}; it has: {have}")
+            raise NoSuchKind(f"job {job_id} has no artifact kind {kind!r}; it has: {have}")
         files = [f for f in files if f.kind == kind]
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,14 @@ from rich.console import Console
 from rich.table import Table
 
 from jobspecs import SpecError, load_spec
-from orchestrator.artifacts import IncompleteJob, IntegrityError, fetch_artifacts, job_key, read_manifest
+from orchestrator.artifacts import (
+    IncompleteJob,
+    IntegrityError,
+    NoSuchKind,
+    fetch_artifacts,
+    job_key,
+    read_manifest,
+)
 from orchestrator.jobs import JobRecord, JobState, LocalIndex, UnknownJob, current_record
 from orchestrator.ray_jobs import RayJobsError
 from orchestrator.store import StoreError
@@ -242,8 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     except UnknownJob as e:
         err.print(f"error: {e}", markup=False)
         return 2
-    except (JobError, RayJobsError, IncompleteJob, IntegrityError, StoreError, KeyError) as e:
-        err.print(f"error: {e.args[0] if isinstance(e, KeyError) else e}", markup=False)
+    except (JobError, RayJobsError, IncompleteJob, IntegrityError, NoSuchKind, StoreError) as e:
+        err.print(f"error: {e}", markup=False)
         return getattr(e, "code", 1)
 
 

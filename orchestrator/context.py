@@ -1,13 +1,51 @@
-"""What a stage gets: the job, its frozen spec, the store, a staging folder, and what earlier stages left."""
+"""What a stage gets: the job, its frozen spec, the store, a staging folder — and, typed, what earlier stages left.
+
+    calibrate → Calibration → decompose → CordaInit → train → TrainResult → export → ExportOutputs → report
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from jobspecs import JobSpec
 from orchestrator.store import Store
+
+if TYPE_CHECKING:  # the worker modules import torch; the driver imports this module before it needs torch
+    from workers.covariance import InputGroup
+    from workers.train_loop import TrainResult
+
+
+@dataclass
+class Calibration:
+    """calibrate → decompose: each input group's Σxᵀx, as a reference into the object store held by a reducer."""
+
+    groups: list[InputGroup]
+    totals: list[Any]  # one ObjectRef per group (the driver never holds the statistics)
+    reducers: list[Any]  # the reducer actors holding them; decomposition runs where each sum is
+    held: list[list[int]]  # held-out samples for the init-fidelity check
+    tokens: int
+    calibrate_s: float
+    shards: list[dict] = field(default_factory=list)  # per-shard summaries; empty when covariance_from was reused
+    actors: list[tuple[int, str]] = field(default_factory=list)  # (pid, node id) of each covariance actor
+
+
+@dataclass
+class CordaInit:
+    """decompose → train and export: the folders training starts from."""
+
+    residual_base: Path  # the base with W_res
+    adapter: Path  # stock LoRA holding CorDA's A, B
+    fidelity_samples: list[list[int]]  # the export checks its conversion on the same held-out samples
+
+
+@dataclass
+class ExportOutputs:
+    """export → report: the checks and the sweep."""
+
+    conversion: dict | None = None  # CorDA: adapter on the original base vs the trained model
+    wise_ft: list[dict] = field(default_factory=list)  # one row per α
 
 
 @dataclass
@@ -16,12 +54,20 @@ class Context:
     spec: JobSpec
     store: Store
     staging: Path  # staging/<kind>/... becomes jobs/<id>/artifacts/<kind>/...
-    results: dict[str, Any] = field(default_factory=dict)  # in-memory hand-over between stages
     warnings: list[str] = field(default_factory=list)  # shown by `status`, kept in the record
+    calibration: Calibration | None = None
+    corda_init: CordaInit | None = None
+    train: TrainResult | None = None
+    export: ExportOutputs | None = None
 
     def artifact_dir(self, kind: str) -> Path:
         path = self.staging / kind
         path.mkdir(parents=True, exist_ok=True)
         return path
 
-
+    def needs(self, name: str) -> Any:
+        """What an earlier stage left under `name`; a clear error if it did not run."""
+        value = getattr(self, name)
+        if value is None:
+            raise RuntimeError(f"{name} is missing: the stage that produces it did not run before this one")
+        return value

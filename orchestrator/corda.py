@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from jobspecs.schema import JobSpec
-from orchestrator.context import Context
+from orchestrator.context import Calibration, Context, CordaInit
 from orchestrator.waits import wait_all
 
 log = logging.getLogger("peftfleet.corda")
@@ -61,8 +61,8 @@ def run_calibrate(ctx: Context) -> None:
         log.info("calibrate: %d input groups loaded from %s; no collection", len(groups), corda.covariance_from)
         reducers = [ray.remote(Reducer).options(num_cpus=0, scheduling_strategy="SPREAD").remote()
                     for _ in range(corda.num_workers)]
-        ctx.results["corda"] = {"groups": groups, "totals": [ray.put(st) for st in stats], "held": held,
-                                "tokens": stats[0].tokens, "calibrate_s": 0.0, "shards": [], "reducers": reducers}
+        ctx.calibration = Calibration(groups=groups, totals=[ray.put(st) for st in stats], reducers=reducers,
+                                      held=held, tokens=stats[0].tokens, calibrate_s=0.0)
         return
     shards = [samples[i : i + corda.shard_samples] for i in range(0, len(samples), corda.shard_samples)]
     # SPREAD: one replica per node where possible, so losing a node loses the fewest actors. Failures are bounded
@@ -87,7 +87,6 @@ def run_calibrate(ctx: Context) -> None:
     wait_all([r.ready.remote() for r in reducers], fetch=True)
     for i, (pid, node) in enumerate(placement):
         log.info("calibrate: covariance actor %d is pid %d on node %s", i, pid, node[:12])
-    ctx.results["corda_actors"] = placement
     groups = ray.get(actors[0].groups.remote(spec.adapter.target_modules, samples[0]))
     log.info("calibrate: %d samples in %d shards on %d actor(s); %d input groups: %s", len(samples), len(shards),
              len(actors), len(groups), ", ".join(f"{g.name}[{len(g.modules)}]" for g in groups))
@@ -113,8 +112,8 @@ def run_calibrate(ctx: Context) -> None:
     wait_all(totals)
     for actor in actors:  # free their CPUs (and GPUs) for the decomposition
         ray.kill(actor)
-    ctx.results["corda"] = {"groups": groups, "totals": totals, "held": held, "tokens": tokens,
-                            "calibrate_s": time.perf_counter() - start, "shards": summaries, "reducers": reducers}
+    ctx.calibration = Calibration(groups=groups, totals=totals, reducers=reducers, held=held, tokens=tokens,
+                                  calibrate_s=time.perf_counter() - start, shards=summaries, actors=placement)
 
 
 def run_decompose(ctx: Context) -> None:
@@ -122,8 +121,8 @@ def run_decompose(ctx: Context) -> None:
 
 
     spec, corda = ctx.spec, ctx.spec.init.corda_spec
-    state = ctx.results["corda"]
-    groups, totals, reducers = state["groups"], state["totals"], state["reducers"]
+    state: Calibration = ctx.needs("calibration")
+    groups, totals, reducers = state.groups, state.totals, state.reducers
     scaling = spec.adapter.alpha / spec.adapter.r
     # Each group is decomposed by the reducer that produced its sum, i.e. where the covariance already is.
     refs = [reducers[g % len(reducers)].decompose.remote(total, group.name, group.modules, str(spec.model.path),
@@ -144,8 +143,8 @@ def run_decompose(ctx: Context) -> None:
     residual_dir, adapter_dir = ctx.artifact_dir("residual_base"), ctx.artifact_dir("corda_init")
     write_corda_outputs(spec, results, residual_dir, adapter_dir)
     # In the driver, beside the staging folder it reads (a cluster's head often has no CPUs for tasks).
-    fidelity = init_fidelity(str(spec.model.path), str(residual_dir), str(adapter_dir), state["held"])
-    report = diagnostics(spec, results, fidelity, state["tokens"], state["calibrate_s"], decompose_s)
+    fidelity = init_fidelity(str(spec.model.path), str(residual_dir), str(adapter_dir), state.held)
+    report = diagnostics(spec, results, fidelity, state.tokens, state.calibrate_s, decompose_s)
     for g in results:
         log.info("decompose: %s [%s]: %d samples, %d tokens, effective rank %.1f/%d, cond(C') %.2e, damping %g, "
                  "max reconstruction error %.1e", g.group, ",".join(m.rsplit(".", 1)[-1] for m in g.modules),
@@ -157,8 +156,7 @@ def run_decompose(ctx: Context) -> None:
     report_dir = ctx.artifact_dir("report")
     (report_dir / "corda.json").write_text(json.dumps(report, indent=2))
     plot_spectra(results, report_dir / "corda_spectrum.png")
-    ctx.results["corda_init"] = {"residual_base": residual_dir, "adapter": adapter_dir}
-    ctx.results["fidelity_samples"] = state["held"]  # the export checks its conversion on the same held-out data
+    ctx.corda_init = CordaInit(residual_base=residual_dir, adapter=adapter_dir, fidelity_samples=state.held)
     log.info("decompose: init fidelity max |Δlogits| %.2e (tolerance %.0e)", fidelity, corda.fidelity_tolerance)
     if not fidelity <= corda.fidelity_tolerance:
         raise ValueError(f"init-fidelity check failed: residual base + CorDA adapter changes the logits by up to "

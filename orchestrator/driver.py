@@ -26,7 +26,6 @@ import tempfile
 import threading
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
@@ -45,14 +44,6 @@ log = logging.getLogger("peftfleet.driver")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
 
 
-@dataclass(frozen=True)
-class Stage:
-    name: str
-    consumes: tuple[str, ...]  # what it reads: spec inputs or results of earlier stages
-    produces: tuple[str, ...]  # results / artifact kinds it leaves
-    run: Callable[[Context], None]
-
-
 def run_train(ctx: Context) -> None:
     """Ray Train workers, each driving a DeepSpeed engine; checkpoints in the job's storage; best by eval loss."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -61,12 +52,13 @@ def run_train(ctx: Context) -> None:
     from workers.train_loop import read_result, train_worker
 
     spec, train = ctx.spec, ctx.spec.train
-    init = ctx.results.get("corda_init")
+    init = ctx.corda_init
     score_key = "eval_loss" if spec.data.eval else "loss"
     storage_path, filesystem = train_storage(spec.storage, ctx.job_id)
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"spec": spec, "corda_init": init and {k: str(v) for k, v in init.items()}},
+        train_loop_config={"spec": spec, "corda_init": init and {"residual_base": str(init.residual_base),
+                                                                  "adapter": str(init.adapter)}},
         scaling_config=ScalingConfig(
             num_workers=train.num_workers, use_gpu=train.use_gpu, placement_strategy=train.placement_strategy,
             resources_per_worker={"CPU": train.cpus_per_worker, **({"GPU": 1} if train.use_gpu else {})}),
@@ -83,8 +75,7 @@ def run_train(ctx: Context) -> None:
         raise result.error
     best = result.get_best_checkpoint(score_key, "min")
     with best.as_directory() as best_dir, result.checkpoint.as_directory() as latest_dir:
-        ctx.results["train"] = read_result(Path(best_dir), Path(latest_dir), score_key)
-    out = ctx.results["train"]
+        ctx.train = out = read_result(Path(best_dir), Path(latest_dir), score_key)
     last = out.metrics[-1] if out.metrics else {}
     # Logged here, not only by the workers: Ray forwards worker output asynchronously, maybe after the job ends.
     log.info("train: %d/%d steps, final loss %.4f, best step %d (%s %.4f)", last.get("step", 0), out.total_steps,
@@ -101,16 +92,14 @@ def run_upload(ctx: Context) -> None:
              ctx.store.url_of(job_key(ctx.job_id, "manifest.json")))
 
 
-STAGES: dict[str, Stage] = {
-    s.name: s
-    for s in (
-        Stage("calibrate", ("model", "data.calibration"), ("corda",), run_calibrate),
-        Stage("decompose", ("corda",), ("residual_base", "corda_init", "report/corda.json"), run_decompose),
-        Stage("train", ("model", "data.train", "data.eval", "corda_init?"), ("train",), run_train),
-        Stage("export", ("train", "corda_init?", "data.eval"),
-              ("adapter", "adapter_on_original_base", "merged@α", "adapter@α", "report"), run_export),
-        Stage("upload", ("staging",), ("manifest",), run_upload),
-    )
+# What each stage reads and leaves is typed on Context (calibration, corda_init, train, export); the order is the
+# spec's (JobSpec.effective_stages), upload last.
+STAGES: dict[str, Callable[[Context], None]] = {
+    "calibrate": run_calibrate,
+    "decompose": run_decompose,
+    "train": run_train,
+    "export": run_export,
+    "upload": run_upload,
 }
 
 
@@ -179,7 +168,7 @@ def run_job(job_id: str, store: Store, ray_address: str | None = None) -> JobRec
             record.start_stage(name)
             record.save(store)
             log.info("stage %s: started", name)
-            STAGES[name].run(ctx)
+            STAGES[name](ctx)
             record.warnings = list(ctx.warnings)
             record.end_stage(name)
             record.save(store)

@@ -14,7 +14,7 @@ import logging
 import tempfile
 from pathlib import Path
 
-from orchestrator.context import Context
+from orchestrator.context import Context, ExportOutputs
 from orchestrator.report import write_report
 
 log = logging.getLogger("peftfleet.export")
@@ -26,16 +26,16 @@ def _fmt(alpha: float) -> str:
 
 def run_export(ctx: Context) -> None:
     with tempfile.TemporaryDirectory(prefix="peftfleet-export-") as work:
-        ctx.results["export"] = export_artifacts(ctx, Path(work))
+        ctx.export = export_artifacts(ctx, Path(work))
     write_report(ctx)
 
 
-def export_artifacts(ctx: Context, work: Path) -> dict:
+def export_artifacts(ctx: Context, work: Path) -> ExportOutputs:
     """Write the artifact folders the spec asks for; returns the checks and the sweep for the report."""
     from workers import export
     from workers.data import load_tokenizer, pad_id, tokenize
 
-    spec, result = ctx.spec, ctx.results["train"]
+    spec, result = ctx.spec, ctx.needs("train")
     formats, method = spec.export.formats, spec.adapter.method
     adapter = ctx.artifact_dir("adapter") if "adapter" in formats else work / "adapter"
     adapter.mkdir(parents=True, exist_ok=True)
@@ -44,19 +44,19 @@ def export_artifacts(ctx: Context, work: Path) -> dict:
     tokenizer = load_tokenizer(spec)
     pad = pad_id(spec, tokenizer)
     original_base = str(spec.model.path)
-    outputs: dict = {}
+    outputs = ExportOutputs()
 
     # A CorDA adapter lives on the residual base; everything after this works on the original base.
     on_original = adapter
-    init = ctx.results.get("corda_init")
+    init = ctx.corda_init
     if init:
         on_original = (ctx.artifact_dir("adapter_on_original_base") if "adapter_on_original_base" in formats
                        else work / "adapter_on_original_base")
-        export.to_original_base(adapter, init["adapter"], original_base, on_original)
-        samples = ctx.results["fidelity_samples"]
-        gap = export.max_logit_gap(export.load_model(str(init["residual_base"]), adapter),
+        export.to_original_base(adapter, init.adapter, original_base, on_original)
+        samples = init.fidelity_samples
+        gap = export.max_logit_gap(export.load_model(str(init.residual_base), adapter),
                                    export.load_model(original_base, on_original), samples)
-        outputs["conversion"] = {"max_abs_logit_diff": gap, "tolerance": spec.export.conversion_tolerance,
+        outputs.conversion = {"max_abs_logit_diff": gap, "tolerance": spec.export.conversion_tolerance,
                                  "samples": len(samples)}
         log.info("export: adapter on the original base: max |Δlogits| %.2e over %d samples (tolerance %.0e)",
                  gap, len(samples), spec.export.conversion_tolerance)
@@ -71,7 +71,7 @@ def export_artifacts(ctx: Context, work: Path) -> dict:
         for row in rows:
             log.info("export: Wise-FT α %s: eval loss %.4f, perplexity %.2f", _fmt(row["alpha"]), row["eval_loss"],
                      row["perplexity"])
-        outputs["wise_ft"] = rows
+        outputs.wise_ft = rows
     for alpha in spec.export.merge_alphas if "merged" in formats else []:
         folder = ctx.artifact_dir(f"merged@{_fmt(alpha)}")
         merged = export.interpolated_model(original_base, on_original, method, alpha, work / f"merge-{_fmt(alpha)}")

@@ -18,7 +18,7 @@ import json
 from contextlib import contextmanager
 from pathlib import Path
 
-from orchestrator.context import Context
+from orchestrator.context import Context, ExportOutputs
 
 
 @contextmanager
@@ -89,7 +89,7 @@ def _cell(value) -> str:
 
 
 def write_report(ctx: Context) -> None:
-    result, spec = ctx.results["train"], ctx.spec
+    result, spec = ctx.needs("train"), ctx.spec
     folder = ctx.artifact_dir("report")
     metrics = result.metrics
     (folder / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in metrics))
@@ -98,7 +98,7 @@ def write_report(ctx: Context) -> None:
                "total_steps": result.total_steps, "resumed_from": result.resumed_from, "nodes": result.nodes,
                "peak_rss_mib": result.peak_rss_mib, "engine": result.engine}
     (folder / "summary.json").write_text(json.dumps(summary, indent=2))
-    exported = ctx.results.get("export", {})
+    exported = ctx.export or ExportOutputs()
     plots = []
     evals = eval_curve(metrics, result.eval_loss_at_start)
     if metrics:
@@ -108,13 +108,14 @@ def write_report(ctx: Context) -> None:
         if "ranks" in metrics[0]:
             plot_ranks(metrics, folder / "adalora_ranks.png")
             plots.append("adalora_ranks.png")
-    if exported.get("wise_ft"):
-        plot_wise_ft(exported["wise_ft"], folder / "wise_ft.png")
+    if exported.wise_ft:
+        plot_wise_ft(exported.wise_ft, folder / "wise_ft.png")
         plots.append("wise_ft.png")
     corda = json.loads((folder / "corda.json").read_text()) if (folder / "corda.json").exists() else None
     if (folder / "corda_spectrum.png").exists():
         plots.append("corda_spectrum.png")
-    report = {**summary, **exported, "plots": plots,
+    report = {**summary, **({"conversion": exported.conversion} if exported.conversion else {}),
+              **({"wise_ft": exported.wise_ft} if exported.wise_ft else {}), "plots": plots,
               "curves": {"step": [m["step"] for m in metrics], "loss": [m["loss"] for m in metrics],
                          "eval": evals,
                          "tokens_per_s": [m["tokens"] / m["step_s"] for m in metrics]},
@@ -123,14 +124,15 @@ def write_report(ctx: Context) -> None:
     sections = [f"<h1>peftfleet job {html.escape(ctx.job_id)}</h1>",
                 f"<p>{html.escape(spec.adapter.method)} (init {html.escape(spec.init.method)}), "
                 f"{result.total_steps} steps; best step {result.best_step}"
-                + (f", eval loss {result.best_eval_loss:.4f}" if result.best_eval_loss is not None else "")
+                + (f", {'eval' if spec.data.eval else 'training'} loss {result.best_eval_loss:.4f}"
+                   if result.best_eval_loss is not None else "")
                 + "</p>",
                 _table([{k: v for k, v in summary.items() if k not in ("engine", "job")}]),
                 _table([result.engine]) if result.engine else ""]
-    if "conversion" in exported:
-        sections.append("<h2>adapter on the original base</h2>" + _table([exported["conversion"]]))
-    if exported.get("wise_ft"):
-        sections.append("<h2>Wise-FT sweep</h2>" + _table(exported["wise_ft"]))
+    if exported.conversion:
+        sections.append("<h2>adapter on the original base</h2>" + _table([exported.conversion]))
+    if exported.wise_ft:
+        sections.append("<h2>Wise-FT sweep</h2>" + _table(exported.wise_ft))
     sections += [f'<h2>{html.escape(p.removesuffix(".png").replace("_", " "))}</h2><img src="{p}">' for p in plots]
     style = "body{font-family:sans-serif;max-width:980px;margin:auto}td,th{padding:2px 8px;text-align:right}"
     (folder / "index.html").write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>{ctx.job_id}"

@@ -4,7 +4,6 @@ isolated peftfleet state dir per test. Nothing here mocks Ray, peft or boto3."""
 from __future__ import annotations
 
 import os
-import socket
 import sys
 import uuid
 from pathlib import Path
@@ -24,14 +23,9 @@ os.environ.update(
     RAY_DEDUP_LOGS="0",
 )
 
+from tests.helpers import free_port  # after the environment: it imports our modules
 
 _EXIT_STATUS = pytest.StashKey[int]()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

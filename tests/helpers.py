@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import copy
+import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -40,6 +43,28 @@ def weights_only(assets: Path, folder: Path) -> Path:
     return folder
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+MiB = 1024 * 1024
+
+
+def make_staging(root, big_mib: int = 0):
+    """A staging tree like the export stage leaves: <kind>/<files>, optionally one large file."""
+    (root / "adapter").mkdir(parents=True)
+    (root / "adapter" / "adapter_config.json").write_text('{"r": 8}')
+    (root / "adapter" / "adapter_model.safetensors").write_bytes(os.urandom(4096))
+    (root / "report").mkdir()
+    (root / "report" / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    if big_mib:
+        (root / "residual_base").mkdir()
+        (root / "residual_base" / "model.safetensors").write_bytes(os.urandom(big_mib * MiB + 12345))
+    return root
+
+
 def write_spec(path: Path, spec: dict) -> Path:
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path
@@ -64,3 +89,36 @@ def wait_gone(pid: int, timeout: float = 60) -> bool:
     while process_running(pid) and time.monotonic() < deadline:
         time.sleep(0.2)
     return not process_running(pid)
+
+
+@dataclass(frozen=True)
+class Proc:
+    pid: int
+    parent: int
+    started: int  # clock ticks after boot
+    cmdline: bytes
+
+
+def cmdline(pid: int) -> bytes:
+    """A process's command line (Ray puts its process title there); empty once it is gone."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def ray_processes(title: str) -> list[Proc]:
+    """Live processes whose Ray process title (their cmdline) starts with `title`, newest first. Ray may keep
+    processes of an earlier worker group around, titled alike; the live group's are the most recently started."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            line = cmdline(int(entry))
+            if line.startswith(title.encode()):
+                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+                found.append(Proc(int(entry), int(fields[1]), int(fields[19]), line))
+        except (OSError, ValueError, IndexError):  # gone while being read
+            pass
+    return sorted(found, key=lambda proc: proc.started, reverse=True)

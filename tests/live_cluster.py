@@ -21,7 +21,7 @@ import requests
 import yaml
 
 from orchestrator.gateway import hash_token
-from tests.conftest import free_port
+from tests.helpers import free_port
 
 BIN = Path(sys.executable).parent
 

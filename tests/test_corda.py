@@ -7,7 +7,6 @@ import os
 import signal
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import ray
@@ -21,7 +20,7 @@ from orchestrator.context import Context
 from orchestrator.corda import calibration_samples, run_calibrate
 from orchestrator.store import LocalStore
 from tests.corda_helpers import ALPHA, TARGETS, R, corda_spec, ours, run_stages
-from tests.helpers import wait_gone
+from tests.helpers import ray_processes, wait_gone
 from workers.covariance import GroupStats
 from workers.decompose import decompose_group
 
@@ -75,7 +74,7 @@ def test_covariance_equals_peft_and_groups_share_one_matrix(local_ray, assets, t
     ctx = Context(job_id="t", spec=corda_spec(assets, tmp_path, batch_size=4), store=LocalStore(tmp_path),
                   staging=tmp_path / "staging")
     run_calibrate(ctx)
-    groups, totals = ctx.results["corda"]["groups"], ctx.results["corda"]["totals"]
+    groups, totals = ctx.calibration.groups, ctx.calibration.totals
     # q/k/v read one tensor, gate/up another: 4 groups per layer where peft keeps 7 matrices
     assert [len(g.modules) for g in groups] == [3, 1, 2, 1] * 2
     for g, total in zip(groups, totals, strict=True):
@@ -145,20 +144,6 @@ def test_nan_activations_fail_with_the_layer_name(local_ray, assets, tmp_path):
         run_calibrate(ctx)
 
 
-def actor_pids_in(method: str) -> list[int]:
-    """PIDs of Ray actor processes currently running `method` (Ray sets the process title)."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
-            except OSError:
-                continue
-            if cmdline.startswith(f"ray::{method}".encode()):
-                pids.append(int(entry))
-    return pids
-
-
 @pytest.mark.slow
 def test_killed_actor_mid_shard_gives_the_same_numbers(local_ray, assets, tmp_path):
     def spec_for(tmp):  # many small shards: an actor is inside `collect` nearly all the time
@@ -170,7 +155,7 @@ def test_killed_actor_mid_shard_gives_the_same_numbers(local_ray, assets, tmp_pa
     def kill_one():
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and not killed:
-            pids = actor_pids_in("CovarianceWorker.collect")
+            pids = [p.pid for p in ray_processes("ray::CovarianceWorker.collect")]
             if pids:
                 os.kill(pids[0], signal.SIGKILL)
                 killed.append(pids[0])
@@ -181,7 +166,7 @@ def test_killed_actor_mid_shard_gives_the_same_numbers(local_ray, assets, tmp_pa
     disturbed = run_stages(spec_for(tmp_path / "killed"), tmp_path / "killed")
     killer.join()
     assert killed, "no actor was caught inside a shard"
-    assert killed[0] in {pid for pid, _ in disturbed.results["corda_actors"]}  # a covariance actor, mid-shard
+    assert killed[0] in {pid for pid, _ in disturbed.calibration.actors}  # a covariance actor, mid-shard
     assert wait_gone(killed[0])
     a, b = ours(calm), ours(disturbed)
     assert a.keys() == b.keys()
@@ -196,7 +181,7 @@ def test_saved_covariance_lets_another_mode_skip_collection(local_ray, assets, t
     assert (saved / "groups.json").is_file()
     # same mode from the saved statistics: bit-identical to collecting them
     again = run_stages(corda_spec(assets, tmp_path / "b", covariance_from=str(saved)), tmp_path / "b")
-    assert again.results["corda"]["shards"] == []  # nothing was collected
+    assert again.calibration.shards == []  # nothing was collected
     a, b = ours(first), ours(again)
     assert all(torch.equal(a[k], b[k]) for k in a)
     # another mode and rank from the same statistics

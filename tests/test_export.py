@@ -71,9 +71,9 @@ def test_merged_models_interpolate_from_the_base_to_the_trained_model(lora_job, 
 
 
 def test_wise_ft_sweep_ends_at_the_base_and_the_trained_model(lora_job):
-    rows = {r["alpha"]: r for r in lora_job.results["export"]["wise_ft"]}
+    rows = {r["alpha"]: r for r in lora_job.export.wise_ft}
     assert sorted(rows) == [0.0, 0.25, 0.5, 0.75, 1.0]
-    result = lora_job.results["train"]
+    result = lora_job.train
     # α = 1 is the exported (best) checkpoint, evaluated the way training evaluated it
     assert rows[1.0]["eval_loss"] == pytest.approx(result.best_eval_loss, rel=1e-4)
     assert rows[0.0]["eval_loss"] > rows[1.0]["eval_loss"] + 0.1  # the base model is worse on this task
@@ -89,7 +89,7 @@ def test_report_renders_with_the_numbers_of_the_metrics(lora_job):
     assert report["curves"]["loss"] == [m["loss"] for m in metrics]
     assert report["curves"]["eval"] == [[0, report["eval_loss_at_start"]],
                                         *[[m["step"], m["eval_loss"]] for m in metrics if "eval_loss" in m]]
-    assert report["best_step"] == lora_job.results["train"].best_step
+    assert report["best_step"] == lora_job.train.best_step
     assert set(report["plots"]) == {"loss.png", "throughput.png", "wise_ft.png"}
     from PIL import Image
 
@@ -153,14 +153,14 @@ def test_corda_adapter_on_the_original_base_reproduces_the_trained_model(local_r
     converted = PeftModel.from_pretrained(base(assets), staging / "adapter_on_original_base").eval()
     assert converted.peft_config["default"].r == 2 * R
     assert torch.allclose(logits(converted), logits(trained), atol=1e-4)
-    conversion = job.results["export"]["conversion"]
+    conversion = job.export.conversion
     assert conversion["max_abs_logit_diff"] < 1e-4 and conversion["samples"] == 4
     load_in_fresh_process(tmp_path, staging, str(assets / "tiny-llama"),
                           [(str(assets / "tiny-llama"), "adapter_on_original_base"),
                            (str(staging / "residual_base"), "adapter")], ["residual_base"])
     # the sweep runs on the original base: α = 0 is the original model, not the residual one
-    rows = {r["alpha"]: r["eval_loss"] for r in job.results["export"]["wise_ft"]}
-    assert rows[1.0] == pytest.approx(job.results["train"].best_eval_loss, rel=1e-4)
+    rows = {r["alpha"]: r["eval_loss"] for r in job.export.wise_ft}
+    assert rows[1.0] == pytest.approx(job.train.best_eval_loss, rel=1e-4)
 
 
 @pytest.mark.parametrize("method", ["lora", "adalora", "ia3"])

@@ -14,8 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from tests.conftest import free_port
-from tests.helpers import cli, tiny_spec, wait_gone, write_spec
+from tests.helpers import cli, free_port, tiny_spec, wait_gone, write_spec
 from tests.live_cluster import call, gateway, ray_head, with_token
 
 pytestmark = pytest.mark.slow

@@ -78,6 +78,12 @@ def test_spec_errors_name_field_and_reason(tmp_path, assets, change, path, reaso
     assert reason in text, text
 
 
+def test_calibrate_alone_is_refused(tmp_path, assets):
+    spec = tiny_spec(assets, "file://store", stages=["calibrate"], init={"method": "corda"},
+                     data={"calibration": str(assets / "calibration.jsonl")})
+    assert "stages: calibrate alone keeps nothing" in str(check(tmp_path, spec))
+
+
 def test_model_folder_without_config_is_refused(tmp_path, assets):
     (tmp_path / "not-a-model").mkdir()
     error = check(tmp_path, tiny_spec(assets, "file://store", model={"path": "not-a-model"}))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 
 import boto3
 import pytest
@@ -20,21 +19,7 @@ from orchestrator.artifacts import (
 )
 from orchestrator.store import StoreError, open_store, safe_relpath
 from tests.fault_proxy import FaultProxy
-
-MiB = 1024 * 1024
-
-
-def make_staging(root, big_mib: int = 0):
-    """A staging tree like the export stage leaves: <kind>/<files>, optionally one large file."""
-    (root / "adapter").mkdir(parents=True)
-    (root / "adapter" / "adapter_config.json").write_text('{"r": 8}')
-    (root / "adapter" / "adapter_model.safetensors").write_bytes(os.urandom(4096))
-    (root / "report").mkdir()
-    (root / "report" / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
-    if big_mib:
-        (root / "residual_base").mkdir()
-        (root / "residual_base" / "model.safetensors").write_bytes(os.urandom(big_mib * MiB + 12345))
-    return root
+from tests.helpers import MiB, make_staging
 
 
 def sha(path) -> str:

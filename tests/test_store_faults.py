@@ -14,7 +14,7 @@ from jobspecs.schema import StorageSpec
 from orchestrator.artifacts import IncompleteJob, fetch_artifacts, read_manifest, upload_artifacts
 from orchestrator.store import StoreError, open_store
 from tests.fault_proxy import FAULTS, FaultProxy
-from tests.test_store import make_staging
+from tests.helpers import make_staging
 
 MAX_ATTEMPTS = 2  # S3Store's whole-operation attempts; botocore gets the same number as *retries*, so:
 BOTO_TRIES = MAX_ATTEMPTS + 1  # tries per request inside one S3Store attempt

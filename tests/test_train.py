@@ -7,12 +7,11 @@ import os
 import signal
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
-from tests.helpers import weights_only
+from tests.helpers import ray_processes, weights_only
 from tests.train_helpers import adapter_tensors, assert_same_training, registered, train
 
 pytestmark = pytest.mark.slow
@@ -95,26 +94,11 @@ def test_metrics_round_trip(runs):
     assert len(peaks) == 2 and all(100 < p < 8192 for p in peaks), peaks  # MiB per worker process
 
 
-def newest_ray_processes(title: str) -> list[int]:
-    """PIDs of processes whose Ray title starts with `title`, newest first. Ray may keep processes of an earlier
-    worker group around, titled alike; the live group's are the most recently started."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if Path(f"/proc/{entry}/cmdline").read_bytes().startswith(title.encode()):
-                    start = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[19])
-                    found.append((start, int(entry)))
-            except (OSError, ValueError, IndexError):
-                pass
-    return [pid for _, pid in sorted(found, reverse=True)]
-
-
 def test_killed_worker_resumes_from_the_checkpoint(local_ray, assets, tmp_path):
     settings = {"num_workers": 2, "micro_batch_size": 4, "zero_stage": 2, "max_failures": 1, "checkpoint_every": 1,
                 "max_steps": 8, "eval_every": 4}
     calm = train(assets, tmp_path / "calm", **settings)
-    earlier = set(newest_ray_processes("ray::RayTrainWorker"))  # the calm run's workers may linger
+    earlier = {p.pid for p in ray_processes("ray::RayTrainWorker")}  # the calm run's workers may linger
     killed = []
 
     def kill_after_a_registered_checkpoint():
@@ -123,7 +107,7 @@ def test_killed_worker_resumes_from_the_checkpoint(local_ray, assets, tmp_path):
             # a checkpoint folder alone may not be registered yet
             snapshots = list((tmp_path / "killed" / "store").glob("jobs/*/train/checkpoint_manager_snapshot.json"))
             if snapshots and registered(snapshots[0]):
-                pids = [p for p in newest_ray_processes("ray::RayTrainWorker") if p not in earlier]
+                pids = [p.pid for p in ray_processes("ray::RayTrainWorker") if p.pid not in earlier]
                 if pids:
                     os.kill(pids[0], signal.SIGKILL)
                     killed.append(pids[0])

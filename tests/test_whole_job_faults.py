@@ -21,7 +21,7 @@ from ray.util.state import list_actors, list_tasks
 from jobspecs import parse_spec
 from orchestrator.jobs import process_running
 from tests.corda_helpers import corda_job, corda_tensors, ours, run_stages
-from tests.helpers import cli, wait_gone, write_spec
+from tests.helpers import cli, cmdline, ray_processes, wait_gone, write_spec
 from tests.train_helpers import registered
 
 pytestmark = pytest.mark.slow
@@ -141,14 +141,14 @@ class NodeRemover(threading.Thread):
         self._polls += 1
         if self._polls % 50 == 0:
             self._still("calibrate")
-        return next((a for a in actors if _cmdline(a[0]).startswith(b"ray::CovarianceWorker.collect")), None)
+        return next((a for a in actors if cmdline(a[0]).startswith(b"ray::CovarianceWorker.collect")), None)
 
     def _training_worker(self) -> list[tuple[int, str]] | None:
         if not self._still("train"):
             return None
         actors = list_actors(address=self.cluster.address, filters=[("class_name", "=", "RayTrainWorker"),
                                                                      ("state", "=", "ALIVE")])
-        found = [(a.pid, a.node_id) for a in actors if _cmdline(a.pid).startswith(b"ray::RayTrainWorker")]
+        found = [(a.pid, a.node_id) for a in actors if cmdline(a.pid).startswith(b"ray::RayTrainWorker")]
         return found if len(found) == TRAIN["num_workers"] else None
 
     def _remove(self, actor: str, pid: int, node_id: str, reducers: int = 0) -> None:
@@ -161,29 +161,8 @@ class NodeRemover(threading.Thread):
 def _node_processes(cluster, *titles: bytes) -> list[list[tuple[int, str]]]:
     """Per title, (pid, node id) of the cluster's processes whose Ray title starts with it."""
     raylets = {node.all_processes["raylet"][0].process.pid: node.node_id for node in cluster.list_all_nodes()}
-    found: list[list[tuple[int, str]]] = [[] for _ in titles]
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        cmdline = _cmdline(int(entry))
-        for i, title in enumerate(titles):
-            if cmdline.startswith(title) and (node := raylets.get(_parent(int(entry)))):
-                found[i].append((int(entry), node))
-    return found
-
-
-def _cmdline(pid: int) -> bytes:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return b""
-
-
-def _parent(pid: int) -> int | None:
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
+    return [[(p.pid, raylets[p.parent]) for p in ray_processes(title.decode()) if p.parent in raylets]
+            for title in titles]
 
 
 def _numbers(report: dict) -> dict:

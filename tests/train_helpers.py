@@ -25,7 +25,7 @@ def train(assets, tmp, adapter: dict | None = None, data_override: dict | None =
     ctx = Context(job_id=f"t-{uuid.uuid4().hex[:6]}", spec=spec, store=LocalStore(tmp / "store"),
                   staging=tmp / "staging")
     run_train(ctx)
-    return ctx.results["train"]
+    return ctx.train
 
 
 # Two runs that are equal in exact arithmetic (1 worker × 8 vs 2 × 4, ZeRO-2 vs ZeRO-3, a resumed run) differ in

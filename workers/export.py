@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from workers.data import IGNORE, collate
+from workers.loss import mean_token_loss
 
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
 
@@ -55,7 +55,9 @@ def to_original_base(trained: Path, initial: Path, original_base: str, out: Path
               "rank_pattern": {k: 2 * v for k, v in (config.get("rank_pattern") or {}).items()},
               "alpha_pattern": {k: 2 * v for k, v in (config.get("alpha_pattern") or {}).items()},
               "base_model_name_or_path": original_base, "init_lora_weights": True}
-    assert init_config["r"] == config["r"] // 2, "the initial adapter must have the trained adapter's rank"
+    if init_config["r"] != config["r"] // 2:
+        raise ValueError(f"{initial}: rank {init_config['r']} differs from the trained adapter's "
+                         f"{config['r'] // 2}; the conversion needs the adapter training started from")
     write_adapter(out, config, converted)
 
 
@@ -96,27 +98,13 @@ def interpolated_model(base_path: str, adapter: Path, method: str, alpha: float,
     return load_model(base_path, work).merge_and_unload()
 
 
-@torch.no_grad()
-def eval_loss(model, examples: list[dict], batch_size: int, pad_id: int) -> float:
-    """Mean next-token loss per label token (the train stage's eval loss)."""
-    total, tokens = 0.0, 0
-    for i in range(0, len(examples), batch_size):
-        batch = collate(examples[i : i + batch_size], pad_id)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-        labels = batch["labels"][:, 1:]
-        total += float(torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
-                                                         labels.reshape(-1), ignore_index=IGNORE, reduction="sum"))
-        tokens += int((labels != IGNORE).sum())
-    return total / max(tokens, 1)
-
-
 def wise_ft_sweep(base_path: str, adapter: Path, method: str, alphas: list[float], examples: list[dict],
                   batch_size: int, pad_id: int, work: Path) -> list[dict]:
     """Eval loss and perplexity of W_base + α·ΔW for each α."""
     rows = []
     for alpha in alphas:
         model = interpolated_model(base_path, adapter, method, alpha, work / f"alpha-{alpha:g}")
-        loss = eval_loss(model, examples, batch_size, pad_id)
+        loss = mean_token_loss(model, examples, batch_size, pad_id)
         rows.append({"alpha": alpha, "eval_loss": loss, "perplexity": math.exp(min(loss, 50.0))})
     return rows
 

@@ -16,20 +16,45 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from jobspecs.schema import JobSpec
-from workers.adalora import REGULARISER, AdaLoraBudget, add_regulariser
+from workers.adalora import AdaLoraBudget, add_regulariser
 from workers.adapters import peft_config
 from workers.data import IGNORE, collate, load_tokenizer, pad_id, shard, tokenize
 from workers.deepspeed_config import deepspeed_config
 from workers.logs import quiet_libraries, say
+from workers.loss import mean_token_loss, token_loss_sum
 
 CKPT_TAG = "ds"
+
+
+@dataclass
+class TrainState:
+    """Where a run is and what it has seen: a checkpoint's state.json, and what the export reads back."""
+
+    step: int = 0
+    epoch: int = 0
+    cursor: int = 0  # position in this epoch's shard of the data
+    tokens: int = 0
+    elapsed: float = 0.0
+    metrics: list[dict] = field(default_factory=list)  # one row per optimizer step
+    resumed_from: list[int] = field(default_factory=list)  # steps a restarted worker group resumed from
+    eval_loss_at_start: float | None = None  # the model before its first optimizer step (where the curve starts)
+    nodes: list[str] = field(default_factory=list)  # the Ray node each rank ran on (the latest worker group)
+    engine: dict = field(default_factory=dict)  # what DeepSpeed actually ran: ZeRO stage, batch layout, precision
+    peak_rss_mib: list[float] = field(default_factory=list)  # per rank, the worker process's peak resident memory
+
+    def save(self, folder: Path) -> None:
+        (folder / "state.json").write_text(json.dumps(asdict(self)))
+
+    @classmethod
+    def load(cls, folder: Path) -> TrainState:
+        return cls(**json.loads((Path(folder) / "state.json").read_text()))
 
 
 @dataclass
@@ -37,7 +62,7 @@ class TrainResult:
     adapter_files: dict[str, bytes]  # the best checkpoint's adapter folder, file name -> content
     metrics: list[dict] = field(default_factory=list)  # one row per optimizer step
     best_step: int = 0
-    best_eval_loss: float | None = None
+    best_eval_loss: float | None = None  # the best checkpoint's score: eval loss, or training loss without eval
     eval_loss_at_start: float | None = None  # the model before its first optimizer step (where the curve starts)
     total_steps: int = 0
     resumed_from: list[int] = field(default_factory=list)  # steps a restarted worker group resumed from
@@ -58,19 +83,6 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
     if step < warmup:
         return (step + 1) / warmup
     return max(0.0, (total - step) / max(1, total - warmup))
-
-
-def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, torch.Tensor | None]:
-    """(Σ next-token cross-entropy over label tokens, number of label tokens, AdaLoRA's regulariser if the model
-    returns one), in fp32."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    logits = out.logits
-    labels = batch["labels"][:, 1:]
-    # Prompt/prefix tuning prepend virtual tokens: score only the real positions.
-    logits = logits[:, -batch["input_ids"].shape[1] :][:, :-1]
-    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE,
-                           reduction="sum")
-    return loss, int((labels != IGNORE).sum()), out.get(REGULARISER)
 
 
 def peak_rss_mib() -> float:
@@ -98,18 +110,13 @@ def all_sum(values: list[float]) -> list[float]:
     return t.tolist()
 
 
-@torch.no_grad()
 def evaluate(engine, examples: list[dict], batch_size: int, pad_id: int, device) -> float:
-    """Mean loss per response token over the whole eval set. Every rank runs the same batches (ZeRO-3 gathers
+    """Mean loss per label token over the whole eval set. Every rank runs the same batches (ZeRO-3 gathers
     parameters collectively, so ranks must agree on the number of forward passes)."""
     engine.eval()
-    total, tokens = 0.0, 0
-    for i in range(0, len(examples), batch_size):
-        batch = {k: v.to(device) for k, v in collate(examples[i : i + batch_size], pad_id).items()}
-        loss, n, _ = token_loss_sum(engine, batch)
-        total, tokens = total + float(loss), tokens + n
+    loss = mean_token_loss(engine, examples, batch_size, pad_id, device)
     engine.train()
-    return total / max(tokens, 1)
+    return loss
 
 
 def build_model(spec: JobSpec, corda_init: dict[str, str] | None, total_steps: int):
@@ -147,23 +154,46 @@ def save_adapter(engine, out: Path, is_rank0: bool) -> None:
             engine.module.save_pretrained(out)
 
 
-def train_worker(config: dict) -> None:
-    began = time.perf_counter()
-    phases: dict[str, float] = {}  # start-up seconds per phase, shown in the first progress line
+@dataclass
+class Run:
+    """What a worker sets up once: its place in the group, its data, its DeepSpeed engine."""
+
+    spec: JobSpec
+    rank: int
+    world: int
+    device: torch.device
+    pad: int
+    train_set: list[dict]
+    eval_set: list[dict]
+    total: int  # optimizer steps
+    engine: Any
+    scheduler: Any
+    budget: AdaLoraBudget | None
+    nodes: list[str]
+
+    @property
+    def micro(self) -> int:
+        return self.engine.train_micro_batch_size_per_gpu()
+
+    @property
+    def gas(self) -> int:
+        return self.engine.gradient_accumulation_steps()
+
+
+def setup(spec: JobSpec, corda_init: dict[str, str] | None) -> Run:
+    """Device, data (the same tokenization everywhere), model + adapter, DeepSpeed engine; logs the start-up."""
+    began, phases = time.perf_counter(), {}  # start-up seconds per phase, shown in the first progress line
 
     def phase_done(name: str) -> None:
         phases[name] = time.perf_counter() - began - sum(phases.values())
 
-    spec: JobSpec = config["spec"]
     cfg = spec.train
     # tell DeepSpeed, rather than have it probe for an accelerator and warn on every worker
     os.environ["DS_ACCELERATOR"] = "cuda" if cfg.use_gpu else "cpu"
     import deepspeed
     import ray.train
-    from ray.train import Checkpoint
 
     ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
     quiet_libraries()
     if cfg.use_gpu:
         device = torch.device("cuda", ctx.get_local_rank())
@@ -173,19 +203,14 @@ def train_worker(config: dict) -> None:
         skip_cpu_shm_build()
     torch.manual_seed(cfg.seed)
     phase_done("imports")
-
-    # data: the same tokenization everywhere, each rank trains on its own shard
     tokenizer = load_tokenizer(spec)
-    pad = pad_id(spec, tokenizer)
     train_set = tokenize(spec.data.train, tokenizer, spec.data)
     eval_set = tokenize(spec.data.eval, tokenizer, spec.data) if spec.data.eval else []
     total = optimizer_steps(spec, len(train_set))
     phase_done("data")
-
-    # model, optimizer, engine
-    model = build_model(spec, config.get("corda_init"), total)
+    model = build_model(spec, corda_init, total)
     phase_done("model")
-    ds_config = deepspeed_config(spec, world)
+    ds_config = deepspeed_config(spec, ctx.get_world_size())
     if spec.adapter.method == "adalora":
         add_regulariser(model, zero3=ds_config.get("zero_optimization", {}).get("stage", 0) == 3)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -193,113 +218,149 @@ def train_worker(config: dict) -> None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, cfg.warmup_steps))
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
-    micro, gas = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
     budget = AdaLoraBudget(engine, ds_config) if spec.adapter.method == "adalora" else None
-    if budget and rank == 0 and budget.config.tinit + budget.config.tfinal >= budget.config.total_step:
-        say(f"train: warning: adapter.adalora tinit {budget.config.tinit} + tfinal {budget.config.tfinal} leave no "
-            f"step of the {budget.config.total_step} for rank reallocation; ranks will not change")
-    nodes = all_gather(ray.get_runtime_context().get_node_id())
+    run = Run(spec=spec, rank=ctx.get_world_rank(), world=ctx.get_world_size(), device=device,
+              pad=pad_id(spec, tokenizer), train_set=train_set, eval_set=eval_set, total=total, engine=engine,
+              scheduler=scheduler, budget=budget, nodes=all_gather(ray.get_runtime_context().get_node_id()))
     phase_done("engine")
-    if rank == 0:
-        say(f"train: {len(train_set)} examples, {total} optimizer steps, {world} worker(s) on {len(set(nodes))} "
-            f"node(s) × micro-batch {micro} × accumulation {gas}, ZeRO-{engine.zero_optimization_stage()}, "
-            f"{sum(p.numel() for p in params):,} trainable parameters ({spec.adapter.method}); worker start-up "
-            f"{sum(phases.values()):.1f}s ({', '.join(f'{k} {v:.1f}s' for k, v in phases.items())})")
+    if run.rank == 0:
+        if budget and budget.config.tinit + budget.config.tfinal >= budget.config.total_step:
+            say(f"train: warning: adapter.adalora tinit {budget.config.tinit} + tfinal {budget.config.tfinal} leave "
+                f"no step of the {budget.config.total_step} for rank reallocation; ranks will not change")
+        say(f"train: {len(train_set)} examples, {total} optimizer steps, {run.world} worker(s) on "
+            f"{len(set(run.nodes))} node(s) × micro-batch {run.micro} × accumulation {run.gas}, "
+            f"ZeRO-{engine.zero_optimization_stage()}, {sum(p.numel() for p in params):,} trainable parameters "
+            f"({spec.adapter.method}); worker start-up {sum(phases.values()):.1f}s "
+            f"({', '.join(f'{k} {v:.1f}s' for k, v in phases.items())})")
+    return run
 
-    # resume: engine + optimizer + scheduler state from DeepSpeed, data position and history from state.json
-    state = {"step": 0, "epoch": 0, "cursor": 0, "metrics": [], "tokens": 0, "elapsed": 0.0, "resumed_from": []}
+
+def resume(run: Run) -> TrainState:
+    """Engine, optimizer and scheduler from DeepSpeed's checkpoint, data position and history from state.json."""
+    import ray.train
+
+    state = TrainState()
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as ckpt_dir:
-            engine.load_checkpoint(ckpt_dir, tag=CKPT_TAG, load_module_strict=False)
-            state.update(json.loads((Path(ckpt_dir) / "state.json").read_text()))
-        state["resumed_from"].append(state["step"])
-        if rank == 0:
-            say(f"train: resumed from step {state['step']} (epoch {state['epoch']})")
+            run.engine.load_checkpoint(ckpt_dir, tag=CKPT_TAG, load_module_strict=False)
+            state = TrainState.load(Path(ckpt_dir))
+        state.resumed_from.append(state.step)
+        if run.rank == 0:
+            say(f"train: resumed from step {state.step} (epoch {state.epoch})")
+    engine = run.engine
+    state.nodes = run.nodes
+    state.engine = {"zero_stage": engine.zero_optimization_stage(), "world_size": run.world,
+                    "micro_batch_size": run.micro, "grad_accum": run.gas, "bf16": engine.bfloat16_enabled(),
+                    "fp16": engine.fp16_enabled()}
+    return state
 
-    state["nodes"] = nodes
-    state["engine"] = {"zero_stage": engine.zero_optimization_stage(), "world_size": world, "micro_batch_size": micro,
-                       "grad_accum": gas, "bf16": engine.bfloat16_enabled(), "fp16": engine.fp16_enabled()}
-    order = shard(train_set, rank, world, cfg.seed, state["epoch"])
-    score_key = "eval_loss" if eval_set else "loss"
-    ckpt_every = cfg.checkpoint_every or cfg.eval_every or total
-    if eval_set and "eval_loss_at_start" not in state:  # once per job: a resumed run has it from its checkpoint
-        state["eval_loss_at_start"] = evaluate(engine, eval_set, micro, pad, device)
-        if rank == 0:
-            say(f"train: step 0/{total} eval_loss {state['eval_loss_at_start']:.4f} (before the first step)")
-    start = time.perf_counter() - state["elapsed"]
-    engine.train()
-    while state["step"] < total:
-        step_start = time.perf_counter()
-        # draw this step's micro-batches first: the loss normaliser is the step's global label-token count
-        batches = []
-        for _ in range(gas):
-            if state["cursor"] + micro > len(order):
-                state["epoch"], state["cursor"] = state["epoch"] + 1, 0
-                order = shard(train_set, rank, world, cfg.seed, state["epoch"])
-            batches.append({k: v.to(device) for k, v in collate(
-                order[state["cursor"] : state["cursor"] + micro], pad).items()})
-            state["cursor"] += micro
-        local_tokens = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
-        global_tokens, seen = all_sum([local_tokens, sum(int(b["attention_mask"].sum()) for b in batches)])
-        step_loss = 0.0
-        for i, batch in enumerate(batches):
-            loss_sum, _, regulariser = token_loss_sum(engine, batch)
-            loss = loss_sum * (world * gas / max(global_tokens, 1))
-            if regulariser is not None:
-                loss = loss + regulariser
-            engine.backward(loss)
-            if budget and i == gas - 1:
-                budget.allocate(state["step"])
-            engine.step()
-            step_loss += float(loss_sum.detach())
-        if budget:
-            budget.enforce()
-        state["step"] += 1
-        state["tokens"] += int(seen)
-        done = state["step"]
-        (loss,) = all_sum([step_loss])
-        row = {"step": done, "loss": loss / max(global_tokens, 1), "lr": scheduler.get_last_lr()[0],
-               "grad_norm": float(engine.get_global_grad_norm() or 0.0), "epoch": state["epoch"],
-               "tokens": int(seen), "step_s": time.perf_counter() - step_start,
-               "tokens_per_s": state["tokens"] / (time.perf_counter() - start)}
-        if budget:
-            row["ranks"] = budget.ranks()
-        last = done == total
+
+def draw_batches(run: Run, state: TrainState, order: list[dict]) -> tuple[list[dict], list[dict]]:
+    """This step's micro-batches from this rank's shard (a new epoch reshuffles it); returns them and the shard."""
+    batches = []
+    for _ in range(run.gas):
+        if state.cursor + run.micro > len(order):
+            state.epoch, state.cursor = state.epoch + 1, 0
+            order = shard(run.train_set, run.rank, run.world, run.spec.train.seed, state.epoch)
+        batch = collate(order[state.cursor : state.cursor + run.micro], run.pad)
+        batches.append({k: v.to(run.device) for k, v in batch.items()})
+        state.cursor += run.micro
+    return batches, order
+
+
+def optimizer_step(run: Run, state: TrainState, order: list[dict], start: float) -> tuple[dict, list[dict]]:
+    """One optimizer step, the loss normalised by the step's global label-token count (so its micro-batches are
+    drawn first); returns its metrics row and this rank's shard (reshuffled if a new epoch began)."""
+    step_start, engine, budget = time.perf_counter(), run.engine, run.budget
+    batches, order = draw_batches(run, state, order)
+    local_tokens = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
+    global_tokens, seen = all_sum([local_tokens, sum(int(b["attention_mask"].sum()) for b in batches)])
+    step_loss = 0.0
+    for i, batch in enumerate(batches):
+        loss_sum, _, regulariser = token_loss_sum(engine, batch)
+        loss = loss_sum * (run.world * run.gas / max(global_tokens, 1))
+        if regulariser is not None:
+            loss = loss + regulariser
+        engine.backward(loss)
+        if budget and i == run.gas - 1:
+            budget.allocate(state.step)
+        engine.step()
+        step_loss += float(loss_sum.detach())
+    if budget:
+        budget.enforce()
+    state.step += 1
+    state.tokens += int(seen)
+    (loss,) = all_sum([step_loss])
+    row = {"step": state.step, "loss": loss / max(global_tokens, 1), "lr": run.scheduler.get_last_lr()[0],
+           "grad_norm": float(engine.get_global_grad_norm() or 0.0), "epoch": state.epoch,
+           "tokens": int(seen), "step_s": time.perf_counter() - step_start,
+           "tokens_per_s": state.tokens / (time.perf_counter() - start)}
+    if budget:
+        row["ranks"] = budget.ranks()
+    return row, order
+
+
+def progress_line(run: Run, row: dict, elapsed: float) -> str:
+    done, total = row["step"], run.total
+    extra = f" eval_loss {row['eval_loss']:.4f}" if "eval_loss" in row else ""
+    if "ranks" in row:
+        ranks = row["ranks"].values()
+        extra += f" ranks {sum(ranks)} ({min(ranks)}-{max(ranks)} per layer)"
+    return (f"train: step {done}/{total} loss {row['loss']:.4f}{extra} lr {row['lr']:.2e} "
+            f"grad_norm {row['grad_norm']:.3f} tok/s {row['tokens_per_s']:.0f} "
+            f"eta {elapsed / done * (total - done):.0f}s")
+
+
+def save_checkpoint(run: Run, state: TrainState, score: dict) -> None:
+    """DeepSpeed's shards (each rank its own), the gathered adapter and state.json, reported to Ray Train."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    state.peak_rss_mib = [float(m) for m in all_gather(peak_rss_mib())]
+    with tempfile.TemporaryDirectory() as tmp:
+        run.engine.save_checkpoint(tmp, tag=CKPT_TAG, exclude_frozen_parameters=True)
+        save_adapter(run.engine, Path(tmp) / "adapter", run.rank == 0)
+        if run.rank == 0:
+            state.save(Path(tmp))
+        # One folder name for all ranks: each uploads its own DeepSpeed shards into the same checkpoint.
+        ray.train.report({"step": state.step, **score}, checkpoint=Checkpoint.from_directory(tmp),
+                         checkpoint_dir_name=f"step-{state.step:07d}")
+
+
+def train_worker(config: dict) -> None:
+    run = setup(config["spec"], config.get("corda_init"))
+    cfg, state = run.spec.train, resume(run)
+    order = shard(run.train_set, run.rank, run.world, cfg.seed, state.epoch)
+    score_key = "eval_loss" if run.eval_set else "loss"
+    ckpt_every = cfg.checkpoint_every or cfg.eval_every or run.total
+    if run.eval_set and state.eval_loss_at_start is None:  # once per job: a resumed run has it from its checkpoint
+        state.eval_loss_at_start = evaluate(run.engine, run.eval_set, run.micro, run.pad, run.device)
+        if run.rank == 0:
+            say(f"train: step 0/{run.total} eval_loss {state.eval_loss_at_start:.4f} (before the first step)")
+    start = time.perf_counter() - state.elapsed
+    run.engine.train()
+    while state.step < run.total:
+        row, order = optimizer_step(run, state, order, start)
+        done = state.step
+        last = done == run.total
         checkpoint_now = last or done % ckpt_every == 0
-        if eval_set and (checkpoint_now or (cfg.eval_every and done % cfg.eval_every == 0)):
-            row["eval_loss"] = evaluate(engine, eval_set, micro, pad, device)
-        state["metrics"].append(row)
-        if rank == 0 and (last or done % cfg.log_every == 0):
-            elapsed = time.perf_counter() - start
-            extra = f" eval_loss {row['eval_loss']:.4f}" if "eval_loss" in row else ""
-            if "ranks" in row:
-                ranks = row["ranks"].values()
-                extra += f" ranks {sum(ranks)} ({min(ranks)}-{max(ranks)} per layer)"
-            say(f"train: step {done}/{total} loss {row['loss']:.4f}{extra} lr {row['lr']:.2e} "
-                f"grad_norm {row['grad_norm']:.3f} tok/s {row['tokens_per_s']:.0f} "
-                f"eta {elapsed / done * (total - done):.0f}s")
+        if run.eval_set and (checkpoint_now or (cfg.eval_every and done % cfg.eval_every == 0)):
+            row["eval_loss"] = evaluate(run.engine, run.eval_set, run.micro, run.pad, run.device)
+        state.metrics.append(row)
+        if run.rank == 0 and (last or done % cfg.log_every == 0):
+            say(progress_line(run, row, time.perf_counter() - start))
         if checkpoint_now:
-            state["elapsed"] = time.perf_counter() - start
-            state["peak_rss_mib"] = [float(m) for m in all_gather(peak_rss_mib())]
-            with tempfile.TemporaryDirectory() as tmp:
-                engine.save_checkpoint(tmp, tag=CKPT_TAG, exclude_frozen_parameters=True)
-                save_adapter(engine, Path(tmp) / "adapter", rank == 0)
-                if rank == 0:
-                    (Path(tmp) / "state.json").write_text(json.dumps(state))
-                # One folder name for all ranks: each uploads its own DeepSpeed shards into the same checkpoint.
-                ray.train.report({"step": done, score_key: row.get(score_key, row["loss"])},
-                                 checkpoint=Checkpoint.from_directory(tmp), checkpoint_dir_name=f"step-{done:07d}")
+            state.elapsed = time.perf_counter() - start
+            save_checkpoint(run, state, {score_key: row.get(score_key, row["loss"])})
 
 
 def read_result(best_dir: Path, latest_dir: Path, score_key: str) -> TrainResult:
     """The export's input: the adapter from the best checkpoint, the metrics history from the latest."""
-    best = json.loads((Path(best_dir) / "state.json").read_text())
-    latest = json.loads((Path(latest_dir) / "state.json").read_text())
+    best, latest = TrainState.load(best_dir), TrainState.load(latest_dir)
     adapter = Path(best_dir) / "adapter"
     return TrainResult(adapter_files={p.name: p.read_bytes() for p in adapter.iterdir() if p.is_file()},
-                       metrics=latest["metrics"], best_step=best["step"],
-                       best_eval_loss=best["metrics"][-1].get(score_key),
-                       eval_loss_at_start=latest.get("eval_loss_at_start"), total_steps=latest["step"],
-                       resumed_from=latest["resumed_from"], nodes=latest["nodes"],
-                       peak_rss_mib=latest["peak_rss_mib"], engine=latest["engine"])
+                       metrics=latest.metrics, best_step=best.step, best_eval_loss=best.metrics[-1].get(score_key),
+                       eval_loss_at_start=latest.eval_loss_at_start, total_steps=latest.step,
+                       resumed_from=latest.resumed_from, nodes=latest.nodes, peak_rss_mib=latest.peak_rss_mib,
+                       engine=latest.engine)

@@ -66,13 +66,13 @@ def ours_run(tmp, model_path, data_path, workers):
     t0 = time.perf_counter()
     run_calibrate(ctx)
     stage_s = time.perf_counter() - t0
-    state = ctx.results["corda"]
-    cov_bytes = sum(g.dim * g.dim * 4 for g in state["groups"])
-    accumulate_s = sum(s.accumulate_s for s in state["shards"])
-    flops = sum(s.flops for s in state["shards"])
+    state = ctx.calibration
+    cov_bytes = sum(g.dim * g.dim * 4 for g in state.groups)
+    accumulate_s = sum(s.accumulate_s for s in state.shards)
+    flops = sum(s.flops for s in state.shards)
     run_decompose(ctx)
     report = json.loads((ctx.staging / "report" / "corda.json").read_text())
-    return state["calibrate_s"], stage_s, report["decompose_s"], cov_bytes, flops / accumulate_s
+    return state.calibrate_s, stage_s, report["decompose_s"], cov_bytes, flops / accumulate_s
 
 
 def matmul_flops() -> float:

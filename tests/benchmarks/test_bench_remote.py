@@ -25,9 +25,8 @@ from jobspecs.schema import StorageSpec
 from orchestrator.artifacts import upload_artifacts
 from orchestrator.store import S3Store
 from tests.benchmarks.small_llama import build_model, token_samples
-from tests.benchmarks.test_bench_train import INTERMEDIATE, LAYERS, SEQ, VOCAB, spec_dict, submit_to_first_step
-from tests.conftest import free_port
-from tests.helpers import cli, write_spec
+from tests.benchmarks.train_job import INTERMEDIATE, LAYERS, SEQ, VOCAB, spec_dict, submit_to_first_step
+from tests.helpers import cli, free_port, write_spec
 from tests.live_cluster import call, gateway, ray_head, with_token
 
 HIDDEN = 256  # the latency is orchestration, not compute: a smaller model than the training benchmark's

@@ -1,0 +1,36 @@
+"""The one loss: next-token cross-entropy summed over label tokens (labels −100 are not scored), in fp32.
+
+Training normalises it by the global batch's label tokens; evaluation (the train stage's eval, the Wise-FT sweep)
+reports it per label token over the whole set.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from workers.adalora import REGULARISER
+from workers.data import IGNORE, collate
+
+
+def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, torch.Tensor | None]:
+    """(Σ next-token cross-entropy over label tokens, number of label tokens, AdaLoRA's regulariser if the model
+    returns one)."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    labels = batch["labels"][:, 1:]
+    # Prompt/prefix tuning prepend virtual tokens: score only the real positions.
+    logits = out.logits[:, -batch["input_ids"].shape[1] :][:, :-1]
+    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE,
+                           reduction="sum")
+    return loss, int((labels != IGNORE).sum()), out.get(REGULARISER)
+
+
+@torch.no_grad()
+def mean_token_loss(model, examples: list[dict], batch_size: int, pad_id: int, device="cpu") -> float:
+    """Mean loss per label token over `examples`, in order, `batch_size` at a time."""
+    total, tokens = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        batch = {k: v.to(device) for k, v in collate(examples[i : i + batch_size], pad_id).items()}
+        loss, n, _ = token_loss_sum(model, batch)
+        total, tokens = total + float(loss), tokens + n
+    return total / max(tokens, 1)
