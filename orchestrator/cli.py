@@ -23,10 +23,11 @@ from orchestrator.artifacts import (
     job_key,
     read_manifest,
 )
-from orchestrator.jobs import JobRecord, JobState, LocalIndex, UnknownJob, current_record
+from orchestrator.jobs import JobError, JobRecord, JobState, LocalIndex, UnknownJob
+from orchestrator.launchers import current_record, launcher_for
 from orchestrator.ray_jobs import RayJobsError
 from orchestrator.store import StoreError
-from orchestrator.submission import JobError, cancel, follow, read_log, submit
+from orchestrator.submission import cancel, follow, read_log, submit
 
 DEFAULT_STATE_DIR = Path("~/.peftfleet").expanduser()
 out = Console(highlight=False, soft_wrap=True)
@@ -92,8 +93,7 @@ def cmd_status(args) -> int:
         out.print(f"warning: {warning}", markup=False)
     print_table(("stage", "state", "started", "ended"),
                 [(s.name, s.state, s.started_at or "-", s.ended_at or "-") for s in record.stages])
-    where = f"Ray job {record.id} at {entry.address}" if entry.address else entry.log
-    out.print(f"store: {entry.store().url_of(job_key(record.id))}   log: {where}")
+    out.print(f"store: {entry.store().url_of(job_key(record.id))}   log: {launcher_for(entry).where()}")
     return 0
 
 

@@ -20,8 +20,7 @@ from pathlib import Path
 
 from jobspecs.schema import JobSpec, StorageSpec
 from orchestrator.artifacts import job_key
-from orchestrator.ray_jobs import RAY_TERMINAL, RayCluster, RayJobsError
-from orchestrator.store import NotInStore, Store, open_store
+from orchestrator.store import Store, open_store
 
 
 class JobState(StrEnum):
@@ -110,23 +109,16 @@ def new_record(job_id: str, spec: JobSpec) -> JobRecord:
     return JobRecord(id=job_id, name=spec.name, stages=[StageRecord(n) for n in stage_names(spec)])
 
 
-def process_running(pid: int) -> bool:
-    """Whether `pid` is a live process here. A finished child that nobody reaped is a zombie: it holds its PID but
-    runs nothing (in a container whose PID 1 never reaps orphans, it stays one)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0] != "Z"
-    except OSError:  # exited between the two checks
-        return False
-
-
 class UnknownJob(Exception):
     pass
+
+
+class JobError(Exception):
+    """An operation on a job that cannot go ahead (submit, cancel, logs); code 2 for bad input, 1 otherwise."""
+
+    def __init__(self, message: str, code: int = 1):
+        super().__init__(message)
+        self.code = code
 
 
 @dataclass
@@ -141,10 +133,6 @@ class IndexEntry:
 
     def store(self) -> Store:
         return open_store(StorageSpec.model_validate(self.storage))
-
-    def driver_alive(self) -> bool:
-        """Whether the driver process this machine started is still running (False if it ran elsewhere)."""
-        return self.pid is not None and self.host == socket.gethostname() and process_running(self.pid)
 
 
 class LocalIndex:
@@ -172,40 +160,3 @@ class LocalIndex:
 
     def ids(self) -> list[str]:
         return sorted(p.stem for p in self.root.glob("*.json")) if self.root.is_dir() else []
-
-
-def _driver_end(entry: IndexEntry) -> tuple[JobState, str] | None:
-    """How the job ends if its driver is gone without a final state; None while it runs (or can't be asked)."""
-    if entry.address:
-        try:
-            ray_state, message = RayCluster(entry.address).status(entry.job_id)
-        except RayJobsError:  # the cluster is gone or unreachable: the stored record is all there is
-            return None
-        if ray_state not in RAY_TERMINAL:
-            return None
-        if ray_state == "STOPPED":
-            return JobState.CANCELLED, "stopped through the Ray job API"
-        return JobState.FAILED, (f"Ray job {entry.job_id} ended {ray_state} without a final state"
-                                 + (f": {message}" if message else ""))
-    if entry.pid is not None and not entry.driver_alive():
-        return JobState.FAILED, f"driver process {entry.pid} exited without a final state (killed or crashed); " \
-                                f"see {entry.log}"
-    return None
-
-
-def current_record(entry: IndexEntry) -> JobRecord:
-    """The job's record, from the store; corrected when its driver (local process or Ray job) ended without
-    writing a final state."""
-    store = entry.store()
-    try:
-        record = JobRecord.load(store, entry.job_id)
-    except NotInStore:
-        raise UnknownJob(f"job {entry.job_id}: no record in {store.uri}") from None
-    if not record.state.terminal and (end := _driver_end(entry)):
-        # Re-read once: the driver may have written its final state between our read and its exit.
-        record = JobRecord.load(store, entry.job_id)
-        if not record.state.terminal:
-            state, reason = end
-            record.finish(state, f"{reason} (during stage {record.stage or 'start-up'})")
-            record.save(store)
-    return record

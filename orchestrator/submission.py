@@ -9,40 +9,28 @@ records CANCELLED if the driver was killed before it could.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import TextIO
 
 import yaml
 
 from jobspecs import JobSpec, dump_spec
-from orchestrator.artifacts import VERBOSE_LOG, job_key
+from orchestrator.artifacts import job_key
 from orchestrator.jobs import (
     JOB_ID,
     IndexEntry,
+    JobError,
     JobRecord,
     JobState,
     LocalIndex,
     UnknownJob,
-    current_record,
     new_job_id,
     new_record,
 )
-from orchestrator.ray_jobs import RAY_TERMINAL, RayCluster, RayJobsError
-from orchestrator.store import NotInStore, StoreError, open_store
-
-
-class JobError(Exception):
-    """An operation on a job that cannot go ahead (submit, cancel, logs); code 2 for bad input, 1 otherwise."""
-
-    def __init__(self, message: str, code: int = 1):
-        super().__init__(message)
-        self.code = code
+from orchestrator.launchers import current_record, launcher_for
+from orchestrator.ray_jobs import RayJobsError
+from orchestrator.store import StoreError, open_store
 
 
 def differences(a, b, path: str = "") -> list[str]:
@@ -97,61 +85,22 @@ def submit(spec: JobSpec, index: LocalIndex, job_id: str | None = None, address:
         raise JobError(f"cannot write the job to {spec.storage.uri}: {e}") from None
     storage_json = spec.storage.model_dump_json()
     entry = IndexEntry(job_id=job_id, storage=json.loads(storage_json), address=address, owner=owner)
-    if address:
-        cluster = RayCluster(address)
-        if previous:  # Ray job ids are single-use: the earlier attempt's Ray job (and its log) makes way
-            cluster.forget(job_id)
-        try:
-            cluster.submit_driver(job_id, storage_json, driver_cpus=spec.cluster.driver_cpus,
-                                  metadata={"peftfleet_job": job_id, "name": spec.name, "owner": owner or ""})
-        except RayJobsError as err:  # recorded, so the store never holds a PENDING job that nothing will run
-            record.finish(JobState.FAILED, f"not started: {err}")
-            record.save(store)
-            raise JobError(f"{err}\njob {job_id} is recorded FAILED; once that is fixed, start it with "
-                           f"--job-id {job_id}") from None
-    else:
-        job_dir = index.job_dir(job_id)
-        job_dir.mkdir(parents=True, exist_ok=True)
-        entry.log = str(job_dir / "driver.log")
-        verbose = verbose_log(entry)
-        with open(entry.log, "ab") as log, open(verbose, "ab") as library_log:
-            if previous:
-                for f in (log, library_log):
-                    f.write(f"--- attempt {record.attempts} (resubmitted) ---\n".encode())
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "orchestrator.driver", job_id, storage_json, "--verbose-log", str(verbose)],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=library_log, start_new_session=True,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )
-        entry.pid = proc.pid
+    try:
+        launcher_for(entry).start(storage_json, index.job_dir(job_id), record.attempts, spec.cluster.driver_cpus,
+                                  {"peftfleet_job": job_id, "name": spec.name, "owner": owner or ""})
+    except RayJobsError as err:  # recorded, so the store never holds a PENDING job that nothing will run
+        record.finish(JobState.FAILED, f"not started: {err}")
+        record.save(store)
+        raise JobError(f"{err}\njob {job_id} is recorded FAILED; once that is fixed, start it with "
+                       f"--job-id {job_id}") from None
     index.add(entry)
     return job_id
 
 
-def verbose_log(entry: IndexEntry) -> Path:
-    """A local driver's verbose log: library output (and a copy of the job's log), beside the job's log."""
-    return Path(entry.log).with_name("verbose.log")
-
-
 def read_log(entry: IndexEntry, position: int = 0, verbose: bool = False) -> tuple[str, int]:
     """The job's log (or its verbose log) from byte/character `position` on, and the position after it."""
-    if verbose and (entry.address or not verbose_log(entry).exists()):
-        try:  # the driver uploads it when it ends
-            text = entry.store().get_bytes(job_key(entry.job_id, VERBOSE_LOG)).decode(errors="replace")
-        except NotInStore:
-            raise JobError(f"job {entry.job_id}: its verbose log is uploaded to the store when its driver ends, and "
-                           "is not there yet") from None
-        return text[position:], len(text)
-    if entry.address:
-        text = RayCluster(entry.address).logs(entry.job_id)
-        return text[position:], len(text)
-    path = verbose_log(entry) if verbose else Path(entry.log)
-    if not path.exists():
-        return "", position
-    with open(path, "rb") as f:
-        f.seek(position)
-        chunk = f.read()
-    return chunk.decode(errors="replace"), position + len(chunk)
+    launcher = launcher_for(entry)
+    return launcher.read_verbose(position) if verbose else launcher.read_log(position)
 
 
 def tail(entry: IndexEntry, position: int = 0, poll_s: float = 0.5, verbose: bool = False) -> Iterator[str]:
@@ -179,26 +128,7 @@ def cancel(entry: IndexEntry, timeout: float) -> JobRecord:
     record = current_record(entry)
     if record.state.terminal:
         return record
-    if entry.address:
-        cluster = RayCluster(entry.address)
-        queued = cluster.status(entry.job_id)[0] == "PENDING"
-        cluster.stop(entry.job_id)  # SIGTERM to the driver; Ray kills it after RAY_JOB_STOP_WAIT_TIME_S
-        # A queued job has no driver to wait for (Ray acts on the stop only once it is scheduled); recorded
-        # CANCELLED below, its driver refuses to run if it ever starts.
-        deadline = time.monotonic() + (0 if queued else timeout)
-        while time.monotonic() < deadline and cluster.status(entry.job_id)[0] not in RAY_TERMINAL:
-            time.sleep(0.2)
-        forced = ""
-    else:
-        if not entry.driver_alive():
-            raise JobError(f"job {record.id}: its driver (pid {entry.pid}) is not running on this machine")
-        os.kill(entry.pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and entry.driver_alive():
-            time.sleep(0.2)
-        forced = f" (driver killed after {timeout:.0f}s)" if entry.driver_alive() else ""
-        if forced:  # it did not wind down in time: take its whole session (embedded Ray included) down
-            os.killpg(entry.pid, signal.SIGKILL)
+    forced = launcher_for(entry).stop(timeout)
     store = entry.store()
     record = JobRecord.load(store, entry.job_id)
     if not record.state.terminal:  # the driver died before it could record the cancel: record it for it

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from orchestrator.jobs import process_running
+from orchestrator.launchers import process_running
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "jobspecs" / "examples"
 
