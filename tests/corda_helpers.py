@@ -8,9 +8,9 @@ import torch
 from safetensors.torch import load_file
 
 from jobspecs import parse_spec
-from orchestrator.context import Context
-from orchestrator.corda import run_calibrate, run_decompose
-from orchestrator.store import LocalStore
+from orchestrator.stages.context import Context
+from orchestrator.stages.corda import run_calibrate, run_decompose
+from orchestrator.storage.store import LocalStore
 from tests.helpers import tiny_spec
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from orchestrator.launchers import process_running
+from orchestrator.control.launchers import process_running
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "jobspecs" / "examples"
 
@@ -74,7 +74,7 @@ def cli(state_dir: Path, *args: str, timeout: float = 300, check: bool = False,
         env: dict | None = None) -> subprocess.CompletedProcess:
     """Run `peftfleet` in a fresh process, exactly as a user would (in `env`, default: this one's)."""
     proc = subprocess.run(
-        [sys.executable, "-m", "orchestrator.cli", "--state-dir", str(state_dir), *map(str, args)],
+        [sys.executable, "-m", "orchestrator.api.cli", "--state-dir", str(state_dir), *map(str, args)],
         capture_output=True, text=True, timeout=timeout, env=env,
     )
     if check and proc.returncode != 0:

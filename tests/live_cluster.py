@@ -20,7 +20,7 @@ from types import SimpleNamespace
 import requests
 import yaml
 
-from orchestrator.gateway import hash_token
+from orchestrator.api.gateway import hash_token
 from tests.helpers import free_port
 
 BIN = Path(sys.executable).parent
@@ -97,7 +97,7 @@ def gateway(head: SimpleNamespace, root: Path, data_root: Path, storage: dict,
     (root / "gateway.yaml").write_text(yaml.safe_dump(config))
     log = root / "gateway.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "serve", str(root / "gateway.yaml")],
+        proc = subprocess.Popen([sys.executable, "-m", "orchestrator.api.cli", "serve", str(root / "gateway.yaml")],
                                 env=with_token(head.token), stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     url = f"http://127.0.0.1:{port}"

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from orchestrator.launchers import process_running
+from orchestrator.control.launchers import process_running
 from tests.helpers import cli, tiny_spec, wait_gone, write_spec
 from tests.train_helpers import registered
 

@@ -16,9 +16,9 @@ from peft.tuners.lora.config import CordaConfig
 from peft.tuners.lora.corda import preprocess_corda
 from transformers import AutoModelForCausalLM
 
-from orchestrator.context import Context
-from orchestrator.corda import calibration_samples, run_calibrate
-from orchestrator.store import LocalStore
+from orchestrator.stages.context import Context
+from orchestrator.stages.corda import calibration_samples, run_calibrate
+from orchestrator.storage.store import LocalStore
 from tests.corda_helpers import ALPHA, TARGETS, R, corda_spec, ours, run_stages
 from tests.helpers import ray_processes, wait_gone
 from workers.covariance import GroupStats

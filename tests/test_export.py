@@ -15,11 +15,11 @@ from peft.helpers import rescale_adapter_scale
 from transformers import AutoModelForCausalLM
 
 from jobspecs import parse_spec
-from orchestrator.context import Context
-from orchestrator.corda import run_calibrate, run_decompose
-from orchestrator.driver import run_train
-from orchestrator.export import run_export
-from orchestrator.store import LocalStore
+from orchestrator.stages.context import Context
+from orchestrator.stages.corda import run_calibrate, run_decompose
+from orchestrator.stages.export import run_export
+from orchestrator.stages.train import run_train
+from orchestrator.storage.store import LocalStore
 from tests.corda_helpers import ALPHA, TARGETS, R
 from tests.helpers import tiny_spec
 
@@ -169,8 +169,8 @@ def test_interpolation_endpoints_per_method(assets, tmp_path, method):
     from peft import get_peft_model
 
     from jobspecs.schema import AdapterSpec
+    from workers.adapter_math import interpolated_model
     from workers.adapters import peft_config
-    from workers.export import interpolated_model
 
     extra = {"ia3": {"target_modules": ["k_proj", "down_proj"], "ia3": {"feedforward_modules": ["down_proj"]}},
              "adalora": {"r": 2, "adalora": {"init_r": 4}}}.get(method, {})

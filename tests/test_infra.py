@@ -10,8 +10,8 @@ import ray
 import yaml
 
 from jobspecs import parse_spec
-from orchestrator.cli import build_parser
-from orchestrator.gateway import GatewayConfig
+from orchestrator.api.cli import build_parser
+from orchestrator.api.gateway import GatewayConfig
 
 INFRA = Path(__file__).resolve().parents[1] / "infra"
 

@@ -9,7 +9,7 @@ import boto3
 import pytest
 
 from jobspecs.schema import StorageSpec
-from orchestrator.artifacts import (
+from orchestrator.storage.artifacts import (
     IncompleteJob,
     IntegrityError,
     fetch_artifacts,
@@ -17,7 +17,7 @@ from orchestrator.artifacts import (
     read_manifest,
     upload_artifacts,
 )
-from orchestrator.store import StoreError, open_store, safe_relpath
+from orchestrator.storage.store import StoreError, open_store, safe_relpath
 from tests.fault_proxy import FaultProxy
 from tests.helpers import MiB, make_staging
 

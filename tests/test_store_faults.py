@@ -11,8 +11,8 @@ import boto3
 import pytest
 
 from jobspecs.schema import StorageSpec
-from orchestrator.artifacts import IncompleteJob, fetch_artifacts, read_manifest, upload_artifacts
-from orchestrator.store import StoreError, open_store
+from orchestrator.storage.artifacts import IncompleteJob, fetch_artifacts, read_manifest, upload_artifacts
+from orchestrator.storage.store import StoreError, open_store
 from tests.fault_proxy import FAULTS, FaultProxy
 from tests.helpers import make_staging
 

@@ -184,7 +184,7 @@ def test_deepspeed_json_verbatim_with_bf16_and_optimizer_offload(local_ray, asse
 def test_adalora_rank_heatmap_renders(adalora_runs, tmp_path):
     from PIL import Image
 
-    from orchestrator.report import plot_ranks
+    from orchestrator.stages.report import plot_ranks
 
     plot_ranks(adalora_runs[3].metrics, tmp_path / "ranks.png")
     with Image.open(tmp_path / "ranks.png") as image:

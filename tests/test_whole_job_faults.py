@@ -19,7 +19,7 @@ import torch
 from ray.util.state import list_actors, list_tasks
 
 from jobspecs import parse_spec
-from orchestrator.launchers import process_running
+from orchestrator.control.launchers import process_running
 from tests.corda_helpers import corda_job, corda_tensors, ours, run_stages
 from tests.helpers import cli, cmdline, ray_processes, wait_gone, write_spec
 from tests.train_helpers import registered

@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import load
 
 from jobspecs import parse_spec
-from orchestrator.context import Context
-from orchestrator.driver import run_train
-from orchestrator.store import LocalStore
+from orchestrator.stages.context import Context
+from orchestrator.stages.train import run_train
+from orchestrator.storage.store import LocalStore
 from tests.helpers import tiny_spec
 
 

@@ -20,9 +20,9 @@ from peft.tuners.lora.corda import calib_cov_distribution, collect_eigens, targe
 from transformers import AutoModelForCausalLM
 
 from jobspecs import parse_spec
-from orchestrator.context import Context
-from orchestrator.corda import run_calibrate, run_decompose
-from orchestrator.store import LocalStore
+from orchestrator.stages.context import Context
+from orchestrator.stages.corda import run_calibrate, run_decompose
+from orchestrator.storage.store import LocalStore
 from tests.benchmarks.small_llama import build_model, token_samples
 
 HIDDEN, LAYERS, INTERMEDIATE, VOCAB = 512, 4, 1376, 2048

@@ -22,8 +22,8 @@ import pytest
 import requests
 
 from jobspecs.schema import StorageSpec
-from orchestrator.artifacts import upload_artifacts
-from orchestrator.store import S3Store
+from orchestrator.storage.artifacts import upload_artifacts
+from orchestrator.storage.store import S3Store
 from tests.benchmarks.small_llama import build_model, token_samples
 from tests.benchmarks.train_job import INTERMEDIATE, LAYERS, SEQ, VOCAB, spec_dict, submit_to_first_step
 from tests.helpers import cli, free_port, write_spec

@@ -19,9 +19,9 @@ import pytest
 import ray
 
 from jobspecs import parse_spec
-from orchestrator.context import Context
-from orchestrator.driver import run_train
-from orchestrator.store import LocalStore
+from orchestrator.stages.context import Context
+from orchestrator.stages.train import run_train
+from orchestrator.storage.store import LocalStore
 from tests.benchmarks.small_llama import build_model, token_samples
 from tests.benchmarks.train_job import (
     HIDDEN,

@@ -18,7 +18,7 @@ import json
 from contextlib import contextmanager
 from pathlib import Path
 
-from orchestrator.context import Context, ExportOutputs
+from orchestrator.stages.context import Context, ExportOutputs
 
 
 @contextmanager

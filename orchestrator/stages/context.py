@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from jobspecs import JobSpec
-from orchestrator.store import Store
+from orchestrator.storage.store import Store
 
 if TYPE_CHECKING:  # the worker modules import torch; the driver imports this module before it needs torch
     from workers.covariance import InputGroup

@@ -14,8 +14,8 @@ import logging
 import tempfile
 from pathlib import Path
 
-from orchestrator.context import Context, ExportOutputs
-from orchestrator.report import write_report
+from orchestrator.stages.context import Context, ExportOutputs
+from orchestrator.stages.report import write_report
 
 log = logging.getLogger("peftfleet.export")
 
@@ -32,7 +32,7 @@ def run_export(ctx: Context) -> None:
 
 def export_artifacts(ctx: Context, work: Path) -> ExportOutputs:
     """Write the artifact folders the spec asks for; returns the checks and the sweep for the report."""
-    from workers import export
+    from workers import adapter_math
     from workers.data import load_tokenizer, pad_id, tokenize
 
     spec, result = ctx.spec, ctx.needs("train")
@@ -52,10 +52,10 @@ def export_artifacts(ctx: Context, work: Path) -> ExportOutputs:
     if init:
         on_original = (ctx.artifact_dir("adapter_on_original_base") if "adapter_on_original_base" in formats
                        else work / "adapter_on_original_base")
-        export.to_original_base(adapter, init.adapter, original_base, on_original)
+        adapter_math.to_original_base(adapter, init.adapter, original_base, on_original)
         samples = init.fidelity_samples
-        gap = export.max_logit_gap(export.load_model(str(init.residual_base), adapter),
-                                   export.load_model(original_base, on_original), samples)
+        gap = adapter_math.max_logit_gap(adapter_math.load_model(str(init.residual_base), adapter),
+                                   adapter_math.load_model(original_base, on_original), samples)
         outputs.conversion = {"max_abs_logit_diff": gap, "tolerance": spec.export.conversion_tolerance,
                                  "samples": len(samples)}
         log.info("export: adapter on the original base: max |Δlogits| %.2e over %d samples (tolerance %.0e)",
@@ -66,7 +66,7 @@ def export_artifacts(ctx: Context, work: Path) -> ExportOutputs:
                                f"{spec.export.conversion_tolerance:g}")
     if method not in ("prefix", "prompt") and spec.export.wise_ft_alphas and spec.data.eval:
         examples = tokenize(spec.data.eval, tokenizer, spec.data)
-        rows = export.wise_ft_sweep(original_base, on_original, method, spec.export.wise_ft_alphas, examples,
+        rows = adapter_math.wise_ft_sweep(original_base, on_original, method, spec.export.wise_ft_alphas, examples,
                                     spec.train.micro_batch_size, pad, work / "wise-ft")
         for row in rows:
             log.info("export: Wise-FT α %s: eval loss %.4f, perplexity %.2f", _fmt(row["alpha"]), row["eval_loss"],
@@ -74,11 +74,12 @@ def export_artifacts(ctx: Context, work: Path) -> ExportOutputs:
         outputs.wise_ft = rows
     for alpha in spec.export.merge_alphas if "merged" in formats else []:
         folder = ctx.artifact_dir(f"merged@{_fmt(alpha)}")
-        merged = export.interpolated_model(original_base, on_original, method, alpha, work / f"merge-{_fmt(alpha)}")
+        merged = adapter_math.interpolated_model(original_base, on_original, method, alpha,
+                                                 work / f"merge-{_fmt(alpha)}")
         merged.save_pretrained(folder, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
         log.info("export: merged@%s written", _fmt(alpha))
     for alpha in spec.export.merge_alphas if "scaled_adapter" in formats else []:
-        export.scaled_adapter(on_original, method, alpha, ctx.artifact_dir(f"adapter@{_fmt(alpha)}"))
+        adapter_math.scaled_adapter(on_original, method, alpha, ctx.artifact_dir(f"adapter@{_fmt(alpha)}"))
     return outputs

@@ -19,8 +19,8 @@ from enum import StrEnum
 from pathlib import Path
 
 from jobspecs.schema import JobSpec, StorageSpec
-from orchestrator.artifacts import job_key
-from orchestrator.store import Store, open_store
+from orchestrator.storage.artifacts import job_key
+from orchestrator.storage.store import Store, open_store
 
 
 class JobState(StrEnum):

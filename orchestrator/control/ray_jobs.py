@@ -69,9 +69,11 @@ class RayCluster:
             raise self._explain(err, token, source) from None
 
     def submit_driver(self, job_id: str, storage_json: str, metadata: dict[str, str], driver_cpus: float) -> None:
-        """Start `python -m orchestrator.driver` on the cluster as Ray job `job_id`; it joins the cluster it runs on.
+        """Start `python -m orchestrator.control.driver` on the cluster as Ray job `job_id`; it joins the cluster it
+        runs on.
         Nothing but our own driver command is ever submitted (no user entrypoint, no runtime_env from users)."""
-        entrypoint = shlex.join(["python", "-m", "orchestrator.driver", job_id, storage_json, "--ray-address", "auto"])
+        entrypoint = shlex.join(["python", "-m", "orchestrator.control.driver", job_id, storage_json,
+                                 "--ray-address", "auto"])
         deadline = time.monotonic() + AGENT_WAIT_S
         while True:
             try:

@@ -1,6 +1,6 @@
 """The Ray driver: runs one job's stages in order and keeps its record true.
 
-    python -m orchestrator.driver JOB_ID STORAGE_JSON [--ray-address auto]
+    python -m orchestrator.control.driver JOB_ID STORAGE_JSON [--ray-address auto]
 
 Started by `peftfleet submit`: as a local process (Ray per the spec's `cluster` section), or as a Ray job on a
 cluster (`--ray-address auto`: join the cluster it runs on, whatever the spec says).
@@ -31,65 +31,19 @@ from typing import TextIO
 
 from jobspecs import JobSpec, SpecError, spec_from_frozen
 from jobspecs.schema import StorageSpec
-from orchestrator.artifacts import VERBOSE_LOG, job_key, upload_artifacts
-from orchestrator.context import Context
-from orchestrator.corda import run_calibrate, run_decompose
-from orchestrator.export import run_export
-from orchestrator.jobs import JobRecord, JobState, stage_names
-from orchestrator.store import Store, StoreError, open_store, train_storage
-from orchestrator.waits import JobCancelled, check_cancelled, request_cancel, run_in_thread
+from orchestrator.control.jobs import JobRecord, JobState, stage_names
+from orchestrator.stages.context import Context
+from orchestrator.stages.corda import run_calibrate, run_decompose
+from orchestrator.stages.export import run_export
+from orchestrator.stages.train import run_train
+from orchestrator.stages.upload import run_upload
+from orchestrator.stages.waits import JobCancelled, check_cancelled, request_cancel
+from orchestrator.storage.artifacts import VERBOSE_LOG, job_key
+from orchestrator.storage.store import Store, StoreError, open_store
 from workers.logs import quiet_libraries
 
 log = logging.getLogger("peftfleet.driver")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
-
-
-def run_train(ctx: Context) -> None:
-    """Ray Train workers, each driving a DeepSpeed engine; checkpoints in the job's storage; best by eval loss."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from workers.train_loop import read_result, train_worker
-
-    spec, train = ctx.spec, ctx.spec.train
-    init = ctx.corda_init
-    score_key = "eval_loss" if spec.data.eval else "loss"
-    storage_path, filesystem = train_storage(spec.storage, ctx.job_id)
-    trainer = TorchTrainer(
-        train_worker,
-        train_loop_config={"spec": spec, "corda_init": init and {"residual_base": str(init.residual_base),
-                                                                  "adapter": str(init.adapter)}},
-        scaling_config=ScalingConfig(
-            num_workers=train.num_workers, use_gpu=train.use_gpu, placement_strategy=train.placement_strategy,
-            resources_per_worker={"CPU": train.cpus_per_worker, **({"GPU": 1} if train.use_gpu else {})}),
-        torch_config=TorchConfig(backend="nccl" if train.use_gpu else "gloo"),
-        run_config=RunConfig(
-            name="train", storage_path=storage_path, storage_filesystem=filesystem,
-            checkpoint_config=CheckpointConfig(num_to_keep=train.keep_checkpoints,
-                                               checkpoint_score_attribute=score_key, checkpoint_score_order="min"),
-            failure_config=FailureConfig(max_failures=train.max_failures),
-        ),
-    )
-    result = run_in_thread(trainer.fit)
-    if result.error:
-        raise result.error
-    best = result.get_best_checkpoint(score_key, "min")
-    with best.as_directory() as best_dir, result.checkpoint.as_directory() as latest_dir:
-        ctx.train = out = read_result(Path(best_dir), Path(latest_dir), score_key)
-    last = out.metrics[-1] if out.metrics else {}
-    # Logged here, not only by the workers: Ray forwards worker output asynchronously, maybe after the job ends.
-    log.info("train: %d/%d steps, final loss %.4f, best step %d (%s %.4f)", last.get("step", 0), out.total_steps,
-             last.get("loss", float("nan")), out.best_step, score_key.replace("_", " "),
-             out.best_eval_loss if out.best_eval_loss is not None else float("nan"))
-
-
-def run_upload(ctx: Context) -> None:
-    def progress(entry, i, n):
-        log.info("upload: %d/%d %s (%d bytes)", i, n, entry.path, entry.size)
-
-    manifest = upload_artifacts(ctx.store, ctx.job_id, ctx.staging, on_file=progress)
-    log.info("upload: manifest written with %d files: %s", len(manifest.files),
-             ctx.store.url_of(job_key(ctx.job_id, "manifest.json")))
 
 
 # What each stage reads and leaves is typed on Context (calibration, corda_init, train, export); the order is the
@@ -223,7 +177,7 @@ def route_output(verbose_log: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m orchestrator.driver")
+    parser = argparse.ArgumentParser(prog="python -m orchestrator.control.driver")
     parser.add_argument("job_id")
     parser.add_argument("storage_json")
     parser.add_argument("--ray-address", help="join this Ray cluster (a Ray job passes 'auto') instead of the spec's")

@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from jobspecs.schema import JobSpec
-from orchestrator.context import Calibration, Context, CordaInit
-from orchestrator.waits import wait_all
+from orchestrator.stages.context import Calibration, Context, CordaInit
+from orchestrator.stages.waits import wait_all
 
 log = logging.getLogger("peftfleet.corda")
 
@@ -229,7 +229,7 @@ def write_corda_outputs(spec: JobSpec, results, residual_dir: Path, adapter_dir:
 
 def init_fidelity(base_path: str, residual_dir: str, adapter_dir: str, samples: list[list[int]]) -> float:
     """max |logits(residual base + corda adapter) − logits(base)| over `samples`, loaded the way a user would."""
-    from workers.export import load_model, max_logit_gap
+    from workers.adapter_math import load_model, max_logit_gap
 
     return max_logit_gap(load_model(residual_dir, Path(adapter_dir)), load_model(base_path), samples)
 

@@ -1,7 +1,7 @@
 """Where a job's driver runs: a process on this machine, or a Ray job on a cluster — one interface for both.
 
 Submitting, reading the log, cancelling and telling how a job ended go through `launcher_for(entry)`, so the
-branch between the two lives here once, and job records (orchestrator/jobs.py) know nothing of Ray's client.
+branch between the two lives here once, and job records (orchestrator/control/jobs.py) know nothing of Ray's client.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ import time
 from abc import ABC, abstractmethod
 from pathlib import Path
 
-from orchestrator.artifacts import VERBOSE_LOG, job_key
-from orchestrator.jobs import IndexEntry, JobError, JobRecord, JobState, UnknownJob
-from orchestrator.ray_jobs import RAY_TERMINAL, RayCluster, RayJobsError
-from orchestrator.store import NotInStore
+from orchestrator.control.jobs import IndexEntry, JobError, JobRecord, JobState, UnknownJob
+from orchestrator.control.ray_jobs import RAY_TERMINAL, RayCluster, RayJobsError
+from orchestrator.storage.artifacts import VERBOSE_LOG, job_key
+from orchestrator.storage.store import NotInStore
 
 
 def process_running(pid: int) -> bool:
@@ -74,7 +74,7 @@ class Launcher(ABC):
 
 
 class LocalProcess(Launcher):
-    """`python -m orchestrator.driver` in its own session on this machine; stdout is the job's log, stderr the
+    """`python -m orchestrator.control.driver` in its own session on this machine; stdout is the job's log, stderr the
     verbose log, both in the job's folder under the state dir."""
 
     def verbose_log(self) -> Path:
@@ -95,7 +95,7 @@ class LocalProcess(Launcher):
                 for f in (log, library_log):
                     f.write(f"--- attempt {attempt} (resubmitted) ---\n".encode())
             proc = subprocess.Popen(
-                [sys.executable, "-m", "orchestrator.driver", self.entry.job_id, storage_json,
+                [sys.executable, "-m", "orchestrator.control.driver", self.entry.job_id, storage_json,
                  "--verbose-log", str(verbose)],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=library_log, start_new_session=True,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},

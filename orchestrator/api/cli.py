@@ -15,7 +15,11 @@ from rich.console import Console
 from rich.table import Table
 
 from jobspecs import SpecError, load_spec
-from orchestrator.artifacts import (
+from orchestrator.control.jobs import JobError, JobRecord, JobState, LocalIndex, UnknownJob
+from orchestrator.control.launchers import current_record, launcher_for
+from orchestrator.control.ray_jobs import RayJobsError
+from orchestrator.control.submission import cancel, follow, read_log, submit
+from orchestrator.storage.artifacts import (
     IncompleteJob,
     IntegrityError,
     NoSuchKind,
@@ -23,11 +27,7 @@ from orchestrator.artifacts import (
     job_key,
     read_manifest,
 )
-from orchestrator.jobs import JobError, JobRecord, JobState, LocalIndex, UnknownJob
-from orchestrator.launchers import current_record, launcher_for
-from orchestrator.ray_jobs import RayJobsError
-from orchestrator.store import StoreError
-from orchestrator.submission import cancel, follow, read_log, submit
+from orchestrator.storage.store import StoreError
 
 DEFAULT_STATE_DIR = Path("~/.peftfleet").expanduser()
 out = Console(highlight=False, soft_wrap=True)
@@ -168,7 +168,7 @@ def cmd_list(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from orchestrator.gateway import serve  # FastAPI is imported only by the gateway
+    from orchestrator.api.gateway import serve  # FastAPI is imported only by the gateway
 
     serve(args.config)
     return 0
@@ -177,7 +177,7 @@ def cmd_serve(args) -> int:
 def cmd_token(args) -> int:
     import secrets
 
-    from orchestrator.gateway import hash_token
+    from orchestrator.api.gateway import hash_token
 
     token = secrets.token_urlsafe(32)
     print(token)
@@ -233,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--open", action="store_true", help="also open the page in a browser")
     command("list", cmd_list, "jobs submitted from this machine")
     p = command("serve", cmd_serve, "run the HTTP gateway: users submit specs with their own tokens, never Ray's")
-    p.add_argument("config", type=Path, help="gateway config YAML (see orchestrator/gateway.py: GatewayConfig)")
+    p.add_argument("config", type=Path, help="gateway config YAML (see orchestrator/api/gateway.py: GatewayConfig)")
     p = command("token", cmd_token, "make a gateway user token: prints it, and its users-file line on stderr")
     p.add_argument("user", help="the user's name in the gateway's users file")
     return parser

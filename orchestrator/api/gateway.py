@@ -20,12 +20,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from jobspecs import SpecError, parse_spec
 from jobspecs.schema import StorageSpec
-from orchestrator.artifacts import IncompleteJob, job_key, read_manifest
-from orchestrator.jobs import IndexEntry, JobError, JobRecord, LocalIndex, UnknownJob
-from orchestrator.launchers import current_record
-from orchestrator.ray_jobs import RayJobsError
-from orchestrator.store import StoreError
-from orchestrator.submission import cancel, read_log, submit, tail
+from orchestrator.control.jobs import IndexEntry, JobError, JobRecord, LocalIndex, UnknownJob
+from orchestrator.control.launchers import current_record
+from orchestrator.control.ray_jobs import RayJobsError
+from orchestrator.control.submission import cancel, read_log, submit, tail
+from orchestrator.storage.artifacts import IncompleteJob, job_key, read_manifest
+from orchestrator.storage.store import StoreError
 
 
 class GatewayConfig(BaseModel):

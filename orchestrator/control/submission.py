@@ -16,8 +16,7 @@ from typing import TextIO
 import yaml
 
 from jobspecs import JobSpec, dump_spec
-from orchestrator.artifacts import job_key
-from orchestrator.jobs import (
+from orchestrator.control.jobs import (
     JOB_ID,
     IndexEntry,
     JobError,
@@ -28,9 +27,10 @@ from orchestrator.jobs import (
     new_job_id,
     new_record,
 )
-from orchestrator.launchers import current_record, launcher_for
-from orchestrator.ray_jobs import RayJobsError
-from orchestrator.store import StoreError, open_store
+from orchestrator.control.launchers import current_record, launcher_for
+from orchestrator.control.ray_jobs import RayJobsError
+from orchestrator.storage.artifacts import job_key
+from orchestrator.storage.store import StoreError, open_store
 
 
 def differences(a, b, path: str = "") -> list[str]:

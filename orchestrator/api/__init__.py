@@ -1,0 +1,1 @@
+"""Command line and HTTP gateway: what users call. Imports control and storage."""

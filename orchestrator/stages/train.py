@@ -1,0 +1,52 @@
+"""The train stage: Ray Train workers, each driving a DeepSpeed engine (workers/train_loop.py); checkpoints in the
+job's storage; the best by eval loss becomes the TrainResult the export reads."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from orchestrator.stages.context import Context
+from orchestrator.stages.waits import run_in_thread
+from orchestrator.storage.store import train_storage
+
+log = logging.getLogger("peftfleet.train")
+
+
+def run_train(ctx: Context) -> None:
+    """Ray Train workers, each driving a DeepSpeed engine; checkpoints in the job's storage; best by eval loss."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from workers.train_loop import read_result, train_worker
+
+    spec, train = ctx.spec, ctx.spec.train
+    init = ctx.corda_init
+    score_key = "eval_loss" if spec.data.eval else "loss"
+    storage_path, filesystem = train_storage(spec.storage, ctx.job_id)
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"spec": spec, "corda_init": init and {"residual_base": str(init.residual_base),
+                                                                  "adapter": str(init.adapter)}},
+        scaling_config=ScalingConfig(
+            num_workers=train.num_workers, use_gpu=train.use_gpu, placement_strategy=train.placement_strategy,
+            resources_per_worker={"CPU": train.cpus_per_worker, **({"GPU": 1} if train.use_gpu else {})}),
+        torch_config=TorchConfig(backend="nccl" if train.use_gpu else "gloo"),
+        run_config=RunConfig(
+            name="train", storage_path=storage_path, storage_filesystem=filesystem,
+            checkpoint_config=CheckpointConfig(num_to_keep=train.keep_checkpoints,
+                                               checkpoint_score_attribute=score_key, checkpoint_score_order="min"),
+            failure_config=FailureConfig(max_failures=train.max_failures),
+        ),
+    )
+    result = run_in_thread(trainer.fit)
+    if result.error:
+        raise result.error
+    best = result.get_best_checkpoint(score_key, "min")
+    with best.as_directory() as best_dir, result.checkpoint.as_directory() as latest_dir:
+        ctx.train = out = read_result(Path(best_dir), Path(latest_dir), score_key)
+    last = out.metrics[-1] if out.metrics else {}
+    # Logged here, not only by the workers: Ray forwards worker output asynchronously, maybe after the job ends.
+    log.info("train: %d/%d steps, final loss %.4f, best step %d (%s %.4f)", last.get("step", 0), out.total_steps,
+             last.get("loss", float("nan")), out.best_step, score_key.replace("_", " "),
+             out.best_eval_loss if out.best_eval_loss is not None else float("nan"))
