@@ -82,8 +82,7 @@ def cmd_status(args) -> int:
     entry = _index(args).get(args.job)
     record = current_record(entry)
     if args.json:
-        out.print_json(json.dumps({**record.__dict__, "state": record.state.value,
-                                   "stages": [s.__dict__ for s in record.stages]}))
+        out.print_json(json.dumps(record.to_dict()))
         return 0
     out.print(f"job {record.id}: [bold]{record.state.value}[/bold]"
               + (f" (stage {record.stage})" if record.stage else ""))

@@ -151,10 +151,9 @@ def create_app(config: GatewayConfig) -> FastAPI:
         return entry
 
     def view(record: JobRecord) -> dict:
-        return {"job_id": record.id, "name": record.name, "state": record.state.value, "stage": record.stage,
-                "error": record.error, "warnings": record.warnings, "attempts": record.attempts,
-                "created_at": record.created_at, "started_at": record.started_at, "ended_at": record.ended_at,
-                "stages": [s.__dict__ for s in record.stages]}
+        """What a user sees of a record: not its driver's host and pid, nor its owner."""
+        data = record.to_dict()
+        return {"job_id": data.pop("id"), **{k: v for k, v in data.items() if k not in ("driver", "owner")}}
 
     def spec_problems(*problems: tuple[str, str]) -> HTTPException:
         """422 in FastAPI's own shape, each problem located at its field inside the spec."""

@@ -71,8 +71,12 @@ class JobRecord:
     attempts: int = 1  # resubmissions of a failed job under its id run it again (training resumes)
     owner: str | None = None  # the gateway user who submitted it
 
+    def to_dict(self) -> dict:
+        """The record as JSON-ready data (JobState is a str): what job.json holds and `status --json` prints."""
+        return asdict(self)
+
     def save(self, store: Store) -> None:
-        store.put_bytes(job_key(self.id, "job.json"), json.dumps(asdict(self), indent=2).encode())
+        store.put_bytes(job_key(self.id, "job.json"), json.dumps(self.to_dict(), indent=2).encode())
 
     @classmethod
     def load(cls, store: Store, job_id: str) -> JobRecord:
