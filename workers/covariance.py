@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from workers.data import collate
+
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -157,7 +159,9 @@ class CovarianceWorker:
         try:
             for start in range(0, len(samples), batch_size):
                 batch = samples[start : start + batch_size]
-                ids, mask = pad_right(batch, pad_id)
+                # right padding: with causal attention the real tokens' activations do not depend on it
+                padded = collate([{"input_ids": ids, "labels": ids} for ids in batch], pad_id)
+                ids, mask = padded["input_ids"], padded["attention_mask"].bool()
                 current.update(mask=mask.to(self.device), range=f"{start}..{start + len(batch) - 1}")
                 self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device))
         finally:
@@ -168,17 +172,6 @@ class CovarianceWorker:
         summary = ShardSummary(shard, len(samples), sum(len(s) for s in samples), os.getpid(), timing["s"],
                                timing["flops"])
         return (*(stats[g.name] for g in groups), summary)
-
-
-def pad_right(batch: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right padding: with causal attention the real tokens' activations do not depend on the padding."""
-    width = max(len(s) for s in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.bool)
-    for i, s in enumerate(batch):
-        ids[i, : len(s)] = torch.tensor(list(s))
-        mask[i, : len(s)] = True
-    return ids, mask
 
 
 def add_stats(parts: Iterable[GroupStats]) -> GroupStats:
