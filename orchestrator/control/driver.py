@@ -1,6 +1,6 @@
 """The Ray driver: runs one job's stages in order and keeps its record true.
 
-    python -m orchestrator.control.driver JOB_ID STORAGE_JSON [--ray-address auto]
+    python -m orchestrator.control.driver JOB_ID STORAGE_JSON [--ray-address auto] [--verbose-log FILE]
 
 Started by `peftfleet submit`: as a local process (Ray per the spec's `cluster` section), or as a Ray job on a
 cluster (`--ray-address auto`: join the cluster it runs on, whatever the spec says).
