@@ -240,8 +240,18 @@ class CordaSpec(Section):
     damping: Literal["auto"] | float = Field(
         "auto", description="auto: peft's rule (0.01·mean(diag C), doubled until C' inverts well); a number: fixed."
     )
-    num_workers: int = Field(1, gt=0, description="Covariance actors, one model replica each.")
+    strategy: Literal["auto", "replica", "layerwise"] = Field(
+        "auto", description="replica: each actor holds the whole model and runs its shards through it; layerwise: "
+        "the actors walk the decoder blocks in order, each holding one block and its own shards' hidden states "
+        "(checkpointed to node_cache_dir after every block), so no process holds the model; the statistics are the "
+        "same. auto: layerwise when a replica does not fit actor_memory_gib (replica when that is unset)."
+    )
+    num_workers: int = Field(1, gt=0, description="Covariance actors (replica: one model replica each).")
     use_gpu: bool = Field(False, description="One GPU per covariance actor.")
+    actor_memory_gib: float | None = Field(
+        None, gt=0, description="Memory Ray reserves for each covariance actor (GiB; a scheduling reservation, as "
+        "Ray's `memory`), and what strategy auto checks a replica against (`peftfleet plan` shows the estimate)."
+    )
     shard_samples: int = Field(
         16, gt=0, description="Samples per shard: the unit handed to an actor and redone after a failure. "
         "Shards are summed in shard order, so results do not depend on num_workers or on retries."
@@ -299,6 +309,10 @@ class TrainSpec(Section):
     warmup_steps: int = Field(0, ge=0)
     micro_batch_size: int = Field(4, gt=0, description="Sequences per worker per forward pass.")
     grad_accum: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    gradient_checkpointing: bool = Field(
+        False, description="Keep only each decoder block's input for backward and recompute the rest: activation "
+        "memory falls by roughly the number of layers, for about a third more compute."
+    )
     max_grad_norm: float | None = Field(1.0, gt=0)
     eval_every: int | None = Field(None, gt=0, description="Optimizer steps between evals (default: at the end).")
     checkpoint_every: int | None = Field(None, gt=0, description="Optimizer steps between checkpoints.")
@@ -397,6 +411,11 @@ class ClusterSpec(Section):
     driver_cpus: float = Field(
         0, ge=0, description="CPUs reserved for the job's driver when it runs as a Ray job (`submit --address`, the "
         "gateway); Ray queues jobs whose driver does not fit. 0: the driver reserves nothing, like any Ray job."
+    )
+    node_cache_dir: Path | None = Field(
+        None, description="Folder on each node where stage outputs read from the store (residual_base, corda_init) "
+        "are cached, fetched once per node and shared by its processes; default: peftfleet-cache in the system "
+        "temp folder. Put it on the node's local disk, not a shared filesystem."
     )
 
 

@@ -10,8 +10,10 @@ from safetensors.torch import load_file
 from jobspecs import parse_spec
 from orchestrator.stages.context import Context
 from orchestrator.stages.corda import run_calibrate, run_decompose
-from orchestrator.storage.store import LocalStore
+from orchestrator.storage.artifacts import job_key
 from tests.helpers import tiny_spec
+from workers.store import LocalStore
+from workers.weights import read_tensors, weight_map
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 R, ALPHA = 4, 8
@@ -41,14 +43,20 @@ def run_stages(spec, tmp: Path, holder: dict | None = None) -> Context:
     return ctx
 
 
+def published(ctx: Context) -> Path:
+    """Where the stages wrote the job's artifacts in its (local) store: artifacts/<kind>/..."""
+    return ctx.store.root / job_key(ctx.job_id, "artifacts")
+
+
 def ours(ctx: Context) -> dict[str, torch.Tensor]:
-    return corda_tensors(ctx.staging)
+    return corda_tensors(published(ctx))
 
 
 def corda_tensors(folder: Path) -> dict[str, torch.Tensor]:
     """CorDA's A, B and residual weight per layer, from a folder holding `residual_base/` and `corda_init/` (a
-    stage's staging folder, or a job's fetched artifacts)."""
-    residual = load_file(str(folder / "residual_base" / "model.safetensors"))
+    job's artifacts in its store, or fetched)."""
+    residual_dir = folder / "residual_base"
+    residual = read_tensors(residual_dir, weight_map(residual_dir))
     adapter = load_file(str(folder / "corda_init" / "adapter_model.safetensors"))
     out = {}
     for key, value in adapter.items():  # base_model.model.<layer>.lora_A.weight

@@ -35,8 +35,8 @@ def test_tiny_example_end_to_end(tmp_path, state_dir, assets):
     log = cli(state_dir, "logs", job_id, check=True).stdout
     assert "train: 40/40 steps" in log and "train: step 0/40 eval_loss" in log
     # the log a user reads holds our lines only: the driver's, and the workers' progress lines Ray forwards
-    ours = re.compile(r"\d{4}-\d\d-\d\d [\d:,]+ (INFO|WARNING|ERROR) |\((RayTrainWorker|CovarianceWorker) pid=\d+\) "
-                      r"(train|calibrate):|--- attempt ")
+    ours = re.compile(r"\d{4}-\d\d-\d\d [\d:,]+ (INFO|WARNING|ERROR) |\(\w+ pid=\d+\) "
+                      r"(train|calibrate|decompose|export):|--- attempt ")
     assert [line for line in log.splitlines() if not ours.match(line)] == []
     # everything the libraries said is in the verbose log (with the job's own lines), here and in the store
     verbose = cli(state_dir, "logs", job_id, "--verbose", check=True).stdout
@@ -164,8 +164,8 @@ def test_corda_only_job_is_the_cluster_scale_init(tmp_path, state_dir, assets):
 
 
 def test_help_everywhere(state_dir):
-    commands = ["validate", "submit", "status", "logs", "cancel", "artifacts", "fetch", "report", "list", "serve",
-                "token"]
+    commands = ["validate", "plan", "submit", "status", "logs", "cancel", "artifacts", "fetch", "report", "list",
+                "serve", "token"]
     top = cli(state_dir, "--help", check=True).stdout
     assert all(c in top for c in commands)
     for command in commands:

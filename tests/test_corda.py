@@ -18,11 +18,11 @@ from transformers import AutoModelForCausalLM
 
 from orchestrator.stages.context import Context
 from orchestrator.stages.corda import calibration_samples, run_calibrate
-from orchestrator.storage.store import LocalStore
-from tests.corda_helpers import ALPHA, TARGETS, R, corda_spec, ours, run_stages
+from tests.corda_helpers import ALPHA, TARGETS, R, corda_spec, ours, published, run_stages
 from tests.helpers import ray_processes, wait_gone
 from workers.covariance import GroupStats
 from workers.decompose import decompose_group
+from workers.store import LocalStore
 
 
 @pytest.fixture(scope="module")
@@ -115,9 +115,9 @@ def test_matches_peft_any_workers_any_batch(local_ray, assets, tmp_path, peft_re
 def test_outputs_load_with_stock_peft_and_reproduce_base_logits(local_ray, assets, tmp_path):
     ctx = run_stages(corda_spec(assets, tmp_path, batch_size=4), tmp_path)
     base = AutoModelForCausalLM.from_pretrained(assets / "tiny-llama")
-    init = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(ctx.staging / "residual_base"),
-                                     ctx.staging / "corda_init")
-    assert json.loads((ctx.staging / "corda_init" / "adapter_config.json").read_text())["init_lora_weights"] is True
+    init = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(published(ctx) / "residual_base"),
+                                     published(ctx) / "corda_init")
+    assert json.loads((published(ctx) / "corda_init" / "adapter_config.json").read_text())["init_lora_weights"] is True
     ids = torch.tensor([[1, 40, 41, 42, 43, 44, 45, 46]])
     with torch.no_grad():
         assert (init(input_ids=ids).logits - base(input_ids=ids).logits).abs().max() < 1e-4
@@ -177,7 +177,7 @@ def test_killed_actor_mid_shard_gives_the_same_numbers(local_ray, assets, tmp_pa
 @pytest.mark.slow
 def test_saved_covariance_lets_another_mode_skip_collection(local_ray, assets, tmp_path):
     first = run_stages(corda_spec(assets, tmp_path / "a", batch_size=4, save_covariance=True), tmp_path / "a")
-    saved = first.staging / "covariance"
+    saved = published(first) / "covariance"
     assert (saved / "groups.json").is_file()
     # same mode from the saved statistics: bit-identical to collecting them
     again = run_stages(corda_spec(assets, tmp_path / "b", covariance_from=str(saved)), tmp_path / "b")

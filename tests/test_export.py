@@ -19,9 +19,9 @@ from orchestrator.stages.context import Context
 from orchestrator.stages.corda import run_calibrate, run_decompose
 from orchestrator.stages.export import run_export
 from orchestrator.stages.train import run_train
-from orchestrator.storage.store import LocalStore
-from tests.corda_helpers import ALPHA, TARGETS, R
+from tests.corda_helpers import ALPHA, TARGETS, R, published
 from tests.helpers import tiny_spec
+from workers.store import LocalStore
 
 pytestmark = pytest.mark.slow
 
@@ -57,7 +57,7 @@ def lora_job(local_ray, assets, tmp_path_factory):
 
 
 def test_merged_models_interpolate_from_the_base_to_the_trained_model(lora_job, assets):
-    staging = lora_job.staging
+    staging = published(lora_job)  # where the export task wrote the artifacts
     trained = PeftModel.from_pretrained(base(assets), staging / "adapter").eval()
     merged = {a: AutoModelForCausalLM.from_pretrained(staging / f"merged@{a}").eval() for a in ("0", "0.5", "1")}
     assert torch.allclose(logits(merged["0"]), logits(base(assets)), atol=1e-5)
@@ -83,7 +83,7 @@ def test_wise_ft_sweep_ends_at_the_base_and_the_trained_model(lora_job):
 
 
 def test_report_renders_with_the_numbers_of_the_metrics(lora_job):
-    folder = lora_job.staging / "report"
+    folder = lora_job.staging / "report"  # the report is written by the driver
     report = json.loads((folder / "report.json").read_text())
     metrics = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     assert report["curves"]["loss"] == [m["loss"] for m in metrics]
@@ -124,16 +124,16 @@ print("loaded")
 
 def test_every_artifact_loads_with_stock_libraries_in_a_fresh_process(lora_job, assets, tmp_path):
     base_path = str(assets / "tiny-llama")
-    load_in_fresh_process(tmp_path, lora_job.staging, base_path, [(base_path, "adapter"), (base_path, "adapter@0.5")],
-                          ["merged@0", "merged@0.5", "merged@1"])
+    load_in_fresh_process(tmp_path, published(lora_job), base_path,
+                          [(base_path, "adapter"), (base_path, "adapter@0.5")], ["merged@0", "merged@0.5", "merged@1"])
 
 
 def test_dora_is_interpolated_on_merged_weights(local_ray, assets, tmp_path):
     job = run_job(assets, tmp_path, [run_train, run_export], adapter={"method": "dora"},
                   export={"formats": ["adapter", "merged"], "merge_alphas": [0.0, 1.0], "wise_ft_alphas": [0.0, 1.0]})
-    trained = PeftModel.from_pretrained(base(assets), job.staging / "adapter").eval()
-    merged0 = AutoModelForCausalLM.from_pretrained(job.staging / "merged@0").eval()
-    merged1 = AutoModelForCausalLM.from_pretrained(job.staging / "merged@1").eval()
+    trained = PeftModel.from_pretrained(base(assets), published(job) / "adapter").eval()
+    merged0 = AutoModelForCausalLM.from_pretrained(published(job) / "merged@0").eval()
+    merged1 = AutoModelForCausalLM.from_pretrained(published(job) / "merged@1").eval()
     assert torch.allclose(logits(merged0), logits(base(assets)), atol=1e-5)
     assert torch.allclose(logits(merged1), logits(trained), atol=1e-4)
     # why: scaling a DoRA adapter to 0 is not the base model (the magnitude vector still renormalises)
@@ -147,7 +147,7 @@ def test_corda_adapter_on_the_original_base_reproduces_the_trained_model(local_r
                   adapter={"r": R, "alpha": ALPHA, "target_modules": TARGETS},
                   init={"method": "corda", "corda": {"samples": 32, "fidelity_samples": 4, "mode": mode}},
                   export={"formats": ["adapter", "adapter_on_original_base"], "wise_ft_alphas": [0.0, 1.0]})
-    staging = job.staging
+    staging = published(job)
     residual = AutoModelForCausalLM.from_pretrained(staging / "residual_base")
     trained = PeftModel.from_pretrained(residual, staging / "adapter").eval()
     converted = PeftModel.from_pretrained(base(assets), staging / "adapter_on_original_base").eval()

@@ -17,9 +17,9 @@ from orchestrator.storage.artifacts import (
     read_manifest,
     upload_artifacts,
 )
-from orchestrator.storage.store import StoreError, open_store, safe_relpath
 from tests.fault_proxy import FaultProxy
 from tests.helpers import MiB, make_staging
+from workers.store import StoreError, open_store, safe_relpath
 
 
 def sha(path) -> str:

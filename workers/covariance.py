@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -72,6 +73,12 @@ def find_input_groups(model: nn.Module, targets: Sequence[str] | str, probe_ids:
     layers = target_linears(model, targets)
     if not layers:
         raise ValueError(f"adapter.target_modules {targets!r} matches no linear layer of the model")
+    device = next(model.parameters()).device
+    return group_by_input(layers, lambda: model(input_ids=torch.tensor([list(probe_ids)], device=device)))
+
+
+def group_by_input(layers: dict[str, nn.Linear], run: Callable[[], object]) -> list[InputGroup]:
+    """Call `run` (a forward pass through `layers`) and group the layers by the tensor object they received."""
     seen: dict[str, torch.Tensor] = {}
 
     def remember(name: str, inputs: tuple) -> None:  # a hook must return None, or it replaces the output
@@ -82,7 +89,7 @@ def find_input_groups(model: nn.Module, targets: Sequence[str] | str, probe_ids:
         for name, module in layers.items()
     ]
     try:
-        model(input_ids=torch.tensor([list(probe_ids)], device=next(model.parameters()).device))
+        run()
     finally:
         for h in handles:
             h.remove()
@@ -97,6 +104,68 @@ def find_input_groups(model: nn.Module, targets: Sequence[str] | str, probe_ids:
         else:
             groups.append([name])
     return [InputGroup(g[0], tuple(g), layers[g[0]].in_features) for g in groups]
+
+
+class Accumulator:
+    """The statistics of one shard: hooks on each group's first member add its masked, scaled Σxᵀx.
+
+    Set `mask` (real tokens, [batch, seq]) and `range` (for error messages) before each forward pass.
+    """
+
+    def __init__(self, modules: dict[str, nn.Module], groups: Sequence[InputGroup], acc_dtype: torch.dtype,
+                 scale: str, shard: int):
+        self.modules, self.groups, self.acc_dtype, self.scale, self.shard = modules, groups, acc_dtype, scale, shard
+        self.stats = {g.name: GroupStats(torch.zeros(g.dim, g.dim, dtype=acc_dtype), 0, 0) for g in groups}
+        self.mask: torch.Tensor | None = None
+        self.range = ""
+        self.seconds = 0.0  # time inside the hooks (scale, mask, xᵀx), for the FLOP/s figure
+        self.flops = 0.0
+
+    def add(self, name: str, inputs: tuple) -> None:
+        t0 = time.perf_counter()
+        x = inputs[0].detach().to(self.acc_dtype)
+        valid = self.mask.unsqueeze(-1)
+        if self.scale == "max_abs":
+            scale = x.abs().masked_fill(~valid, 0).amax(dim=(1, 2))
+        else:  # peft: abs() of the largest signed element of the sample
+            scale = x.masked_fill(~valid, float("-inf")).amax(dim=(1, 2)).abs()
+        rows = (x / scale.view(-1, 1, 1))[self.mask]  # [real tokens in the batch, dim]
+        if not torch.isfinite(rows).all():
+            raise NonFiniteActivations(
+                f"NaN/Inf in the input activations of {name} (shard {self.shard}, samples {self.range}): "
+                "check the model weights and the calibration data"
+            )
+        acc = self.stats[name]
+        acc.xtx.addmm_(rows.T, rows)
+        acc.samples += x.shape[0]
+        acc.tokens += rows.shape[0]
+        self.seconds += time.perf_counter() - t0
+        self.flops += 2.0 * rows.shape[0] * rows.shape[1] ** 2
+
+    @contextmanager
+    def hooked(self) -> Iterator[None]:
+        handles = [self.modules[g.name].register_forward_hook(lambda m, i, o, n=g.name: self.add(n, i))
+                   for g in self.groups]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def results(self) -> list[GroupStats]:
+        """Each group's statistics on the CPU, in `groups` order."""
+        for acc in self.stats.values():
+            acc.xtx = acc.xtx.cpu()
+        return [self.stats[g.name] for g in self.groups]
+
+
+def batches(samples: Sequence[Sequence[int]], batch_size: int, pad_id: int) -> Iterator[tuple[str, dict]]:
+    """(sample range, padded batch) in order; right padding: with causal attention the real tokens' activations
+    do not depend on it."""
+    for start in range(0, len(samples), batch_size):
+        batch = samples[start : start + batch_size]
+        yield f"{start}..{start + len(batch) - 1}", collate([{"input_ids": ids, "labels": ids} for ids in batch],
+                                                            pad_id)
 
 
 class CovarianceWorker:
@@ -128,50 +197,13 @@ class CovarianceWorker:
     ) -> tuple:
         """(GroupStats for each group in `groups` order..., ShardSummary): separate objects for Ray, so each
         group's reduction fetches only its own matrix."""
-        modules = dict(self.model.named_modules())
-        stats = {g.name: GroupStats(torch.zeros(g.dim, g.dim, dtype=self.acc_dtype), 0, 0) for g in groups}
-        current: dict[str, object] = {}
-        timing = {"s": 0.0, "flops": 0.0}
-
-        def hook(name: str, inputs: tuple) -> None:
-            t0 = time.perf_counter()
-            mask = current["mask"]
-            x = inputs[0].detach().to(self.acc_dtype)
-            valid = mask.unsqueeze(-1)
-            if self.scale == "max_abs":
-                scale = x.abs().masked_fill(~valid, 0).amax(dim=(1, 2))
-            else:  # peft: abs() of the largest signed element of the sample
-                scale = x.masked_fill(~valid, float("-inf")).amax(dim=(1, 2)).abs()
-            rows = (x / scale.view(-1, 1, 1))[mask]  # [real tokens in the batch, dim]
-            if not torch.isfinite(rows).all():
-                raise NonFiniteActivations(
-                    f"NaN/Inf in the input activations of {name} (shard {shard}, samples {current['range']}): "
-                    "check the model weights and the calibration data"
-                )
-            acc = stats[name]
-            acc.xtx.addmm_(rows.T, rows)
-            acc.samples += x.shape[0]
-            acc.tokens += rows.shape[0]
-            timing["s"] += time.perf_counter() - t0
-            timing["flops"] += 2.0 * rows.shape[0] * rows.shape[1] ** 2
-
-        handles = [modules[g.name].register_forward_hook(lambda m, i, o, n=g.name: hook(n, i)) for g in groups]
-        try:
-            for start in range(0, len(samples), batch_size):
-                batch = samples[start : start + batch_size]
-                # right padding: with causal attention the real tokens' activations do not depend on it
-                padded = collate([{"input_ids": ids, "labels": ids} for ids in batch], pad_id)
-                ids, mask = padded["input_ids"], padded["attention_mask"].bool()
-                current.update(mask=mask.to(self.device), range=f"{start}..{start + len(batch) - 1}")
-                self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device))
-        finally:
-            for h in handles:
-                h.remove()
-        for acc in stats.values():
-            acc.xtx = acc.xtx.cpu()
-        summary = ShardSummary(shard, len(samples), sum(len(s) for s in samples), os.getpid(), timing["s"],
-                               timing["flops"])
-        return (*(stats[g.name] for g in groups), summary)
+        acc = Accumulator(dict(self.model.named_modules()), groups, self.acc_dtype, self.scale, shard)
+        with acc.hooked():
+            for acc.range, padded in batches(samples, batch_size, pad_id):
+                acc.mask = padded["attention_mask"].bool().to(self.device)
+                self.model(input_ids=padded["input_ids"].to(self.device), attention_mask=acc.mask)
+        summary = ShardSummary(shard, len(samples), sum(len(s) for s in samples), os.getpid(), acc.seconds, acc.flops)
+        return (*acc.results(), summary)
 
 
 def add_stats(parts: Iterable[GroupStats]) -> GroupStats:

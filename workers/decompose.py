@@ -22,7 +22,7 @@ class LayerInit:
     name: str
     lora_A: torch.Tensor  # [r, in]
     lora_B: torch.Tensor  # [out, r]
-    residual: torch.Tensor  # [out, in], the base weight's dtype
+    residual: torch.Tensor | None  # [out, in], the base weight's dtype; None once written to residual_base
     reconstruction_error: float  # ‖W − (W_res + scaling·B·A)‖ / ‖W‖
     spectrum: list[float]  # singular values of W·C' (all), for the report
 
@@ -41,24 +41,6 @@ class GroupInit:
     inverse_error: float
     eigenvalues: list[float] = field(default_factory=list)  # of C, descending, for the report
     layers: list[LayerInit] = field(default_factory=list)
-
-
-def load_weights(model_path: str, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    """Only the named layers' weights, read lazily from the model's safetensors (sharded or not)."""
-    import json
-    from pathlib import Path
-
-    from safetensors import safe_open
-
-    folder = Path(model_path)
-    index = folder / "model.safetensors.index.json"
-    where = json.loads(index.read_text())["weight_map"] if index.exists() else {}
-    out = {}
-    for name in names:
-        key = f"{name}.weight"
-        with safe_open(folder / where.get(key, "model.safetensors"), framework="pt") as f:
-            out[name] = f.get_tensor(key)
-    return out
 
 
 def damp(cov: torch.Tensor, damping: float | str) -> tuple[torch.Tensor, torch.Tensor, float, float]:

@@ -1,15 +1,25 @@
-"""Reducers: a fixed pool of warm processes that fold shard statistics and decompose input groups.
+"""Reducers: a fixed pool of warm processes that fold shard statistics, decompose input groups and write the
+residual_base shards of what they decomposed.
 
 They are stateless on purpose: `add` returns a new sum object instead of keeping one, so a reducer lost with its
 node takes nothing with it — Ray re-runs the lost calls (lineage) on the restarted actor. A fixed pool instead of
 one task per add keeps Ray from starting a fresh process (and a fresh `import torch`) for each of hundreds of
 small adds, which on a busy node costs more than the adds themselves.
+
+Model-sized outputs never travel to the driver: a reducer writes the residual weights of the group it decomposed
+(and a share of the unchanged tensors) as safetensors shards straight into the job's store, and returns only
+the small A, B factors, the diagnostics and what it wrote.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from jobspecs.schema import StorageSpec
 from workers.covariance import GroupStats, add_stats
-from workers.decompose import GroupInit, decompose_group, load_weights
+from workers.decompose import GroupInit, decompose_group
+from workers.store import StoredFile, open_store
+from workers.weights import publish_shard, read_tensors
 
 
 class Reducer:
@@ -23,18 +33,42 @@ class Reducer:
     def ready(self) -> bool:
         return True
 
+    def tokens(self, total: GroupStats) -> int:
+        return total.tokens
+
     def add(self, total: GroupStats, part: GroupStats) -> GroupStats:
         return add_stats([total, part])
 
-    def decompose(
-        self,
-        total: GroupStats,
-        group: str,
-        modules: tuple[str, ...],
-        model_path: str,
-        r: int,
-        mode: str,
-        scaling: float,
-        damping: float | str,
-    ) -> GroupInit:
-        return decompose_group(total, group, modules, load_weights(model_path, modules), r, mode, scaling, damping)
+    def decompose(self, total: GroupStats, group: str, modules: tuple[str, ...], model_path: str, r: int,
+                  mode: str, scaling: float, damping: float | str, dtype: str, storage: StorageSpec, key: str
+                  ) -> tuple[GroupInit, StoredFile]:
+        """Decompose one group and write its residual weights (in `dtype`) as the residual_base shard `key`."""
+        import torch
+
+        weights = read_tensors(Path(model_path), [f"{m}.weight" for m in modules])
+        result = decompose_group(total, group, modules, {m: weights[f"{m}.weight"] for m in modules}, r, mode,
+                                 scaling, damping)
+        residual = {f"{layer.name}.weight": layer.residual.to(getattr(torch, dtype)) for layer in result.layers}
+        for layer in result.layers:
+            layer.residual = None
+        return result, publish_shard(open_store(storage), key, residual)
+
+    def copy_tensors(self, model_path: str, names: list[str], dtype: str, storage: StorageSpec, key: str
+                     ) -> StoredFile:
+        """Tensors the decomposition leaves unchanged, copied (cast to `dtype`) into the residual_base shard `key`."""
+        import torch
+
+        return publish_shard(open_store(storage), key, read_tensors(Path(model_path), names, getattr(torch, dtype)))
+
+    def save_stats(self, total: GroupStats, storage: StorageSpec, key: str) -> StoredFile:
+        """A reduced sum exactly as decomposed, for the `covariance` artifact."""
+        return publish_shard(open_store(storage), key, {"xtx": total.xtx},
+                             {"samples": str(total.samples), "tokens": str(total.tokens)})
+
+    def load_stats(self, file: str) -> GroupStats:
+        """A sum saved by save_stats, read where it will be decomposed (init.corda.covariance_from)."""
+        from safetensors import safe_open
+
+        with safe_open(file, framework="pt") as f:
+            meta = f.metadata()
+            return GroupStats(f.get_tensor("xtx"), int(meta["samples"]), int(meta["tokens"]))

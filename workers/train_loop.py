@@ -29,6 +29,8 @@ from workers.data import IGNORE, collate, load_tokenizer, pad_id, shard, tokeniz
 from workers.deepspeed_config import deepspeed_config
 from workers.logs import quiet_libraries, say
 from workers.loss import mean_token_loss, token_loss_sum
+from workers.node_cache import local_folder
+from workers.store import StoredFolder
 
 CKPT_TAG = "ds"
 
@@ -119,17 +121,29 @@ def evaluate(engine, examples: list[dict], batch_size: int, pad_id: int, device)
     return loss
 
 
-def build_model(spec: JobSpec, corda_init: dict[str, str] | None, total_steps: int):
-    """The peft model: CorDA's adapter on the residual base, or the method's own init on the base."""
+def build_model(spec: JobSpec, corda_init: dict[str, StoredFolder] | None, total_steps: int):
+    """The peft model: CorDA's adapter on the residual base (both read from the job's store through this node's
+    cache), or the method's own init on the base.
+
+    Under ZeRO-3 (an `HfDeepSpeedConfig` alive, see setup) the base is built partitioned: `from_pretrained`
+    constructs it inside `deepspeed.zero.Init` and each rank keeps only its 1/world slice of every weight as it
+    is loaded, so no worker ever holds the whole model. The adapter's own (small) parameters are created
+    afterwards as ordinary tensors and partitioned by `deepspeed.initialize`."""
     from peft import PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
 
     dtype = getattr(torch, spec.model.dtype)
     if corda_init:
-        base = AutoModelForCausalLM.from_pretrained(corda_init["residual_base"], dtype=dtype)
-        return PeftModel.from_pretrained(base, corda_init["adapter"], is_trainable=True)
-    base = AutoModelForCausalLM.from_pretrained(spec.model.path, dtype=dtype)
-    return get_peft_model(base, peft_config(spec.adapter, total_steps, spec.model.tokenizer_path))
+        residual, adapter = local_folder(spec, corda_init["residual_base"]), local_folder(spec, corda_init["adapter"])
+        base = AutoModelForCausalLM.from_pretrained(residual, dtype=dtype)
+        model = PeftModel.from_pretrained(base, adapter, is_trainable=True)
+    else:
+        base = AutoModelForCausalLM.from_pretrained(spec.model.path, dtype=dtype)
+        model = get_peft_model(base, peft_config(spec.adapter, total_steps, spec.model.tokenizer_path))
+    if spec.train.gradient_checkpointing:
+        # non-reentrant: gradients reach the adapter although the checkpointed inputs of a frozen base need none
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
 
 
 def skip_cpu_shm_build() -> None:
@@ -170,6 +184,8 @@ class Run:
     scheduler: Any
     budget: AdaLoraBudget | None
     nodes: list[str]
+    zero3_config: Any  # transformers' HfDeepSpeedConfig under ZeRO-3 (held: it is read through a weak reference)
+    partitioned_load: bool  # the base was loaded partitioned (ZeRO-3): no rank held it whole
 
     @property
     def micro(self) -> int:
@@ -180,7 +196,7 @@ class Run:
         return self.engine.gradient_accumulation_steps()
 
 
-def setup(spec: JobSpec, corda_init: dict[str, str] | None) -> Run:
+def setup(spec: JobSpec, corda_init: dict[str, StoredFolder] | None) -> Run:
     """Device, data (the same tokenization everywhere), model + adapter, DeepSpeed engine; logs the start-up."""
     began, phases = time.perf_counter(), {}  # start-up seconds per phase, shown in the first progress line
 
@@ -192,6 +208,7 @@ def setup(spec: JobSpec, corda_init: dict[str, str] | None) -> Run:
     os.environ["DS_ACCELERATOR"] = "cuda" if cfg.use_gpu else "cpu"
     import deepspeed
     import ray.train
+    from transformers.integrations import HfDeepSpeedConfig
 
     ctx = ray.train.get_context()
     quiet_libraries()
@@ -208,9 +225,15 @@ def setup(spec: JobSpec, corda_init: dict[str, str] | None) -> Run:
     eval_set = tokenize(spec.data.eval, tokenizer, spec.data) if spec.data.eval else []
     total = optimizer_steps(spec, len(train_set))
     phase_done("data")
-    model = build_model(spec, corda_init, total)
-    phase_done("model")
     ds_config = deepspeed_config(spec, ctx.get_world_size())
+    # Under ZeRO-3, transformers and peft act as under HF's Trainer: from_pretrained loads partitioned, peft gathers
+    # what it must. They read this through a weak reference, so the run keeps it for its whole life.
+    zero3 = HfDeepSpeedConfig(ds_config) if ds_config.get("zero_optimization", {}).get("stage") == 3 else None
+    if zero3 is not None:  # zero.Init inside from_pretrained sizes the batch by DeepSpeed's world: join it first
+        deepspeed.init_distributed(dist_backend="nccl" if cfg.use_gpu else "gloo")
+    model = build_model(spec, corda_init, total)
+    partitioned = any(hasattr(p, "ds_id") for p in model.parameters() if not p.requires_grad)
+    phase_done("model")
     if spec.adapter.method == "adalora":
         add_regulariser(model, zero3=ds_config.get("zero_optimization", {}).get("stage", 0) == 3)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -221,7 +244,8 @@ def setup(spec: JobSpec, corda_init: dict[str, str] | None) -> Run:
     budget = AdaLoraBudget(engine, ds_config) if spec.adapter.method == "adalora" else None
     run = Run(spec=spec, rank=ctx.get_world_rank(), world=ctx.get_world_size(), device=device,
               pad=pad_id(spec, tokenizer), train_set=train_set, eval_set=eval_set, total=total, engine=engine,
-              scheduler=scheduler, budget=budget, nodes=all_gather(ray.get_runtime_context().get_node_id()))
+              scheduler=scheduler, budget=budget, nodes=all_gather(ray.get_runtime_context().get_node_id()),
+              zero3_config=zero3, partitioned_load=partitioned)
     phase_done("engine")
     if run.rank == 0:
         if budget and budget.config.tinit + budget.config.tfinal >= budget.config.total_step:
@@ -252,7 +276,7 @@ def resume(run: Run) -> TrainState:
     state.nodes = run.nodes
     state.engine = {"zero_stage": engine.zero_optimization_stage(), "world_size": run.world,
                     "micro_batch_size": run.micro, "grad_accum": run.gas, "bf16": engine.bfloat16_enabled(),
-                    "fp16": engine.fp16_enabled()}
+                    "fp16": engine.fp16_enabled(), "partitioned_load": run.partitioned_load}
     return state
 
 

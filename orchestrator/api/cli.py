@@ -1,4 +1,4 @@
-"""`peftfleet`: validate, submit and follow jobs; list and fetch their artifacts.
+"""`peftfleet`: validate, plan, submit and follow jobs; list and fetch their artifacts.
 
 Exit codes: 0 success; 1 the job or operation failed; 2 bad input (spec, arguments, unknown job).
 `submit` prints only the job id on stdout (scripts can capture it); progress and logs go to stderr.
@@ -27,7 +27,7 @@ from orchestrator.storage.artifacts import (
     job_key,
     read_manifest,
 )
-from orchestrator.storage.store import StoreError
+from workers.store import StoreError
 
 DEFAULT_STATE_DIR = Path("~/.peftfleet").expanduser()
 out = Console(highlight=False, soft_wrap=True)
@@ -57,6 +57,59 @@ def cmd_validate(args) -> int:
               f"ZeRO-{spec.train.zero_stage}, storage {spec.storage.uri}, "
               f"cluster {spec.cluster.address or 'embedded local Ray'}")
     return 0
+
+
+def parse_bytes(text: str) -> int:
+    """'24GiB', '80GB', '512MiB' or a plain number of bytes."""
+    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 10**3, "mb": 10**6, "gb": 10**9,
+             "tb": 10**12, "b": 1, "": 1}
+    number = text.strip().lower().rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = text.strip().lower()[len(number):]
+    try:
+        return int(float(number) * units[unit])
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 24GiB, 80GB)") from None
+
+
+def cmd_plan(args) -> int:
+    from jobspecs.memory import plan
+
+    try:  # only config.json is read: a model folder without weights (or tokenizer) can be planned
+        result = plan(load_spec(args.spec, check_files=False), args.worker_memory)
+    except ValueError as e:
+        err.print(f"error: {e}", markup=False)
+        return 2
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    m = result["model"]
+    out.print(f"model: {m['params'] / 1e9:.2f}B parameters, {_gib(m['weights_bytes'])} GiB of {m['dtype']} weights "
+              f"({m['layers']} blocks, hidden {m['hidden']}); the driver holds none of it")
+    if "corda" in result:
+        c = result["corda"]
+        groups = ", ".join(f"{g} {_gib(b)} GiB" for g, b in c["covariance_bytes_per_group"].items())
+        out.print(f"calibrate: strategy {c['strategy']} (asked: {c['strategy_asked']}); covariance per input group "
+                  f"and block: {groups}; a replica needs {_gib(c['replica_bytes'])} GiB")
+    rows = [(p["stage"], p["process"], str(p["count"]), _gib(p["total_bytes"]),
+             "; ".join(f"{k} {_gib(v)}" for k, v in p["parts"].items())) for p in result["processes"]]
+    print_table(("stage", "process", "count", "GiB each", "of which (GiB)"), rows)
+    if "fits" in result:
+        f, memory = result["fits"], _gib(args.worker_memory)
+        if "replica_fits" in f:
+            replica = "fits" if f["replica_fits"] else "does not fit"
+            out.print(f"calibrate within {memory} GiB per actor: replica {replica}; layerwise needs "
+                      f"{f['calibrate_layerwise_workers'] or 'more than 512'} worker(s)")
+        if "train_zero3_workers" in f:
+            if f["train_zero3_workers"]:
+                out.print(f"train within {memory} GiB per worker: ZeRO-3 needs {f['train_zero3_workers']} worker(s)")
+            else:
+                out.print(f"train within {memory} GiB per worker: no worker count fits — a micro-batch's activations "
+                          "do not shrink with workers; lower train.micro_batch_size or data.max_seq_len")
+    return 0
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f}"
 
 
 def cmd_submit(args) -> int:
@@ -199,6 +252,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("validate", cmd_validate, "check a job spec without running anything")
     p.add_argument("spec", help="job spec YAML")
+    p = command("plan", cmd_plan, "memory per process and stage, from the spec and the model's config.json alone")
+    p.add_argument("spec", help="job spec YAML (its model folder needs only config.json)")
+    p.add_argument("--json", action="store_true", help="the plan as JSON (bytes)")
+    p.add_argument("--worker-memory", type=parse_bytes, metavar="SIZE",
+                   help="memory of one worker (e.g. 24GiB): also print how many workers each stage needs to fit")
     p = command("submit", cmd_submit, "start a job (embedded local Ray unless cluster.address is set)")
     p.add_argument("spec", help="job spec YAML")
     p.add_argument("--address", help="run the driver as a Ray job on the cluster whose job API is here "

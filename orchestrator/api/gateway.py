@@ -25,7 +25,7 @@ from orchestrator.control.launchers import current_record
 from orchestrator.control.ray_jobs import RayJobsError
 from orchestrator.control.submission import cancel, read_log, submit, tail
 from orchestrator.storage.artifacts import IncompleteJob, job_key, read_manifest
-from orchestrator.storage.store import StoreError
+from workers.store import StoreError
 
 
 class GatewayConfig(BaseModel):

@@ -39,8 +39,8 @@ from orchestrator.stages.train import run_train
 from orchestrator.stages.upload import run_upload
 from orchestrator.stages.waits import JobCancelled, check_cancelled, request_cancel
 from orchestrator.storage.artifacts import VERBOSE_LOG, job_key
-from orchestrator.storage.store import Store, StoreError, open_store
 from workers.logs import quiet_libraries
+from workers.store import Store, StoreError, open_store
 
 log = logging.getLogger("peftfleet.driver")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"

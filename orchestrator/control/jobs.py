@@ -20,7 +20,7 @@ from pathlib import Path
 
 from jobspecs.schema import JobSpec, StorageSpec
 from orchestrator.storage.artifacts import job_key
-from orchestrator.storage.store import Store, open_store
+from workers.store import Store, open_store
 
 
 class JobState(StrEnum):

@@ -30,7 +30,7 @@ from orchestrator.control.jobs import (
 from orchestrator.control.launchers import current_record, launcher_for
 from orchestrator.control.ray_jobs import RayJobsError
 from orchestrator.storage.artifacts import job_key
-from orchestrator.storage.store import StoreError, open_store
+from workers.store import StoreError, open_store
 
 
 def differences(a, b, path: str = "") -> list[str]:

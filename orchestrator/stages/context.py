@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from jobspecs import JobSpec
-from orchestrator.storage.store import Store
+from workers.store import Store, StoredFolder
 
 if TYPE_CHECKING:  # the worker modules import torch; the driver imports this module before it needs torch
     from workers.covariance import InputGroup
@@ -33,10 +33,11 @@ class Calibration:
 
 @dataclass
 class CordaInit:
-    """decompose → train and export: the folders training starts from."""
+    """decompose → train and export: the folders training starts from, in the job's store (never a driver-local
+    path: the consumers run on other nodes and read them through their node's cache)."""
 
-    residual_base: Path  # the base with W_res
-    adapter: Path  # stock LoRA holding CorDA's A, B
+    residual_base: StoredFolder  # the base with W_res, sharded safetensors
+    adapter: StoredFolder  # stock LoRA holding CorDA's A, B
     fidelity_samples: list[list[int]]  # the export checks its conversion on the same held-out samples
 
 
@@ -53,8 +54,9 @@ class Context:
     job_id: str
     spec: JobSpec
     store: Store
-    staging: Path  # staging/<kind>/... becomes jobs/<id>/artifacts/<kind>/...
+    staging: Path  # small driver-written files: staging/<kind>/... becomes jobs/<id>/artifacts/<kind>/...
     warnings: list[str] = field(default_factory=list)  # shown by `status`, kept in the record
+    published: list[StoredFolder] = field(default_factory=list)  # artifacts workers already wrote to the store
     calibration: Calibration | None = None
     corda_init: CordaInit | None = None
     train: TrainResult | None = None

@@ -1,35 +1,45 @@
 """The calibrate and decompose stages: CorDA initialisation at cluster scale.
 
 calibrate
-    The calibration samples are cut into fixed-size shards. N covariance actors (one model replica each) take
-    shards round-robin; each shard's statistics come back whole, one object per input group. Per group, a chain
+    The calibration samples are cut into fixed-size shards. With strategy replica, N covariance actors (one model
+    replica each) take shards round-robin; with layerwise, each of N actors owns shards i mod N and the actors walk
+    the decoder blocks together, one block in memory at a time (workers/layerwise.py). Either way each shard's
+    statistics come back whole, one object per input group. Per group, a chain
     of small add tasks folds the shards *in shard order* inside the object store — the driver never holds a
     covariance, and the sum is the same whatever actor computed what, however often a shard was retried (Ray
     restarts a dead actor and re-runs its unfinished shards; a shard's result exists once or not at all).
 decompose
-    One task per input group decomposes the group's layers where the reduced covariance is (Ray schedules tasks
-    next to their largest argument), computing the damped inverse once per group. The driver then writes
-    `residual_base` (base model with residual weights) and `corda_init` (a stock peft LoRA adapter), and checks
-    init fidelity: residual base + adapter must reproduce the base model's logits.
+    Each input group is decomposed by the reducer holding its reduced covariance, computing the damped inverse
+    once per group, and that reducer writes the group's residual weights as a `residual_base` shard straight into
+    the job's store; the unchanged tensors are copied into further shards by the same pool. The driver writes only
+    small files: the shard index and config, and `corda_init` (a stock peft LoRA adapter) from the A, B factors.
+    A worker then checks init fidelity: residual base + adapter must reproduce the base model's logits. No
+    process holds the whole model during the decomposition, and the driver holds none of it at any point.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from jobspecs.schema import JobSpec
 from orchestrator.stages.context import Calibration, Context, CordaInit
 from orchestrator.stages.waits import wait_all
+from orchestrator.storage.artifacts import job_key
+from workers.store import StoredFolder
 
 log = logging.getLogger("peftfleet.corda")
 
 # peft's guidance: ~256 samples × 2048 tokens for hidden size 4096, i.e. ~128 tokens per input dimension.
 TOKENS_PER_DIM = 128
+# residual_base's copy-through shards: at most this many bytes each (transformers' default is 5 GB; smaller files
+# spread the copying over more reducers and bound each one's memory)
+RESIDUAL_SHARD_BYTES = 2 << 30
 
 
 def calibration_samples(spec: JobSpec) -> tuple[list[list[int]], list[list[int]], int]:
@@ -51,56 +61,108 @@ def calibration_samples(spec: JobSpec) -> tuple[list[list[int]], list[list[int]]
 def run_calibrate(ctx: Context) -> None:
     import ray
 
-    from workers.covariance import CovarianceWorker
     from workers.reduce import Reducer
 
     spec, corda = ctx.spec, ctx.spec.init.corda_spec
     samples, held, pad_id = calibration_samples(spec)
     if corda.covariance_from is not None:
-        groups, stats = load_covariance(corda.covariance_from)
-        log.info("calibrate: %d input groups loaded from %s; no collection", len(groups), corda.covariance_from)
         reducers = [ray.remote(Reducer).options(num_cpus=0, scheduling_strategy="SPREAD").remote()
                     for _ in range(corda.num_workers)]
-        ctx.calibration = Calibration(groups=groups, totals=[ray.put(st) for st in stats], reducers=reducers,
-                                      held=held, tokens=stats[0].tokens, calibrate_s=0.0)
+        groups, totals = load_covariance(corda.covariance_from, reducers)
+        log.info("calibrate: %d input groups loaded from %s; no collection", len(groups), corda.covariance_from)
+        tokens = ray.get(reducers[0].tokens.remote(totals[0]))
+        ctx.calibration = Calibration(groups=groups, totals=totals, reducers=reducers, held=held, tokens=tokens,
+                                      calibrate_s=0.0)
         return
     shards = [samples[i : i + corda.shard_samples] for i in range(0, len(samples), corda.shard_samples)]
-    # SPREAD: one replica per node where possible, so losing a node loses the fewest actors. Failures are bounded
-    # by actor restarts; a shard is retried for as long as its actor can come back (a lost node makes the actor
-    # "unavailable" many times before it is declared dead). Errors raised by our code are never retried.
-    Actor = ray.remote(CovarianceWorker).options(
-        num_cpus=1, num_gpus=1 if corda.use_gpu else 0, scheduling_strategy="SPREAD",
-        max_restarts=corda.max_failures, max_task_retries=-1,
-    )
-    device = "cuda" if corda.use_gpu else "cpu"
-    actors = [Actor.remote(str(spec.model.path), spec.model.dtype, corda.covariance_dtype, corda.activation_scale,
-                           device) for _ in range(min(corda.num_workers, len(shards)))]
-    # Reducers: one per covariance actor, spread like them, no CPU reservation — their adds are light and must not
-    # wait behind the actors, and they decompose only after the actors have given their CPUs back. They start
-    # now, beside the actors: a process start (import torch) during collection would steal the actors' cores.
-    # Out of order: the fold order lives in the chain of object refs, not in the actor's queue, and an ordered
-    # actor restarted with its node can stall 30 s waiting for a call sequence number that never comes.
-    reducers = [ray.remote(Reducer).options(num_cpus=0, scheduling_strategy="SPREAD", max_restarts=-1,
-                                            max_task_retries=-1, allow_out_of_order_execution=True).remote()
-                for _ in actors]
+    strategy = corda_strategy(spec)
+    log.info("calibrate: strategy %s%s", strategy, f" (auto: {corda_memory_reason(spec)})"
+             if corda.strategy == "auto" and corda.actor_memory_gib else "")
+    collect = collect_layerwise if strategy == "layerwise" else collect_replica
+    start = time.perf_counter()
+    groups, totals, reducers, summaries, placement = collect(ctx, shards, pad_id)
+    ctx.calibration = Calibration(groups=groups, totals=totals, reducers=reducers, held=held,
+                                  tokens=sum(len(s) for s in samples), calibrate_s=time.perf_counter() - start,
+                                  shards=summaries, actors=placement)
+
+
+def corda_strategy(spec: JobSpec) -> str:
+    from jobspecs.memory import choose_corda_strategy
+
+    return choose_corda_strategy(spec)
+
+
+def corda_memory_reason(spec: JobSpec) -> str:
+    from jobspecs.memory import replica_bytes
+
+    need, have = replica_bytes(spec), spec.init.corda_spec.actor_memory_gib * 2**30
+    return f"a replica needs ~{need / 2**30:.1f} GiB, an actor is given {have / 2**30:.1f} GiB"
+
+
+def _actor_options(corda) -> dict:
+    """Covariance actors: SPREAD, one replica per node where possible, so losing a node loses the fewest actors.
+    Failures are bounded by actor restarts; a call is retried for as long as its actor can come back (a lost
+    node makes the actor "unavailable" many times before it is declared dead). Errors raised by our code are never
+    retried."""
+    memory = {"memory": int(corda.actor_memory_gib * 2**30)} if corda.actor_memory_gib else {}
+    return dict(num_cpus=1, num_gpus=1 if corda.use_gpu else 0, scheduling_strategy="SPREAD",
+                max_restarts=corda.max_failures, max_task_retries=-1, **memory)
+
+
+def _start_reducers(n: int) -> list:
+    """Reducers: one per covariance actor, spread like them, no CPU reservation — their adds are light and must not
+    wait behind the actors, and they decompose only after the actors have given their CPUs back. They start
+    now, beside the actors: a process start (import torch) during collection would steal the actors' cores.
+    Out of order: the fold order lives in the chain of object refs, not in the actor's queue, and an ordered
+    actor restarted with its node can stall 30 s waiting for a call sequence number that never comes."""
+    import ray
+
+    from workers.reduce import Reducer
+
+    return [ray.remote(Reducer).options(num_cpus=0, scheduling_strategy="SPREAD", max_restarts=-1,
+                                        max_task_retries=-1, allow_out_of_order_execution=True).remote()
+            for _ in range(n)]
+
+
+def _placed(actors: list, reducers: list) -> list[tuple[int, str]]:
     placement = wait_all([a.where.remote() for a in actors], fetch=True)
     wait_all([r.ready.remote() for r in reducers], fetch=True)
     for i, (pid, node) in enumerate(placement):
         log.info("calibrate: covariance actor %d is pid %d on node %s", i, pid, node[:12])
-    groups = ray.get(actors[0].groups.remote(spec.adapter.target_modules, samples[0]))
-    log.info("calibrate: %d samples in %d shards on %d actor(s); %d input groups: %s", len(samples), len(shards),
-             len(actors), len(groups), ", ".join(f"{g.name}[{len(g.modules)}]" for g in groups))
+    return placement
 
+
+def _fold(totals: list, g: int, part, reducers: list) -> None:
+    """Add one shard's statistics of group g to its running sum; called in shard order per group, so the sum does
+    not depend on scheduling."""
+    totals[g] = part if totals[g] is None else reducers[g % len(reducers)].add.remote(totals[g], part)
+
+
+def collect_replica(ctx: Context, shards: list, pad_id: int) -> tuple:
+    """N actors, one model replica each, take shards round-robin; each shard's statistics come back whole."""
+    import ray
+
+    from workers.covariance import CovarianceWorker
+
+    spec, corda = ctx.spec, ctx.spec.init.corda_spec
+    Actor = ray.remote(CovarianceWorker).options(**_actor_options(corda))
+    device = "cuda" if corda.use_gpu else "cpu"
+    actors = [Actor.remote(str(spec.model.path), spec.model.dtype, corda.covariance_dtype, corda.activation_scale,
+                           device) for _ in range(min(corda.num_workers, len(shards)))]
+    reducers = _start_reducers(len(actors))
+    placement = _placed(actors, reducers)
+    groups = ray.get(actors[0].groups.remote(spec.adapter.target_modules, shards[0][0]))
+    log.info("calibrate: %d samples in %d shards on %d actor(s); %d input groups: %s", sum(map(len, shards)),
+             len(shards), len(actors), len(groups), ", ".join(f"{g.name}[{len(g.modules)}]" for g in groups))
     totals: list[Any] = [None] * len(groups)
     done_refs = []
-    start = time.perf_counter()
     for i, shard in enumerate(shards):
         parts = actors[i % len(actors)].collect.options(num_returns=len(groups) + 1).remote(
             i, shard, groups, corda.batch_size, pad_id)
         done_refs.append(parts[-1])
-        for g, part in enumerate(parts[:-1]):  # shard order per group: the sum does not depend on scheduling
-            totals[g] = part if totals[g] is None else reducers[g % len(reducers)].add.remote(totals[g], part)
-    tokens = sum(len(s) for s in samples)
+        for g, part in enumerate(parts[:-1]):
+            _fold(totals, g, part, reducers)
+    tokens, start = sum(map(len, (s for shard in shards for s in shard))), time.perf_counter()
 
     def progress(done: int) -> None:
         elapsed = time.perf_counter() - start
@@ -112,38 +174,107 @@ def run_calibrate(ctx: Context) -> None:
     wait_all(totals)
     for actor in actors:  # free their CPUs (and GPUs) for the decomposition
         ray.kill(actor)
-    ctx.calibration = Calibration(groups=groups, totals=totals, reducers=reducers, held=held, tokens=tokens,
-                                  calibrate_s=time.perf_counter() - start, shards=summaries, actors=placement)
+    return groups, totals, reducers, summaries, placement
+
+
+def collect_layerwise(ctx: Context, shards: list, pad_id: int) -> tuple:
+    """N actors own fixed shards (i mod N) and walk the decoder blocks together; every block's calls are queued at
+    once, so each group's folds (and the next block's collection) run as soon as their inputs exist."""
+    import ray
+
+    from workers.layerwise import LayerwiseWorker
+
+    spec, corda = ctx.spec, ctx.spec.init.corda_spec
+    n = min(corda.num_workers, len(shards))
+    owned = [{i: shards[i] for i in range(a, len(shards), n)} for a in range(n)]
+    Actor = ray.remote(LayerwiseWorker).options(**_actor_options(corda))
+    device = "cuda" if corda.use_gpu else "cpu"
+    cache = str(spec.cluster.node_cache_dir) if spec.cluster.node_cache_dir else None
+    actors = [Actor.remote(str(spec.model.path), spec.model.dtype, corda.covariance_dtype, corda.activation_scale,
+                           device, own, corda.batch_size, pad_id, cache, f"{ctx.job_id}/actor-{a}")
+              for a, own in enumerate(owned)]
+    reducers = _start_reducers(n)
+    placement = _placed(actors, reducers)
+    per_block = ray.get(actors[0].groups.remote(spec.adapter.target_modules))
+    groups = [g for block in per_block for g in block]
+    log.info("calibrate: %d samples in %d shards on %d actor(s), layer-wise over %d blocks; %d input groups per "
+             "block: %s", sum(map(len, shards)), len(shards), n, len(per_block), len(per_block[0]),
+             ", ".join(f"{g.name.rsplit('.', 2)[-2]}.{g.name.rsplit('.', 1)[-1]}[{len(g.modules)}]"
+                       for g in per_block[0]))
+    totals: list[Any] = [None] * len(groups)
+    done_refs, base = [], 0
+    for k, block_groups in enumerate(per_block):
+        parts = {}  # shard → its statistics of this block's groups
+        for a, actor in enumerate(actors):
+            mine = sorted(owned[a])
+            out = actor.block.options(num_returns=len(mine) * len(block_groups) + 1).remote(k, block_groups)
+            done_refs.append(out[-1])
+            for j, shard in enumerate(mine):
+                parts[shard] = out[j * len(block_groups) : (j + 1) * len(block_groups)]
+        for shard in range(len(shards)):
+            for g, part in enumerate(parts[shard]):
+                _fold(totals, base + g, part, reducers)
+        base += len(block_groups)
+    start = time.perf_counter()
+
+    def progress(done: int) -> None:
+        if done % n == 0:
+            blocks = done // n
+            elapsed = time.perf_counter() - start
+            log.info("calibrate: block %d/%d, eta %.0fs", blocks, len(per_block),
+                     elapsed / blocks * (len(per_block) - blocks))
+
+    summaries = wait_all(done_refs, on_progress=progress, fetch=True)
+    wait_all(totals)
+    replayed = sum(s.replayed for s in summaries)
+    if replayed:
+        log.info("calibrate: restarted actors recomputed %d block(s) of hidden states", replayed)
+    ray.get([actor.close.remote() for actor in actors])
+    for actor in actors:
+        ray.kill(actor)
+    return groups, totals, reducers, summaries, placement
 
 
 def run_decompose(ctx: Context) -> None:
     import ray
 
+    from workers.fidelity import init_fidelity
 
     spec, corda = ctx.spec, ctx.spec.init.corda_spec
     state: Calibration = ctx.needs("calibration")
     groups, totals, reducers = state.groups, state.totals, state.reducers
     scaling = spec.adapter.alpha / spec.adapter.r
-    # Each group is decomposed by the reducer that produced its sum, i.e. where the covariance already is.
-    refs = [reducers[g % len(reducers)].decompose.remote(total, group.name, group.modules, str(spec.model.path),
-                                                         spec.adapter.r, corda.mode, scaling, corda.damping)
+    residual_prefix = job_key(ctx.job_id, "artifacts/residual_base")
+    layout = residual_layout(spec, groups)
+    shard_keys = [f"{residual_prefix}/{file}" for file in layout.files]
+    model, dtype, storage = str(spec.model.path), spec.model.dtype, spec.storage
+    # Each group is decomposed by the reducer that produced its sum, i.e. where the covariance already is, and its
+    # residual weights are written from there into the store; the unchanged tensors are copied by the same pool.
+    refs = [reducers[g % len(reducers)].decompose.remote(total, group.name, group.modules, model, spec.adapter.r,
+                                                         corda.mode, scaling, corda.damping, dtype, storage,
+                                                         shard_keys[g])
             for g, (group, total) in enumerate(zip(groups, totals, strict=True))]
+    copies = [reducers[j % len(reducers)].copy_tensors.remote(model, names, dtype, storage,
+                                                              shard_keys[len(groups) + j])
+              for j, names in enumerate(layout.copied)]
     start = time.perf_counter()
-    wait_all(refs, on_progress=lambda n: log.info("decompose: group %d/%d", n, len(refs)))
+    wait_all(refs + copies, fetch=True,
+             on_progress=lambda n: log.info("decompose: %d/%d residual_base shards written", n, len(layout.files)))
     decompose_s = time.perf_counter() - start
-    if corda.save_covariance:
-        _save_covariance(ctx.artifact_dir("covariance"), groups, totals)
-    results = []
-    for ref in refs:  # one group's layers at a time in the driver's memory
-        results.append(ray.get(ref))
+    covariance = _save_covariance(ctx, groups, totals, reducers) if corda.save_covariance else None
+    results, written = [], []
+    for ref in refs:  # small: A, B and diagnostics (the residual weights are already in the store)
+        result, stored = ray.get(ref)
+        results.append(result)
+        written.append(stored)
+    written += ray.get(copies)
     for reducer in reducers:
         ray.kill(reducer)
-    totals.clear()  # the statistics and results are no longer needed: let the object store free them
-    refs.clear()
-    residual_dir, adapter_dir = ctx.artifact_dir("residual_base"), ctx.artifact_dir("corda_init")
-    write_corda_outputs(spec, results, residual_dir, adapter_dir)
-    # In the driver, beside the staging folder it reads (a cluster's head often has no CPUs for tasks).
-    fidelity = init_fidelity(str(spec.model.path), str(residual_dir), str(adapter_dir), state.held)
+    totals.clear()  # the statistics are no longer needed: let the object store free them
+    residual = StoredFolder(residual_prefix, (*write_residual_config(ctx, layout, residual_prefix), *written))
+    adapter = write_corda_adapter(ctx, results)
+    ctx.published += [residual, adapter] + ([covariance] if covariance else [])
+    fidelity = float(ray.get(remote_check(init_fidelity).remote(spec, residual, adapter, state.held)))
     report = diagnostics(spec, results, fidelity, state.tokens, state.calibrate_s, decompose_s)
     for g in results:
         log.info("decompose: %s [%s]: %d samples, %d tokens, effective rank %.1f/%d, cond(C') %.2e, damping %g, "
@@ -156,7 +287,7 @@ def run_decompose(ctx: Context) -> None:
     report_dir = ctx.artifact_dir("report")
     (report_dir / "corda.json").write_text(json.dumps(report, indent=2))
     plot_spectra(results, report_dir / "corda_spectrum.png")
-    ctx.corda_init = CordaInit(residual_base=residual_dir, adapter=adapter_dir, fidelity_samples=state.held)
+    ctx.corda_init = CordaInit(residual_base=residual, adapter=adapter, fidelity_samples=state.held)
     log.info("decompose: init fidelity max |Δlogits| %.2e (tolerance %.0e)", fidelity, corda.fidelity_tolerance)
     if not fidelity <= corda.fidelity_tolerance:
         raise ValueError(f"init-fidelity check failed: residual base + CorDA adapter changes the logits by up to "
@@ -164,74 +295,115 @@ def run_decompose(ctx: Context) -> None:
                          "the decomposition is not exact for this model and dtype")
 
 
-def _save_covariance(out: Path, groups, totals) -> None:
-    """The reduced sums exactly as decomposed (Σxᵀx and counts), one group at a time, plus the group index."""
+def remote_check(fn):
+    """A check that loads models, as a Ray task on a worker: the driver holds no model."""
     import ray
-    from safetensors.torch import save_file
 
-    index = []
-    for g, total in zip(groups, totals, strict=True):
-        stats = ray.get(total)
-        file = f"{g.name}.safetensors"
-        save_file({"xtx": stats.xtx.contiguous()}, str(out / file),
-                  metadata={"samples": str(stats.samples), "tokens": str(stats.tokens)})
-        index.append({"group": g.name, "modules": list(g.modules), "dim": g.dim, "file": file})
-    (out / "groups.json").write_text(json.dumps(index, indent=2))
+    return ray.remote(fn).options(num_cpus=1, max_retries=2)
 
 
-def load_covariance(folder: Path):
-    """Inverse of _save_covariance: (input groups, their GroupStats), in the saved order."""
-    from safetensors import safe_open
+@dataclass(frozen=True)
+class ResidualLayout:
+    """residual_base's shard files: one per input group (its residual weights), then the unchanged tensors."""
 
-    from workers.covariance import GroupStats, InputGroup
-
-    index_file = Path(folder) / "groups.json"
-    if not index_file.is_file():
-        raise ValueError(f"init.corda.covariance_from: {folder} is not a `covariance` artifact (no groups.json)")
-    groups, stats = [], []
-    for row in json.loads(index_file.read_text()):
-        with safe_open(Path(folder) / row["file"], framework="pt") as f:
-            meta = f.metadata()
-            stats.append(GroupStats(f.get_tensor("xtx"), int(meta["samples"]), int(meta["tokens"])))
-        groups.append(InputGroup(row["group"], tuple(row["modules"]), row["dim"]))
-    return groups, stats
+    files: list[str]  # shard file names, groups first
+    weight_map: dict[str, str]  # tensor → shard file
+    copied: list[list[str]]  # tensor names of each copy-through shard
+    total_size: int  # bytes of all tensors in the model's dtype
 
 
-def write_corda_outputs(spec: JobSpec, results, residual_dir: Path, adapter_dir: Path) -> None:
-    """residual_base: the base model with W_res; corda_init: a stock LoRA adapter holding the CorDA A, B."""
+def residual_layout(spec: JobSpec, groups) -> ResidualLayout:
+    """Planned from the base's safetensors headers alone (no tensor data is read here)."""
     import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+
+    from workers.weights import DTYPE_BYTES, pack, shard_name, tensor_infos
+
+    infos = tensor_infos(spec.model.path)
+    width = torch.empty(0, dtype=getattr(torch, spec.model.dtype)).element_size()
+    size = {name: info.nbytes // DTYPE_BYTES[info.dtype] * width for name, info in infos.items()}
+    replaced = [[f"{m}.weight" for m in g.modules] for g in groups]
+    done = {name for names in replaced for name in names}
+    copied = pack({n: size[n] for n in infos if n not in done}, RESIDUAL_SHARD_BYTES)
+    files = [shard_name(k, len(replaced) + len(copied)) for k in range(1, len(replaced) + len(copied) + 1)]
+    weight_map = {name: file for file, names in zip(files, replaced + copied, strict=True) for name in names}
+    return ResidualLayout(files, weight_map, copied, sum(size.values()))
+
+
+def write_residual_config(ctx: Context, layout: ResidualLayout, prefix: str) -> tuple:
+    """The small files of residual_base: config (in the job's dtype), generation config, index, tokenizer."""
+    from transformers import AutoConfig, GenerationConfig
 
     from workers.data import load_tokenizer
+    from workers.weights import write_index
 
-    model = AutoModelForCausalLM.from_pretrained(spec.model.path, dtype=getattr(torch, spec.model.dtype))
-    modules = dict(model.named_modules())
+    spec = ctx.spec
+    with tempfile.TemporaryDirectory(prefix="peftfleet-residual-") as tmp:
+        config = AutoConfig.from_pretrained(spec.model.path)
+        config.dtype = spec.model.dtype
+        config.save_pretrained(tmp)
+        if (Path(spec.model.path) / "generation_config.json").is_file():
+            GenerationConfig.from_pretrained(spec.model.path).save_pretrained(tmp)
+        write_index(Path(tmp), layout.weight_map, layout.total_size)
+        if (tokenizer := load_tokenizer(spec)) is not None:  # a complete model folder, as the base was
+            tokenizer.save_pretrained(tmp)
+        return ctx.store.publish_folder(prefix, Path(tmp)).files
+
+
+def write_corda_adapter(ctx: Context, results) -> StoredFolder:
+    """corda_init: a stock peft LoRA adapter holding CorDA's A, B — assembled from the small factors alone."""
+    from peft import LoraConfig
+
+    from workers.adapter_math import write_adapter
+
+    spec = ctx.spec
     layers = [layer for group in results for layer in group.layers]
-    with torch.no_grad():
-        for layer in layers:
-            modules[layer.name].weight.copy_(layer.residual)
-    model.save_pretrained(residual_dir)
-    if (tokenizer := load_tokenizer(spec)) is not None:  # a complete model folder, as the base was
-        tokenizer.save_pretrained(residual_dir)
     config = LoraConfig(r=spec.adapter.r, lora_alpha=spec.adapter.alpha, lora_dropout=spec.adapter.dropout,
-                        target_modules=sorted({name.split(".")[-1] for name in (layer.name for layer in layers)}),
-                        init_lora_weights=True, task_type="CAUSAL_LM")
-    peft_model = get_peft_model(model, config)
-    peft_modules = dict(peft_model.base_model.model.named_modules())
-    with torch.no_grad():
-        for layer in layers:
-            target = peft_modules[layer.name]
-            target.lora_A["default"].weight.copy_(layer.lora_A)
-            target.lora_B["default"].weight.copy_(layer.lora_B)
-    peft_model.save_pretrained(adapter_dir)
+                        target_modules=sorted({layer.name.split(".")[-1] for layer in layers}),
+                        init_lora_weights=True, task_type="CAUSAL_LM", base_model_name_or_path=str(spec.model.path))
+    tensors = {}
+    for layer in layers:
+        tensors[f"base_model.model.{layer.name}.lora_A.weight"] = layer.lora_A
+        tensors[f"base_model.model.{layer.name}.lora_B.weight"] = layer.lora_B
+    with tempfile.TemporaryDirectory(prefix="peftfleet-corda-init-") as tmp:
+        config.save_pretrained(tmp)
+        write_adapter(Path(tmp), json.loads((Path(tmp) / "adapter_config.json").read_text()), tensors)
+        return ctx.store.publish_folder(job_key(ctx.job_id, "artifacts/corda_init"), Path(tmp))
 
 
-def init_fidelity(base_path: str, residual_dir: str, adapter_dir: str, samples: list[list[int]]) -> float:
-    """max |logits(residual base + corda adapter) − logits(base)| over `samples`, loaded the way a user would."""
-    from workers.adapter_math import load_model, max_logit_gap
+def _save_covariance(ctx: Context, groups, totals, reducers) -> StoredFolder:
+    """The reduced sums exactly as decomposed (Σxᵀx and counts), written by the reducers holding them, plus the
+    group index written here."""
+    import ray
 
-    return max_logit_gap(load_model(residual_dir, Path(adapter_dir)), load_model(base_path), samples)
+    prefix = job_key(ctx.job_id, "artifacts/covariance")
+    files = [f"{g.name}.safetensors" for g in groups]
+    stored = ray.get([reducers[i % len(reducers)].save_stats.remote(total, ctx.spec.storage, f"{prefix}/{file}")
+                      for i, (total, file) in enumerate(zip(totals, files, strict=True))])
+    index = [{"group": g.name, "modules": list(g.modules), "dim": g.dim, "file": file}
+             for g, file in zip(groups, files, strict=True)]
+    with tempfile.TemporaryDirectory(prefix="peftfleet-covariance-") as tmp:
+        (Path(tmp) / "groups.json").write_text(json.dumps(index, indent=2))
+        return StoredFolder(prefix, (*stored, *ctx.store.publish_folder(prefix, Path(tmp)).files))
+
+
+def load_covariance(folder: Path, reducers) -> tuple[list, list]:
+    """Inverse of _save_covariance: (input groups, a reference to each group's sum), in the saved order; each sum
+    is read by the reducer that will decompose it."""
+    from workers.covariance import InputGroup
+
+    folder = Path(folder).resolve()
+    index_file = folder / "groups.json"
+    if not index_file.is_file():
+        raise ValueError(f"init.corda.covariance_from: {folder} is not a `covariance` artifact (no groups.json)")
+    groups, totals = [], []
+    for i, row in enumerate(json.loads(index_file.read_text())):
+        file = (folder / row["file"]).resolve()
+        if not file.is_relative_to(folder) or not file.is_file():
+            raise ValueError(f"init.corda.covariance_from: {index_file} names {row['file']!r}, which is not a file "
+                             f"inside {folder}")
+        groups.append(InputGroup(row["group"], tuple(row["modules"]), row["dim"]))
+        totals.append(reducers[i % len(reducers)].load_stats.remote(str(file)))
+    return groups, totals
 
 
 def diagnostics(spec: JobSpec, results, fidelity: float, tokens: int, calibrate_s: float, decompose_s: float

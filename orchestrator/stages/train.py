@@ -8,7 +8,7 @@ from pathlib import Path
 
 from orchestrator.stages.context import Context
 from orchestrator.stages.waits import run_in_thread
-from orchestrator.storage.store import train_storage
+from workers.store import train_storage
 
 log = logging.getLogger("peftfleet.train")
 
@@ -26,8 +26,8 @@ def run_train(ctx: Context) -> None:
     storage_path, filesystem = train_storage(spec.storage, ctx.job_id)
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"spec": spec, "corda_init": init and {"residual_base": str(init.residual_base),
-                                                                  "adapter": str(init.adapter)}},
+        train_loop_config={"spec": spec, "corda_init": init and {"residual_base": init.residual_base,
+                                                                  "adapter": init.adapter}},
         scaling_config=ScalingConfig(
             num_workers=train.num_workers, use_gpu=train.use_gpu, placement_strategy=train.placement_strategy,
             resources_per_worker={"CPU": train.cpus_per_worker, **({"GPU": 1} if train.use_gpu else {})}),

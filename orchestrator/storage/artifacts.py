@@ -15,13 +15,13 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from orchestrator.storage.store import NotInStore, Store, safe_relpath, sha256_file
+from workers.store import NotInStore, Store, StoredFolder, safe_relpath, sha256_file
 
 MANIFEST = "manifest.json"
 VERBOSE_LOG = "verbose.log"  # the driver's library output, uploaded when it ends (not an artifact)
@@ -80,12 +80,23 @@ UPLOAD_THREADS = 4  # files in flight at once: hashing one overlaps sending othe
 
 
 def upload_artifacts(
-    store: Store, job_id: str, staging: Path, on_file: Callable[[FileEntry, int, int], None] | None = None
+    store: Store, job_id: str, staging: Path, on_file: Callable[[FileEntry, int, int], None] | None = None,
+    published: Iterable[StoredFolder] = (),
 ) -> Manifest:
-    """Upload every file under `staging/<kind>/...` to `jobs/<id>/artifacts/<kind>/...`, then write the manifest.
+    """Upload every file under `staging/<kind>/...` to `jobs/<id>/artifacts/<kind>/...`, then write the manifest,
+    which also lists the `published` folders: artifacts that workers already wrote there, with their checksums.
 
     Any failure raises before the manifest exists, so a manifest is never written for an incomplete upload.
     """
+    artifacts = job_key(job_id, "artifacts") + "/"
+    earlier = []
+    for folder in published:
+        for entry in folder.files:
+            if not entry.key.startswith(artifacts):
+                raise ValueError(f"{entry.key} is not an artifact of job {job_id}")
+            rel = entry.key.removeprefix(artifacts)
+            earlier.append(FileEntry(path=f"artifacts/{rel}", size=entry.size, sha256=entry.sha256,
+                                     kind=rel.split("/", 1)[0]))
     local_files = sorted(p for p in staging.rglob("*") if p.is_file())
 
     def upload(local: Path) -> FileEntry:
@@ -106,7 +117,7 @@ def upload_artifacts(
         except BaseException:
             pool.shutdown(cancel_futures=True)  # what has not started never will; what runs finishes, unlisted
             raise
-    files.sort(key=lambda f: f.path)
+    files = sorted(files + earlier, key=lambda f: f.path)
     manifest = Manifest(job_id=job_id, files=files, artifacts={f.kind: f"artifacts/{f.kind}" for f in files})
     store.put_bytes(job_key(job_id, MANIFEST), manifest.to_json().encode())
     return manifest

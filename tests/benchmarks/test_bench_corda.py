@@ -22,8 +22,8 @@ from transformers import AutoModelForCausalLM
 from jobspecs import parse_spec
 from orchestrator.stages.context import Context
 from orchestrator.stages.corda import run_calibrate, run_decompose
-from orchestrator.storage.store import LocalStore
 from tests.benchmarks.small_llama import build_model, token_samples
+from workers.store import LocalStore
 
 HIDDEN, LAYERS, INTERMEDIATE, VOCAB = 512, 4, 1376, 2048
 SAMPLES, SEQ, BATCH = 64, 128, 8

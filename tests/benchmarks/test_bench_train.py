@@ -21,7 +21,6 @@ import ray
 from jobspecs import parse_spec
 from orchestrator.stages.context import Context
 from orchestrator.stages.train import run_train
-from orchestrator.storage.store import LocalStore
 from tests.benchmarks.small_llama import build_model, token_samples
 from tests.benchmarks.train_job import (
     HIDDEN,
@@ -37,6 +36,7 @@ from tests.benchmarks.train_job import (
     spec_dict,
     submit_to_first_step,
 )
+from workers.store import LocalStore
 
 
 def plain_run(model_path: Path, data_path: Path, threads: int) -> dict:

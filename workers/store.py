@@ -14,6 +14,7 @@ import shutil
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -48,6 +49,26 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+@dataclass(frozen=True)
+class StoredFile:
+    """One object a stage wrote to the store, as a reader verifies it."""
+
+    key: str
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class StoredFolder:
+    """A folder a stage wrote to the store (`prefix`) and every file in it: what a consumer on another node fetches."""
+
+    prefix: str
+    files: tuple[StoredFile, ...]
+
+    def relative(self, entry: StoredFile) -> str:
+        return entry.key.removeprefix(self.prefix + "/")
+
+
 class Store(ABC):
     uri: str
 
@@ -67,6 +88,18 @@ class Store(ABC):
     @abstractmethod
     def list(self, prefix: str) -> list[str]:
         """Keys under `prefix` (a folder path), sorted."""
+
+    def publish(self, key: str, local: Path) -> StoredFile:
+        """Upload `local` and say what was uploaded (hashed here, since the server's checksums are not ours)."""
+        entry = StoredFile(key, local.stat().st_size, sha256_file(local))
+        self.put_file(key, local)
+        return entry
+
+    def publish_folder(self, prefix: str, local: Path) -> StoredFolder:
+        """Every file under `local` to `prefix/<its relative path>`."""
+        files = sorted(p for p in Path(local).rglob("*") if p.is_file())
+        return StoredFolder(prefix, tuple(self.publish(f"{prefix}/{p.relative_to(local).as_posix()}", p)
+                                          for p in files))
 
     def exists(self, key: str) -> bool:
         try:

@@ -1,0 +1,92 @@
+"""The export stage's work, on a worker: the formats users deploy, computed from stock files (workers/adapter_math.py
+has the math) and written to the job's store kind by kind. It runs as a Ray task, not in the driver, because
+every format but the adapter loads the model; it reads CorDA's outputs through the node's cache.
+
+    adapter                    the trained peft adapter (for CorDA: on residual_base)
+    adapter_on_original_base   CorDA: the same model as a rank-2r LoRA on the original base, logits checked
+    merged@<α>                 full model W_base + α·ΔW (safetensors + tokenizer), for each export.merge_alphas
+    adapter@<α>                stock adapter with effect α·ΔW, for each export.merge_alphas
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from jobspecs.schema import JobSpec
+from workers import adapter_math
+from workers.data import load_tokenizer, pad_id, tokenize
+from workers.logs import quiet_libraries, say
+from workers.node_cache import local_folder
+from workers.store import StoredFolder, open_store
+
+
+def fmt(alpha: float) -> str:
+    return f"{alpha:g}"
+
+
+def export_formats(spec: JobSpec, adapter_files: dict[str, bytes], corda_init: dict[str, StoredFolder] | None,
+                   samples: list[list[int]], prefix: str) -> tuple[dict, list[StoredFolder]]:
+    """Every format the spec asks for, each written to `prefix/<kind>/` in the store; returns the conversion
+    check and the Wise-FT rows (for the report) and what was written."""
+    quiet_libraries()
+    store, out = open_store(spec.storage), {"conversion": None, "wise_ft": []}
+    with tempfile.TemporaryDirectory(prefix="peftfleet-export-") as tmp:
+        staging, work = Path(tmp) / "staging", Path(tmp) / "work"
+        kinds = write_formats(spec, adapter_files, corda_init, samples, staging, work, out)
+        return out, [store.publish_folder(f"{prefix}/{kind}", staging / kind) for kind in kinds]
+
+
+def write_formats(spec: JobSpec, adapter_files: dict[str, bytes], corda_init: dict[str, StoredFolder] | None,
+                  samples: list[list[int]], staging: Path, work: Path, out: dict) -> list[str]:
+    formats, method = spec.export.formats, spec.adapter.method
+    kinds: list[str] = []
+
+    def folder(kind: str, wanted: bool) -> Path:
+        path = staging / kind if wanted else work / kind
+        path.mkdir(parents=True, exist_ok=True)
+        if wanted:
+            kinds.append(kind)
+        return path
+
+    adapter = folder("adapter", "adapter" in formats)
+    for name, data in adapter_files.items():
+        (adapter / name).write_bytes(data)
+    tokenizer = load_tokenizer(spec)
+    original_base = str(spec.model.path)
+
+    # A CorDA adapter lives on the residual base; everything after this works on the original base.
+    on_original = adapter
+    if corda_init:
+        on_original = folder("adapter_on_original_base", "adapter_on_original_base" in formats)
+        initial, residual = local_folder(spec, corda_init["adapter"]), local_folder(spec, corda_init["residual_base"])
+        adapter_math.to_original_base(adapter, initial, original_base, on_original)
+        gap = adapter_math.max_logit_gap(adapter_math.load_model(str(residual), adapter),
+                                         adapter_math.load_model(original_base, on_original), samples)
+        out["conversion"] = {"max_abs_logit_diff": gap, "tolerance": spec.export.conversion_tolerance,
+                             "samples": len(samples)}
+        say(f"export: adapter on the original base: max |Δlogits| {gap:.2e} over {len(samples)} samples "
+            f"(tolerance {spec.export.conversion_tolerance:.0e})")
+        if gap > spec.export.conversion_tolerance:
+            raise RuntimeError(f"export: the converted adapter on the original base differs from the trained model "
+                               f"by max |Δlogits| {gap:.3e} > export.conversion_tolerance "
+                               f"{spec.export.conversion_tolerance:g}")
+    if method not in ("prefix", "prompt") and spec.export.wise_ft_alphas and spec.data.eval:
+        examples = tokenize(spec.data.eval, tokenizer, spec.data)
+        rows = adapter_math.wise_ft_sweep(original_base, on_original, method, spec.export.wise_ft_alphas, examples,
+                                          spec.train.micro_batch_size, pad_id(spec, tokenizer), work / "wise-ft")
+        for row in rows:
+            say(f"export: Wise-FT α {fmt(row['alpha'])}: eval loss {row['eval_loss']:.4f}, "
+                f"perplexity {row['perplexity']:.2f}")
+        out["wise_ft"] = rows
+    for alpha in spec.export.merge_alphas if "merged" in formats else []:
+        merged_dir = folder(f"merged@{fmt(alpha)}", True)
+        merged = adapter_math.interpolated_model(original_base, on_original, method, alpha,
+                                                 work / f"merge-{fmt(alpha)}")
+        merged.save_pretrained(merged_dir, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(merged_dir)
+        say(f"export: merged@{fmt(alpha)} written")
+    for alpha in spec.export.merge_alphas if "scaled_adapter" in formats else []:
+        adapter_math.scaled_adapter(on_original, method, alpha, folder(f"adapter@{fmt(alpha)}", True))
+    return kinds

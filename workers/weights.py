@@ -1,0 +1,125 @@
+"""A model's weights on disk, in the Hugging Face safetensors layout, read by name and written shard by shard.
+
+    model.safetensors                                     one file, or
+    model-00001-of-0000n.safetensors ... + model.safetensors.index.json   {"weight_map": {tensor: file}, ...}
+
+Nothing here loads a whole model: tensors are read one by one from memory-mapped files (safetensors reads only the
+bytes of the tensor asked for), and shapes and dtypes come from the files' headers, so planning a layout costs no
+tensor data at all.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from workers.store import Store, StoredFile
+
+SINGLE = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    file: str  # the file holding it, relative to the model folder
+    dtype: str  # safetensors' name: F32, BF16, ...
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = DTYPE_BYTES[self.dtype]
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def weight_map(folder: Path) -> dict[str, str]:
+    """tensor name → file, from the index (sharded) or the single file; a clear error for anything else."""
+    folder = Path(folder)
+    if (folder / INDEX).is_file():
+        return dict(json.loads((folder / INDEX).read_text())["weight_map"])
+    if (folder / SINGLE).is_file():
+        from safetensors import safe_open
+
+        with safe_open(folder / SINGLE, framework="pt") as f:
+            return dict.fromkeys(f.keys(), SINGLE)
+    raise ValueError(f"{folder}: no {SINGLE} or {INDEX}; only safetensors weights can be read tensor by tensor")
+
+
+def tensor_infos(folder: Path) -> dict[str, TensorInfo]:
+    """Every tensor's file, dtype and shape, from the safetensors headers (no tensor data is read)."""
+    from safetensors import safe_open
+
+    folder, out = Path(folder), {}
+    by_file: dict[str, list[str]] = {}
+    for name, file in weight_map(folder).items():
+        by_file.setdefault(file, []).append(name)
+    for file, names in by_file.items():
+        with safe_open(folder / file, framework="pt") as f:
+            for name in names:
+                piece = f.get_slice(name)
+                out[name] = TensorInfo(file, piece.get_dtype(), tuple(piece.get_shape()))
+    return out
+
+
+def read_tensors(folder: Path, names: Iterable[str], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The named tensors only (each file opened once), optionally cast to `dtype`."""
+    from safetensors import safe_open
+
+    folder, where = Path(folder), weight_map(folder)
+    by_file: dict[str, list[str]] = {}
+    for name in names:
+        if name not in where:
+            raise KeyError(f"{folder}: no tensor {name!r} in its weights")
+        by_file.setdefault(where[name], []).append(name)
+    out = {}
+    for file, wanted in by_file.items():
+        with safe_open(folder / file, framework="pt") as f:
+            for name in wanted:
+                tensor = f.get_tensor(name)
+                out[name] = tensor.to(dtype) if dtype is not None else tensor
+    return out
+
+
+def shard_name(k: int, n: int) -> str:
+    """The k-th (1-based) of n shard files, named as transformers names them."""
+    return f"model-{k:05d}-of-{n:05d}.safetensors"
+
+
+def pack(sizes: dict[str, int], max_bytes: int) -> list[list[str]]:
+    """Tensor names in their given order, cut into consecutive groups of at most `max_bytes` (a bigger tensor
+    gets a group of its own)."""
+    groups: list[list[str]] = []
+    total = 0
+    for name, size in sizes.items():
+        if not groups or (total + size > max_bytes and groups[-1]):
+            groups.append([])
+            total = 0
+        groups[-1].append(name)
+        total += size
+    return [g for g in groups if g]
+
+
+def write_index(folder: Path, files: dict[str, str], total_size: int) -> None:
+    """model.safetensors.index.json: tensor name → shard file, and the total bytes of the tensors."""
+    index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(files.items()))}
+    (Path(folder) / INDEX).write_text(json.dumps(index, indent=2))
+
+
+def publish_shard(store: Store, key: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+                  ) -> StoredFile:
+    """Write `tensors` as one safetensors file to the store under `key` (through a local temporary file, removed
+    after the upload); returns what was written."""
+    from safetensors.torch import save_file
+
+    with tempfile.TemporaryDirectory(prefix="peftfleet-shard-") as tmp:
+        local = Path(tmp) / "shard.safetensors"
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(local),
+                  metadata={"format": "pt", **(metadata or {})})
+        return store.publish(key, local)
