@@ -100,7 +100,7 @@ def test_adalora_under_zero3_trains_exactly_as_under_zero2(adalora_runs):
 def test_metrics_round_trip(runs):
     row = runs["1w"].metrics[0]
     assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "epoch", "tokens", "step_s"} <= set(row)
-    peaks = runs["2w-z2"].peak_rss_mib
+    peaks = runs["2w-z2"].peak_memory_mib
     assert len(peaks) == 2 and all(100 < p < 8192 for p in peaks), peaks  # MiB per worker process
 
 

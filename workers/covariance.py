@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from workers.data import collate
+from workers.process_memory import bound_process_memory, peak_memory_mib
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -47,6 +48,7 @@ class ShardSummary:
     pid: int  # the actor process that computed it
     accumulate_s: float  # time inside the hooks (scale, mask, xᵀx), for the FLOP/s figure
     flops: float  # 2·tokens·dim² summed over groups
+    peak_memory_mib: float  # the actor process's peak so far
 
 
 class NonFiniteActivations(ValueError):
@@ -177,6 +179,7 @@ class CovarianceWorker:
         from workers.logs import quiet_libraries
 
         quiet_libraries()
+        bound_process_memory()
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype)).to(device).eval()
         self.device = device
         self.acc_dtype = DTYPES[covariance_dtype]
@@ -202,7 +205,8 @@ class CovarianceWorker:
             for acc.range, padded in batches(samples, batch_size, pad_id):
                 acc.mask = padded["attention_mask"].bool().to(self.device)
                 self.model(input_ids=padded["input_ids"].to(self.device), attention_mask=acc.mask)
-        summary = ShardSummary(shard, len(samples), sum(len(s) for s in samples), os.getpid(), acc.seconds, acc.flops)
+        summary = ShardSummary(shard, len(samples), sum(len(s) for s in samples), os.getpid(), acc.seconds, acc.flops,
+                               peak_memory_mib())
         return (*acc.results(), summary)
 
 

@@ -19,6 +19,8 @@ def deepspeed_config(spec: JobSpec, world_size: int) -> dict:
         config.setdefault("zero_allow_untested_optimizer", True)
         return config
     zero: dict = {"stage": train.zero_stage}
+    if train.zero_stage == 3:
+        zero.update(zero3_limits(spec))
     if train.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": train.use_gpu}
     if train.offload_param:
@@ -36,3 +38,14 @@ def deepspeed_config(spec: JobSpec, world_size: int) -> dict:
         "steps_per_print": 2**31 - 1,  # our own progress lines say more
         "wall_clock_breakdown": False,
     }
+
+
+def zero3_limits(spec: JobSpec) -> dict:
+    """Bound what ZeRO-3 keeps gathered to about two decoder blocks. DeepSpeed's defaults (1e9 live parameters,
+    reuse distance 1e9) keep every gathered block until the step ends: on a model under 1e9 parameters each
+    worker ends up holding the whole model, which is what partitioning was for."""
+    from jobspecs.memory import Shape
+
+    shape = Shape.from_config(spec.model.path)
+    return {"stage3_max_live_parameters": 2 * shape.block_params, "stage3_max_reuse_distance": 2 * shape.block_params,
+            "stage3_prefetch_bucket_size": shape.block_params, "stage3_param_persistence_threshold": 10 * shape.hidden}

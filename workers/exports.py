@@ -18,6 +18,7 @@ from workers import adapter_math
 from workers.data import load_tokenizer, pad_id, tokenize
 from workers.logs import quiet_libraries, say
 from workers.node_cache import local_folder
+from workers.process_memory import bound_process_memory
 from workers.store import StoredFolder, open_store
 
 
@@ -30,6 +31,7 @@ def export_formats(spec: JobSpec, adapter_files: dict[str, bytes], corda_init: d
     """Every format the spec asks for, each written to `prefix/<kind>/` in the store; returns the conversion
     check and the Wise-FT rows (for the report) and what was written."""
     quiet_libraries()
+    bound_process_memory()
     store, out = open_store(spec.storage), {"conversion": None, "wise_ft": []}
     with tempfile.TemporaryDirectory(prefix="peftfleet-export-") as tmp:
         staging, work = Path(tmp) / "staging", Path(tmp) / "work"

@@ -25,6 +25,7 @@ from torch import nn
 
 from workers.covariance import DTYPES, Accumulator, InputGroup, batches, group_by_input, target_linears
 from workers.node_cache import NodeCache
+from workers.process_memory import bound_process_memory, peak_memory_mib
 from workers.weights import read_tensors, tensor_infos
 
 
@@ -45,6 +46,7 @@ class BlockSummary:
     accumulate_s: float
     flops: float
     replayed: int  # earlier blocks this call had to recompute (after a restart without its checkpoint)
+    peak_memory_mib: float  # the actor process's peak so far
 
 
 class LayerwiseWorker:
@@ -58,6 +60,7 @@ class LayerwiseWorker:
         from workers.logs import quiet_libraries
 
         quiet_libraries()
+        bound_process_memory()
         self.path, self.dtype, self.device = Path(model_path), getattr(torch, dtype), device
         self.acc_dtype, self.scale = DTYPES[covariance_dtype], scale
         self.shards, self.batch_size, self.pad_id = shards, batch_size, pad_id
@@ -140,7 +143,8 @@ class LayerwiseWorker:
                 seconds, flops = seconds + acc.seconds, flops + acc.flops
         finally:
             self._unload(k)
-        return (*out, BlockSummary(k, tuple(sorted(self.shards)), tokens, os.getpid(), seconds, flops, replayed))
+        return (*out, BlockSummary(k, tuple(sorted(self.shards)), tokens, os.getpid(), seconds, flops, replayed,
+                                   peak_memory_mib()))
 
     def close(self) -> None:
         """Delete this actor's hidden-state checkpoints."""

@@ -18,6 +18,7 @@ from pathlib import Path
 from jobspecs.schema import StorageSpec
 from workers.covariance import GroupStats, add_stats
 from workers.decompose import GroupInit, decompose_group
+from workers.process_memory import bound_process_memory, peak_memory_mib
 from workers.store import StoredFile, open_store
 from workers.weights import publish_shard, read_tensors
 
@@ -29,9 +30,13 @@ class Reducer:
         # Ray sets OMP_NUM_THREADS only for actors that reserve CPUs; a reducer reserves none, and its idle
         # OpenMP threads would spin on the cores the covariance actors are using.
         torch.set_num_threads(1)
+        bound_process_memory()
 
     def ready(self) -> bool:
         return True
+
+    def peak_memory_mib(self) -> float:
+        return peak_memory_mib()
 
     def tokens(self, total: GroupStats) -> int:
         return total.tokens

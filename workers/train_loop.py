@@ -30,6 +30,7 @@ from workers.deepspeed_config import deepspeed_config
 from workers.logs import quiet_libraries, say
 from workers.loss import mean_token_loss, token_loss_sum
 from workers.node_cache import local_folder
+from workers.process_memory import bound_process_memory, peak_memory_mib
 from workers.store import StoredFolder
 
 CKPT_TAG = "ds"
@@ -49,7 +50,7 @@ class TrainState:
     eval_loss_at_start: float | None = None  # the model before its first optimizer step (where the curve starts)
     nodes: list[str] = field(default_factory=list)  # the Ray node each rank ran on (the latest worker group)
     engine: dict = field(default_factory=dict)  # what DeepSpeed actually ran: ZeRO stage, batch layout, precision
-    peak_rss_mib: list[float] = field(default_factory=list)  # per rank, the worker process's peak resident memory
+    peak_memory_mib: list[float] = field(default_factory=list)  # per rank, the worker process's peak resident memory
 
     def save(self, folder: Path) -> None:
         (folder / "state.json").write_text(json.dumps(asdict(self)))
@@ -69,7 +70,7 @@ class TrainResult:
     total_steps: int = 0
     resumed_from: list[int] = field(default_factory=list)  # steps a restarted worker group resumed from
     nodes: list[str] = field(default_factory=list)  # the Ray node each rank ran on (the latest worker group)
-    peak_rss_mib: list[float] = field(default_factory=list)  # per rank, the worker process's peak resident memory
+    peak_memory_mib: list[float] = field(default_factory=list)  # per rank, the worker process's peak resident memory
     engine: dict = field(default_factory=dict)  # what DeepSpeed actually ran: ZeRO stage, batch layout, precision
 
 
@@ -85,12 +86,6 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
     if step < warmup:
         return (step + 1) / warmup
     return max(0.0, (total - step) / max(1, total - warmup))
-
-
-def peak_rss_mib() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def all_gather(value: object) -> list:
@@ -212,6 +207,7 @@ def setup(spec: JobSpec, corda_init: dict[str, StoredFolder] | None) -> Run:
 
     ctx = ray.train.get_context()
     quiet_libraries()
+    bound_process_memory()
     if cfg.use_gpu:
         device = torch.device("cuda", ctx.get_local_rank())
         torch.cuda.set_device(device)
@@ -341,7 +337,7 @@ def save_checkpoint(run: Run, state: TrainState, score: dict) -> None:
     import ray.train
     from ray.train import Checkpoint
 
-    state.peak_rss_mib = [float(m) for m in all_gather(peak_rss_mib())]
+    state.peak_memory_mib = [float(m) for m in all_gather(peak_memory_mib())]
     with tempfile.TemporaryDirectory() as tmp:
         run.engine.save_checkpoint(tmp, tag=CKPT_TAG, exclude_frozen_parameters=True)
         save_adapter(run.engine, Path(tmp) / "adapter", run.rank == 0)
@@ -386,5 +382,5 @@ def read_result(best_dir: Path, latest_dir: Path, score_key: str) -> TrainResult
     return TrainResult(adapter_files={p.name: p.read_bytes() for p in adapter.iterdir() if p.is_file()},
                        metrics=latest.metrics, best_step=best.step, best_eval_loss=best.metrics[-1].get(score_key),
                        eval_loss_at_start=latest.eval_loss_at_start, total_steps=latest.step,
-                       resumed_from=latest.resumed_from, nodes=latest.nodes, peak_rss_mib=latest.peak_rss_mib,
+                       resumed_from=latest.resumed_from, nodes=latest.nodes, peak_memory_mib=latest.peak_memory_mib,
                        engine=latest.engine)

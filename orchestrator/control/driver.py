@@ -40,6 +40,7 @@ from orchestrator.stages.upload import run_upload
 from orchestrator.stages.waits import JobCancelled, check_cancelled, request_cancel
 from orchestrator.storage.artifacts import VERBOSE_LOG, job_key
 from workers.logs import quiet_libraries
+from workers.process_memory import bound_process_memory, peak_memory_mib
 from workers.store import Store, StoreError, open_store
 
 log = logging.getLogger("peftfleet.driver")
@@ -72,6 +73,7 @@ def _init_ray(spec: JobSpec, ray_address: str | None) -> None:
 
 def _preload_stage_code() -> None:
     quiet_libraries()
+    bound_process_memory()
     import ray.train.torch  # noqa: F401
 
     import workers.train_loop  # noqa: F401
@@ -124,7 +126,7 @@ def run_job(job_id: str, store: Store, ray_address: str | None = None) -> JobRec
             log.info("stage %s: started", name)
             STAGES[name](ctx)
             record.warnings = list(ctx.warnings)
-            record.end_stage(name)
+            record.end_stage(name, peaks={**ctx.peaks.get(name, {}), "driver": round(peak_memory_mib(), 1)})
             record.save(store)
             log.info("stage %s: done", name)
         record.finish(JobState.SUCCEEDED)

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -61,6 +62,11 @@ class Context:
     corda_init: CordaInit | None = None
     train: TrainResult | None = None
     export: ExportOutputs | None = None
+    peaks: dict[str, dict[str, float]] = field(default_factory=dict)  # stage → process kind → peak RSS (MiB)
+
+    def record_peak(self, stage: str, process: str, mib: Iterable[float]) -> None:
+        """The largest peak resident memory among a stage's processes of one kind (what `plan` predicts)."""
+        self.peaks.setdefault(stage, {})[process] = round(max(mib), 1)
 
     def artifact_dir(self, kind: str) -> Path:
         path = self.staging / kind

@@ -29,7 +29,7 @@ from typing import Any
 
 from jobspecs.schema import JobSpec
 from orchestrator.stages.context import Calibration, Context, CordaInit
-from orchestrator.stages.waits import wait_all
+from orchestrator.stages.waits import model_task, wait_all
 from orchestrator.storage.artifacts import job_key
 from workers.store import StoredFolder
 
@@ -81,6 +81,7 @@ def run_calibrate(ctx: Context) -> None:
     collect = collect_layerwise if strategy == "layerwise" else collect_replica
     start = time.perf_counter()
     groups, totals, reducers, summaries, placement = collect(ctx, shards, pad_id)
+    ctx.record_peak("calibrate", f"covariance actor ({strategy})", (s.peak_memory_mib for s in summaries))
     ctx.calibration = Calibration(groups=groups, totals=totals, reducers=reducers, held=held,
                                   tokens=sum(len(s) for s in samples), calibrate_s=time.perf_counter() - start,
                                   shards=summaries, actors=placement)
@@ -268,13 +269,15 @@ def run_decompose(ctx: Context) -> None:
         results.append(result)
         written.append(stored)
     written += ray.get(copies)
+    ctx.record_peak("decompose", "reducer", ray.get([r.peak_memory_mib.remote() for r in reducers]))
     for reducer in reducers:
         ray.kill(reducer)
     totals.clear()  # the statistics are no longer needed: let the object store free them
     residual = StoredFolder(residual_prefix, (*write_residual_config(ctx, layout, residual_prefix), *written))
     adapter = write_corda_adapter(ctx, results)
     ctx.published += [residual, adapter] + ([covariance] if covariance else [])
-    fidelity = float(ray.get(remote_check(init_fidelity).remote(spec, residual, adapter, state.held)))
+    fidelity = float(model_task(ctx, "decompose", "init-fidelity check", init_fidelity, spec, residual, adapter,
+                                state.held))
     report = diagnostics(spec, results, fidelity, state.tokens, state.calibrate_s, decompose_s)
     for g in results:
         log.info("decompose: %s [%s]: %d samples, %d tokens, effective rank %.1f/%d, cond(C') %.2e, damping %g, "
@@ -293,13 +296,6 @@ def run_decompose(ctx: Context) -> None:
         raise ValueError(f"init-fidelity check failed: residual base + CorDA adapter changes the logits by up to "
                          f"{fidelity:.3e} (> init.corda.fidelity_tolerance {corda.fidelity_tolerance:.0e}); "
                          "the decomposition is not exact for this model and dtype")
-
-
-def remote_check(fn):
-    """A check that loads models, as a Ray task on a worker: the driver holds no model."""
-    import ray
-
-    return ray.remote(fn).options(num_cpus=1, max_retries=2)
 
 
 @dataclass(frozen=True)

@@ -7,24 +7,21 @@ import logging
 
 from orchestrator.stages.context import Context, ExportOutputs
 from orchestrator.stages.report import write_report
-from orchestrator.stages.waits import wait_all
+from orchestrator.stages.waits import model_task
 from orchestrator.storage.artifacts import job_key
 
 log = logging.getLogger("peftfleet.export")
 
 
 def run_export(ctx: Context) -> None:
-    import ray
-
     from workers.exports import export_formats
 
     result, init = ctx.needs("train"), ctx.corda_init
     corda = init and {"residual_base": init.residual_base, "adapter": init.adapter}
     # One task, one CPU: the formats load the model, which the driver never does.
-    task = ray.remote(export_formats).options(num_cpus=1, max_retries=1)
-    (outputs, folders), = wait_all([task.remote(ctx.spec, result.adapter_files, corda,
-                                                init.fidelity_samples if init else [],
-                                                job_key(ctx.job_id, "artifacts"))], fetch=True)
+    outputs, folders = model_task(ctx, "export", "export task", export_formats, ctx.spec, result.adapter_files,
+                                  corda, init.fidelity_samples if init else [], job_key(ctx.job_id, "artifacts"),
+                                  retries=1)
     ctx.published += folders
     ctx.export = ExportOutputs(conversion=outputs["conversion"], wise_ft=outputs["wise_ft"])
     log.info("export: %s written", ", ".join(f.prefix.rsplit("/", 1)[-1] for f in folders) or "nothing")

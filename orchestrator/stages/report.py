@@ -96,7 +96,8 @@ def write_report(ctx: Context) -> None:
     summary = {"job": ctx.job_id, "best_step": result.best_step, "best_eval_loss": result.best_eval_loss,
                "eval_loss_at_start": result.eval_loss_at_start,
                "total_steps": result.total_steps, "resumed_from": result.resumed_from, "nodes": result.nodes,
-               "peak_rss_mib": result.peak_rss_mib, "engine": result.engine}
+               "peak_memory_mib": result.peak_memory_mib, "peak_memory_mib_per_stage": ctx.peaks,
+               "engine": result.engine}
     (folder / "summary.json").write_text(json.dumps(summary, indent=2))
     exported = ctx.export or ExportOutputs()
     plots = []

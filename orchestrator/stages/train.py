@@ -45,6 +45,8 @@ def run_train(ctx: Context) -> None:
     best = result.get_best_checkpoint(score_key, "min")
     with best.as_directory() as best_dir, result.checkpoint.as_directory() as latest_dir:
         ctx.train = out = read_result(Path(best_dir), Path(latest_dir), score_key)
+    if out.peak_memory_mib:
+        ctx.record_peak("train", f"training worker (ZeRO-{ctx.spec.train.zero_stage})", out.peak_memory_mib)
     last = out.metrics[-1] if out.metrics else {}
     # Logged here, not only by the workers: Ray forwards worker output asynchronously, maybe after the job ends.
     log.info("train: %d/%d steps, final loss %.4f, best step %d (%s %.4f)", last.get("step", 0), out.total_steps,

@@ -16,14 +16,16 @@ R, TARGETS = 16, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"
 
 
 def plain_loop(model_path: str, data_path: str, threads: int) -> dict:
-    """The peer: stock peft + torch AdamW, one process, token-mean loss; steady-state tokens/s and peak RSS."""
-    import resource
-
+    """The peer: stock peft + torch AdamW, one process, token-mean loss; steady-state tokens/s and peak memory
+    (measured as every job process measures its own)."""
     import torch
     import torch.nn.functional as F
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    from workers.process_memory import bound_process_memory, peak_memory_mib
+
+    bound_process_memory()
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     samples = [json.loads(line)["input_ids"] for line in Path(data_path).read_text().splitlines()]
@@ -49,7 +51,7 @@ def plain_loop(model_path: str, data_path: str, threads: int) -> dict:
         if step >= WARM:
             tokens, seconds = tokens + int(mask.sum()), seconds + time.perf_counter() - t0
     return {"tokens_per_s": tokens / seconds,
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_memory_mib": peak_memory_mib()}
 
 
 def spec_dict(model_path: Path, data_path: Path, store: Path, workers: int, steps: int) -> dict:
