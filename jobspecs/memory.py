@@ -127,7 +127,37 @@ def calibrate_processes(spec: JobSpec, shape: Shape, strategy: str) -> list[Proc
                                                           if n in targeted(spec, shape)) * 4,
                "runtime": RUNTIME_BYTES}
     return [Process("calibrate", f"covariance actor ({strategy})", workers, parts),
-            Process("decompose", "reducer", workers, reducer)]
+            Process("decompose", "reducer", workers, reducer),
+            Process("decompose", "init-fidelity check", 1, walked_check(spec, shape))]
+
+
+def walked_check(spec: JobSpec, shape: Shape) -> dict[str, int]:
+    """A logit check walked block by block in fp32 (workers/block_walk.py): a block of each model, both heads at
+    the end, one sample's logits of each."""
+    corda = spec.init.corda_spec
+    seq = corda.seq_len
+    return {"one block of each model (fp32)": 2 * shape.block_params * 4,
+            "embeddings, then both heads (fp32)": 2 * shape.embed_params * 4,
+            "hidden states of the samples, both models": 2 * corda.fidelity_samples * seq * shape.hidden * 4,
+            "one sample's logits, both models": 2 * seq * shape.vocab * 4 + _activations(shape, seq, 4),
+            "runtime": RUNTIME_BYTES}
+
+
+def export_process(spec: JobSpec, shape: Shape) -> Process:
+    """The export task: the Wise-FT sweep and the merges load whole models (the base and the adapted one); CorDA's
+    conversion check walks them block by block; the adapter alone loads nothing."""
+    width, export = DTYPE_BYTES[spec.model.dtype], spec.export
+    whole = ("merged" in export.formats or (bool(export.wise_ft_alphas) and spec.data.eval is not None)) \
+        and spec.adapter.method not in ("prefix", "prompt")
+    parts = {"runtime": RUNTIME_BYTES}
+    if spec.init.method == "corda":
+        parts = walked_check(spec, shape)
+    if whole:
+        tokens = spec.train.micro_batch_size * spec.data.max_seq_len
+        parts = {"two whole models (Wise-FT, merges)": 2 * shape.params * width,
+                 "activations (one eval batch)": _activations(shape, tokens, width) + 2 * tokens * shape.vocab * 4,
+                 "runtime": RUNTIME_BYTES}
+    return Process("export", "export task", 1, parts)
 
 
 def train_process(spec: JobSpec, shape: Shape) -> Process:
@@ -188,11 +218,16 @@ def plan(spec: JobSpec, worker_memory: int | None = None) -> dict:
         processes += calibrate_processes(spec, shape, strategy)
     if "train" in stages:
         processes.append(train_process(spec, shape))
+    if "export" in stages:
+        processes.append(export_process(spec, shape))
     out["driver"] = {"weights_bytes": 0, "note": "control plane only: references, small files, no model tensor"}
     out["processes"] = [{"stage": p.stage, "process": p.process, "count": p.count, "parts": p.parts,
                          "total_bytes": p.total} for p in processes]
     if worker_memory:
         out["fits"] = fits(spec, shape, worker_memory)
+        # one process each, whatever the worker count: they fit or they do not
+        out["fits"]["too_big"] = [f"{p.stage}: {p.process}" for p in processes
+                                  if p.count == 1 and p.total > worker_memory]
     return out
 
 

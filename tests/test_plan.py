@@ -45,7 +45,8 @@ def test_plan_reads_config_only_and_answers_the_70b_question(tmp_path, state_dir
     assert result["corda"]["covariance_bytes_per_group"] == {"qkv": 8192**2 * 4, "o": 8192**2 * 4,
                                                              "gate_up": 8192**2 * 4, "down": 28672**2 * 4}
     by = {p["stage"]: p for p in result["processes"]}
-    assert set(by) == {"calibrate", "decompose", "train"}
+    assert set(by) == {"calibrate", "decompose", "train", "export"}
+    assert all(p["total_bytes"] < 80 * GIB for p in result["processes"])  # every stage, the checks included
     assert by["calibrate"]["total_bytes"] < 80 * GIB and by["calibrate"]["count"] == 8
     train = by["train"]
     assert train["parts"]["base weights (÷ workers, ZeRO-3)"] == 2 * LLAMA_70B_PARAMS // 8
@@ -109,3 +110,17 @@ def test_bad_sizes_and_configs_are_clear_errors(tmp_path, state_dir):
     bad = cli(state_dir, "plan", spec)
     assert bad.returncode == 2 and "config.json: not readable as a config.json" in bad.stderr
 
+
+
+def test_a_whole_model_export_is_named_when_it_cannot_fit(tmp_path, state_dir):
+    """The Wise-FT sweep loads whole models: 2 × 131 GiB in one process fits no 80 GiB worker, and plan says so
+    (the example keeps the export block by block)."""
+    spec = example(tmp_path)
+    spec["export"] = {"formats": ["adapter"], "wise_ft_alphas": [0.0, 1.0]}
+    path = write_spec(tmp_path / "job.yaml", spec)
+    result = json.loads(cli(state_dir, "plan", path, "--json", "--worker-memory", "80GiB", check=True).stdout)
+    assert result["fits"]["too_big"] == ["export: export task"]
+    assert "export: export task: does not fit" in cli(state_dir, "plan", path, "--worker-memory", "80GiB").stdout
+    walked = json.loads(cli(state_dir, "plan", write_spec(tmp_path / "walked.yaml", example(tmp_path)), "--json",
+                            "--worker-memory", "80GiB", check=True).stdout)
+    assert walked["fits"]["too_big"] == []

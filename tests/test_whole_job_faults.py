@@ -237,3 +237,40 @@ def _stop_driver(state_dir: Path) -> None:
         if pid and process_running(pid):
             os.kill(pid, signal.SIGTERM)
             wait_gone(pid, timeout=30)
+
+
+def test_layerwise_calibration_survives_losing_a_node(cluster, assets, tmp_path):
+    """Layer-wise: the node of an actor inside a block goes; Ray restarts the actor on the spare node, which
+    resumes its shards (from the checkpoint of its last completed block where that disk survives, else from the
+    embeddings) — and the CorDA init is bit-identical to an undisturbed run's."""
+    corda = {**CORDA, "shard_samples": 2, "batch_size": 2, "strategy": "layerwise"}
+    runs = {}
+    for name in ("calm", "disturbed"):
+        spec = parse_spec(corda_job(assets, tmp_path / name, **corda))
+        removed: list[tuple[int, str]] = []
+        if name == "disturbed":
+            threading.Thread(target=_remove_a_layerwise_node, args=(cluster, removed), daemon=True).start()
+        runs[name] = run_stages(spec, tmp_path / name)
+        if name == "disturbed":
+            assert removed, "no layer-wise actor was caught inside a block"
+            assert wait_gone(removed[0][0])
+            # the restarted actor (a new process) did blocks too
+            assert len({s.pid for s in runs[name].calibration.shards}) == CORDA["num_workers"] + 1
+    calm, disturbed = ours(runs["calm"]), ours(runs["disturbed"])
+    assert calm.keys() == disturbed.keys()
+    assert all(torch.equal(calm[k], disturbed[k]) for k in calm)
+
+
+def _remove_a_layerwise_node(cluster, removed: list, timeout: float = 120) -> None:
+    """Remove the node of a layer-wise actor (one without a reducer beside it, if any) while it is inside a block."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        workers, reducers = _node_processes(cluster, b"ray::LayerwiseWorker", b"ray::Reducer")
+        watched = [w for w in workers if w[1] not in {n for _, n in reducers}] or workers
+        inside = [w for w in watched if cmdline(w[0]).startswith(b"ray::LayerwiseWorker.block")]
+        if len(workers) == CORDA["num_workers"] and inside:
+            node = next(n for n in cluster.list_all_nodes() if n.node_id == inside[0][1])
+            cluster.remove_node(node, allow_graceful=False)
+            removed.append(inside[0])
+            return
+        time.sleep(0.002)

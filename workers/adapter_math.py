@@ -107,12 +107,3 @@ def wise_ft_sweep(base_path: str, adapter: Path, method: str, alphas: list[float
         loss = mean_token_loss(model, examples, batch_size, pad_id)
         rows.append({"alpha": alpha, "eval_loss": loss, "perplexity": math.exp(min(loss, 50.0))})
     return rows
-
-
-@torch.no_grad()
-def max_logit_gap(model_a, model_b, samples: list[list[int]]) -> float:
-    worst = 0.0
-    for ids in samples:
-        x = torch.tensor([ids])
-        worst = max(worst, float((model_a(input_ids=x).logits - model_b(input_ids=x).logits).abs().max()))
-    return worst

@@ -1,6 +1,7 @@
 """The export stage's work, on a worker: the formats users deploy, computed from stock files (workers/adapter_math.py
 has the math) and written to the job's store kind by kind. It runs as a Ray task, not in the driver, because
-every format but the adapter loads the model; it reads CorDA's outputs through the node's cache.
+the Wise-FT sweep and the merges load the model (the conversion check walks it block by block); it reads CorDA's
+outputs through the node's cache.
 
     adapter                    the trained peft adapter (for CorDA: on residual_base)
     adapter_on_original_base   CorDA: the same model as a rank-2r LoRA on the original base, logits checked
@@ -13,8 +14,11 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+import torch
+
 from jobspecs.schema import JobSpec
 from workers import adapter_math
+from workers.block_walk import logit_gap
 from workers.data import load_tokenizer, pad_id, tokenize
 from workers.logs import quiet_libraries, say
 from workers.node_cache import local_folder
@@ -63,8 +67,8 @@ def write_formats(spec: JobSpec, adapter_files: dict[str, bytes], corda_init: di
         on_original = folder("adapter_on_original_base", "adapter_on_original_base" in formats)
         initial, residual = local_folder(spec, corda_init["adapter"]), local_folder(spec, corda_init["residual_base"])
         adapter_math.to_original_base(adapter, initial, original_base, on_original)
-        gap = adapter_math.max_logit_gap(adapter_math.load_model(str(residual), adapter),
-                                         adapter_math.load_model(original_base, on_original), samples)
+        # block by block (one block of each model at a time), in fp32, like the init-fidelity check
+        gap = logit_gap((residual, adapter), (Path(original_base), on_original), samples, torch.float32)
         out["conversion"] = {"max_abs_logit_diff": gap, "tolerance": spec.export.conversion_tolerance,
                              "samples": len(samples)}
         say(f"export: adapter on the original base: max |Δlogits| {gap:.2e} over {len(samples)} samples "

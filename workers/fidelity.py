@@ -1,10 +1,14 @@
 """Checks that compare two models on held-out samples. They run on a worker, never in the driver (which holds no
-model), and read stage outputs through the node's cache."""
+model), read stage outputs through the node's cache, and walk the models block by block (workers/block_walk.py),
+so the worker holds one block of each, never a whole model. The arithmetic is fp32 whatever the weights' dtype:
+a check should see the weights' error, not its own."""
 
 from __future__ import annotations
 
+import torch
+
 from jobspecs.schema import JobSpec
-from workers.adapter_math import load_model, max_logit_gap
+from workers.block_walk import logit_gap
 from workers.logs import quiet_libraries
 from workers.node_cache import local_folder
 from workers.process_memory import bound_process_memory
@@ -12,8 +16,8 @@ from workers.store import StoredFolder
 
 
 def init_fidelity(spec: JobSpec, residual: StoredFolder, adapter: StoredFolder, samples: list[list[int]]) -> float:
-    """max |logits(residual base + CorDA adapter) − logits(base)| over `samples`, loaded the way a user would."""
+    """max |logits(residual base + CorDA adapter) − logits(base)| over `samples`."""
     quiet_libraries()
     bound_process_memory()
     residual_dir, adapter_dir = local_folder(spec, residual), local_folder(spec, adapter)
-    return max_logit_gap(load_model(str(residual_dir), adapter_dir), load_model(str(spec.model.path)), samples)
+    return logit_gap((residual_dir, adapter_dir), (spec.model.path, None), samples, torch.float32)

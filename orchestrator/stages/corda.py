@@ -178,9 +178,13 @@ def collect_replica(ctx: Context, shards: list, pad_id: int) -> tuple:
     return groups, totals, reducers, summaries, placement
 
 
+AHEAD = 2  # layer-wise: blocks collected ahead of the last fully folded one
+
+
 def collect_layerwise(ctx: Context, shards: list, pad_id: int) -> tuple:
-    """N actors own fixed shards (i mod N) and walk the decoder blocks together; every block's calls are queued at
-    once, so each group's folds (and the next block's collection) run as soon as their inputs exist."""
+    """N actors own fixed shards (i mod N) and walk the decoder blocks together. Blocks are queued up to AHEAD past
+    the last fully folded one: block k's folds run while k+1 is collected, and the per-shard statistics waiting
+    in the object store stay a couple of blocks' worth, not the whole model's."""
     import ray
 
     from workers.layerwise import LayerwiseWorker
@@ -203,8 +207,19 @@ def collect_layerwise(ctx: Context, shards: list, pad_id: int) -> tuple:
              ", ".join(f"{g.name.rsplit('.', 2)[-2]}.{g.name.rsplit('.', 1)[-1]}[{len(g.modules)}]"
                        for g in per_block[0]))
     totals: list[Any] = [None] * len(groups)
+    bounds = [sum(map(len, per_block[:k])) for k in range(len(per_block) + 1)]  # block k's groups: bounds[k:k+2]
+    start = time.perf_counter()
+
+    def folded(k: int) -> None:  # wait for block k's sums, cancellable
+        wait_all(totals[bounds[k] : bounds[k + 1]])
+        elapsed = time.perf_counter() - start
+        log.info("calibrate: block %d/%d, eta %.0fs", k + 1, len(per_block),
+                 elapsed / (k + 1) * (len(per_block) - k - 1))
+
     done_refs, base = [], 0
     for k, block_groups in enumerate(per_block):
+        if k >= AHEAD:  # block k waits until block k-AHEAD is folded: the per-shard statistics in flight stay bounded
+            folded(k - AHEAD)
         parts = {}  # shard → its statistics of this block's groups
         for a, actor in enumerate(actors):
             mine = sorted(owned[a])
@@ -216,17 +231,9 @@ def collect_layerwise(ctx: Context, shards: list, pad_id: int) -> tuple:
             for g, part in enumerate(parts[shard]):
                 _fold(totals, base + g, part, reducers)
         base += len(block_groups)
-    start = time.perf_counter()
-
-    def progress(done: int) -> None:
-        if done % n == 0:
-            blocks = done // n
-            elapsed = time.perf_counter() - start
-            log.info("calibrate: block %d/%d, eta %.0fs", blocks, len(per_block),
-                     elapsed / blocks * (len(per_block) - blocks))
-
-    summaries = wait_all(done_refs, on_progress=progress, fetch=True)
-    wait_all(totals)
+    for k in range(max(0, len(per_block) - AHEAD), len(per_block)):
+        folded(k)
+    summaries = wait_all(done_refs, fetch=True)
     replayed = sum(s.replayed for s in summaries)
     if replayed:
         log.info("calibrate: restarted actors recomputed %d block(s) of hidden states", replayed)

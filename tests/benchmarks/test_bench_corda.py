@@ -14,35 +14,23 @@ import time
 import pytest
 import ray
 import torch
-from peft import LoraConfig
-from peft.tuners.lora.config import CordaConfig
-from peft.tuners.lora.corda import calib_cov_distribution, collect_eigens, target_modules
-from transformers import AutoModelForCausalLM
+from peft.tuners.lora.corda import collect_eigens, target_modules
 
 from jobspecs import parse_spec
 from orchestrator.stages.context import Context
 from orchestrator.stages.corda import run_calibrate, run_decompose
+from tests.benchmarks.peft_corda import TARGETS, peft_calibrated
 from tests.benchmarks.small_llama import build_model, token_samples
 from workers.store import LocalStore
 
 HIDDEN, LAYERS, INTERMEDIATE, VOCAB = 512, 4, 1376, 2048
 SAMPLES, SEQ, BATCH = 64, 128, 8
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 R = 16
 
 
 def peft_run(model_path, samples):
     torch.set_num_threads(1)
-    model = AutoModelForCausalLM.from_pretrained(model_path).eval()
-    config = LoraConfig(r=R, lora_alpha=2 * R, target_modules=TARGETS, init_lora_weights="corda",
-                        corda_config=CordaConfig(corda_method="ipm"))
-    for _, module in target_modules(model, config):
-        module.corda_method, module.rank = "ipm", R
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        calib_cov_distribution(model, config, lambda: [model(input_ids=torch.tensor([s])) for s in samples],
-                               None, None)
-    calibrate_s = time.perf_counter() - t0
+    model, config, calibrate_s = peft_calibrated(model_path, samples, R)
     cov_bytes = sum(m.covariance_matrix.numel() * m.covariance_matrix.element_size()
                     for _, m in target_modules(model, config))
     t0 = time.perf_counter()
