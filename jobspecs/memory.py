@@ -15,7 +15,9 @@ from pathlib import Path
 from jobspecs.schema import JobSpec
 
 GIB = 2**30
-RUNTIME_BYTES = int(0.45 * GIB)  # an idle job process: interpreter, torch, transformers, Ray's core worker
+COPY_SHARD_BYTES = 2 * GIB  # residual_base's copy-through shards (orchestrator/stages/corda.py)
+RUNTIME_BYTES = int(0.45 * GIB)  # a job process at work: interpreter, torch, transformers, Ray's core worker
+REDUCER_RUNTIME_BYTES = int(0.3 * GIB)  # a reducer imports torch and safetensors, not transformers
 DTYPE_BYTES = {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2}
 # the input tensor each projection reads: q/k/v share one, gate/up share one (peftfleet's input groups)
 GROUP_OF = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "o_proj": "o", "gate_proj": "gate_up",
@@ -122,10 +124,14 @@ def calibrate_processes(spec: JobSpec, shape: Shape, strategy: str) -> list[Proc
                  "hidden states of own samples": own_samples * corda.seq_len * shape.hidden * width,
                  "activations (one batch)": _activations(shape, batch_tokens, width) + hook}
     parts["runtime"] = RUNTIME_BYTES
+    untouched = (shape.params - shape.layers * sum(i * o for n, (i, o) in shape.linears().items()
+                                                   if n in targeted(spec, shape))) * width
     reducer = {"one group's covariance ×3 (sum, damped inverse, work)": 3 * max(dims.values(), default=0) ** 2 * 4,
                "one group's weights + residual": 2 * max(d * o for n, (d, o) in shape.linears().items()
                                                           if n in targeted(spec, shape)) * 4,
-               "runtime": RUNTIME_BYTES}
+               # the untargeted tensors are copied into residual_base in shards of at most 2 GiB, one per call
+               "one copy-through shard": min(untouched, COPY_SHARD_BYTES),
+               "runtime": REDUCER_RUNTIME_BYTES}
     return [Process("calibrate", f"covariance actor ({strategy})", workers, parts),
             Process("decompose", "reducer", workers, reducer),
             Process("decompose", "init-fidelity check", 1, walked_check(spec, shape))]
@@ -154,7 +160,10 @@ def export_process(spec: JobSpec, shape: Shape) -> Process:
         parts = walked_check(spec, shape)
     if whole:
         tokens = spec.train.micro_batch_size * spec.data.max_seq_len
-        parts = {"two whole models (Wise-FT, merges)": 2 * shape.params * width,
+        adapted = shape.layers * sum(i * o for n, (i, o) in shape.linears().items() if n in targeted(spec, shape))
+        # the models the sweep and merges load share the base's memory-mapped pages; each keeps its merged copies
+        parts = {"the base (Wise-FT, merges)": shape.params * width,
+                 "the adapted weights of two models": 2 * adapted * width,
                  "activations (one eval batch)": _activations(shape, tokens, width) + 2 * tokens * shape.vocab * 4,
                  "runtime": RUNTIME_BYTES}
     return Process("export", "export task", 1, parts)
@@ -178,6 +187,9 @@ def train_process(spec: JobSpec, shape: Shape) -> Process:
     logits = 3 * tokens * shape.vocab * 4
     z3 = cfg.zero_stage == 3
     parts = {f"base weights ({'÷ workers, ZeRO-3' if z3 else 'whole'})": weights,
+             # rank 0 reads every checkpoint tensor to scatter it (memory-mapped, reclaimable): on a GPU this is
+             # host page cache, not the worker's memory
+             **({"checkpoint read by rank 0 (page cache)": shape.params * width} if z3 and not cfg.use_gpu else {}),
              "adapter weights (fp32)": adapter * 4 // (world if z3 else 1),
              "adapter gradients (fp32)": adapter * 4 // (world if cfg.zero_stage >= 2 else 1),
              "optimizer state (Adam, fp32)": 2 * adapter * 4 // shard,

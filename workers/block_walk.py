@@ -70,14 +70,14 @@ class BlockWalk:
                                positions, span))
         return state
 
-    def load(self, k: int, folder: Path | None = None, deltas: dict[str, torch.Tensor] | None = None) -> nn.Module:
-        """Block k with the tensors of `folder` (default: the walk's model), plus `deltas` (weight name → ΔW)."""
+    def load(self, k: int, folder: Path | None = None, lora: dict[str, LoraFactors] | None = None) -> nn.Module:
+        """Block k with the tensors of `folder` (default: the walk's model), plus a LoRA's s·B·A where it has one."""
         prefix = f"{self.prefix}.{k}."
         names = [n for n in self.tensors if n.startswith(prefix)]
         tensors = read_tensors(folder or self.path, names, self.dtype)
-        for name, delta in (deltas or {}).items():
+        for name, factors in (lora or {}).items():
             if name.startswith(prefix):
-                tensors[name] = (tensors[name].float() + delta).to(self.dtype)
+                tensors[name] = (tensors[name].float() + factors.delta()).to(self.dtype)
         block = self.blocks[k]
         block.load_state_dict({n.removeprefix(prefix): t.to(self.device) for n, t in tensors.items()}, assign=True,
                               strict=True)
@@ -104,8 +104,19 @@ class BlockWalk:
         return self.norm, tensors[wanted[1]].to(self.device)
 
 
-def lora_deltas(adapter: Path) -> dict[str, torch.Tensor]:
-    """A stock peft LoRA adapter as ΔW = s·B·A per base weight name (fp32)."""
+@dataclass(frozen=True)
+class LoraFactors:
+    scaling: float
+    a: torch.Tensor
+    b: torch.Tensor
+
+    def delta(self) -> torch.Tensor:
+        """ΔW = s·B·A in fp32, made when its block loads (all of them at once would be the targets' size)."""
+        return self.scaling * (self.b.float() @ self.a.float())
+
+
+def lora_factors(adapter: Path) -> dict[str, LoraFactors]:
+    """A stock peft LoRA adapter's factors per base weight name."""
     from workers.adapter_math import read_adapter
 
     config, weights = read_adapter(adapter)
@@ -118,7 +129,7 @@ def lora_deltas(adapter: Path) -> dict[str, torch.Tensor]:
         if ".lora_A." in key:
             module = key.removeprefix(ADAPTER_PREFIX).split(".lora_A.")[0]
             b = weights[key.replace(".lora_A.", ".lora_B.")]
-            deltas[f"{module}.weight"] = scaling * (b.float() @ a.float())
+            deltas[f"{module}.weight"] = LoraFactors(scaling, a, b)
     return deltas
 
 
@@ -128,7 +139,7 @@ def logit_gap(first: tuple[Path, Path | None], second: tuple[Path, Path | None],
     """max |logits(first) − logits(second)| over `samples`, each model a (folder, LoRA adapter or None) of the same
     architecture, both walked block by block: a block of each, never a whole model."""
     walk = BlockWalk(first[0], dtype, device)
-    paths = [(Path(folder), lora_deltas(adapter) if adapter else {}) for folder, adapter in (first, second)]
+    paths = [(Path(folder), lora_factors(adapter) if adapter else {}) for folder, adapter in (first, second)]
     states = [walk.embed(samples, 1, pad_id, folder) for folder, _ in paths]
     for k in range(len(walk.blocks)):
         for (folder, deltas), state in zip(paths, states, strict=True):
@@ -142,7 +153,8 @@ def logit_gap(first: tuple[Path, Path | None], second: tuple[Path, Path | None],
     for (folder, deltas), state in zip(paths, states, strict=True):
         norm, head = walk.head(folder)
         normed.append([norm(b.hidden) for b in state])
-        heads.append((head.float() + deltas[walk.head_weight]).to(dtype) if walk.head_weight in deltas else head)
+        heads.append((head.float() + deltas[walk.head_weight].delta()).to(dtype) if walk.head_weight in deltas
+                     else head)
     # one sample's logits of each at a time: [seq, vocab] is the largest tensor of the check
     return max(float((nn.functional.linear(a, heads[0]).float() - nn.functional.linear(b, heads[1]).float())
                      .abs().max()) for a, b in zip(*normed, strict=True))

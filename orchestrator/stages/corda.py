@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from jobspecs.memory import COPY_SHARD_BYTES
 from jobspecs.schema import JobSpec
 from orchestrator.stages.context import Calibration, Context, CordaInit
 from orchestrator.stages.waits import model_task, wait_all
@@ -39,7 +40,7 @@ log = logging.getLogger("peftfleet.corda")
 TOKENS_PER_DIM = 128
 # residual_base's copy-through shards: at most this many bytes each (transformers' default is 5 GB; smaller files
 # spread the copying over more reducers and bound each one's memory)
-RESIDUAL_SHARD_BYTES = 2 << 30
+RESIDUAL_SHARD_BYTES = COPY_SHARD_BYTES  # copy-through shards of residual_base (the plan counts one per reducer)
 
 
 def calibration_samples(spec: JobSpec) -> tuple[list[list[int]], list[list[int]], int]:
