@@ -75,6 +75,12 @@ def targeted(spec: JobSpec, shape: Shape) -> list[str]:
     return [n for n in shape.linears() if targets == "all-linear" or n in targets]
 
 
+def targeted_params(spec: JobSpec, shape: Shape) -> int:
+    """Parameters of the weights the adapter targets, over all blocks."""
+    linears = shape.linears()
+    return shape.layers * sum(linears[n][0] * linears[n][1] for n in targeted(spec, shape))
+
+
 def group_dims(spec: JobSpec, shape: Shape) -> dict[str, int]:
     """Input dimension of each input group of one block that the adapter targets."""
     linears = shape.linears()
@@ -124,8 +130,7 @@ def calibrate_processes(spec: JobSpec, shape: Shape, strategy: str) -> list[Proc
                  "hidden states of own samples": own_samples * corda.seq_len * shape.hidden * width,
                  "activations (one batch)": _activations(shape, batch_tokens, width) + hook}
     parts["runtime"] = RUNTIME_BYTES
-    untouched = (shape.params - shape.layers * sum(i * o for n, (i, o) in shape.linears().items()
-                                                   if n in targeted(spec, shape))) * width
+    untouched = (shape.params - targeted_params(spec, shape)) * width
     reducer = {"one group's covariance ×3 (sum, damped inverse, work)": 3 * max(dims.values(), default=0) ** 2 * 4,
                "one group's weights + residual": 2 * max(d * o for n, (d, o) in shape.linears().items()
                                                           if n in targeted(spec, shape)) * 4,
@@ -160,7 +165,7 @@ def export_process(spec: JobSpec, shape: Shape) -> Process:
         parts = walked_check(spec, shape)
     if whole:
         tokens = spec.train.micro_batch_size * spec.data.max_seq_len
-        adapted = shape.layers * sum(i * o for n, (i, o) in shape.linears().items() if n in targeted(spec, shape))
+        adapted = targeted_params(spec, shape)
         # the models the sweep and merges load share the base's memory-mapped pages; each keeps its merged copies
         parts = {"the base (Wise-FT, merges)": shape.params * width,
                  "the adapted weights of two models": 2 * adapted * width,

@@ -67,9 +67,6 @@ class LayerwiseWorker:
 
         return os.getpid(), ray.get_runtime_context().get_node_id()
 
-    def num_blocks(self) -> int:
-        return len(self.blocks)
-
     @torch.no_grad()
     def groups(self, targets: Sequence[str] | str) -> list[list[InputGroup]]:
         """Each block's input groups: found by probing block 0 with this actor's first batch, carried to every

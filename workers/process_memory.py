@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import resource
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -50,7 +51,7 @@ def _resident_mib() -> float:
 def _sample() -> None:
     while True:
         _peak[0] = max(_peak[0], _resident_mib())
-        threading.Event().wait(0.01)
+        time.sleep(0.01)
 
 
 def peak_memory_mib() -> float:

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from jobspecs.memory import COPY_SHARD_BYTES
+from jobspecs.memory import COPY_SHARD_BYTES, choose_corda_strategy, replica_bytes
 from jobspecs.schema import JobSpec
 from orchestrator.stages.context import Calibration, Context, CordaInit
 from orchestrator.stages.waits import model_task, wait_all
@@ -76,7 +76,7 @@ def run_calibrate(ctx: Context) -> None:
                                       calibrate_s=0.0)
         return
     shards = [samples[i : i + corda.shard_samples] for i in range(0, len(samples), corda.shard_samples)]
-    strategy = corda_strategy(spec)
+    strategy = choose_corda_strategy(spec)
     log.info("calibrate: strategy %s%s", strategy, f" (auto: {corda_memory_reason(spec)})"
              if corda.strategy == "auto" and corda.actor_memory_gib else "")
     collect = collect_layerwise if strategy == "layerwise" else collect_replica
@@ -88,15 +88,7 @@ def run_calibrate(ctx: Context) -> None:
                                   shards=summaries, actors=placement)
 
 
-def corda_strategy(spec: JobSpec) -> str:
-    from jobspecs.memory import choose_corda_strategy
-
-    return choose_corda_strategy(spec)
-
-
 def corda_memory_reason(spec: JobSpec) -> str:
-    from jobspecs.memory import replica_bytes
-
     need, have = replica_bytes(spec), spec.init.corda_spec.actor_memory_gib * 2**30
     return f"a replica needs ~{need / 2**30:.1f} GiB, an actor is given {have / 2**30:.1f} GiB"
 
