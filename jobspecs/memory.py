@@ -15,7 +15,8 @@ from pathlib import Path
 from jobspecs.schema import JobSpec
 
 GIB = 2**30
-COPY_SHARD_BYTES = 2 * GIB  # residual_base's copy-through shards (orchestrator/stages/corda.py)
+SHARD_BYTES = 2 * GIB  # the shards we write: residual_base's copied tensors, merged@α (workers/exports.py)
+WALK_HIDDEN_BYTES = GIB  # a walked eval holds at most this much of its examples' hidden states (block_walk.eval_loss)
 RUNTIME_BYTES = int(0.45 * GIB)  # a job process at work: interpreter, torch, transformers, Ray's core worker
 REDUCER_RUNTIME_BYTES = int(0.3 * GIB)  # a reducer imports torch and safetensors, not transformers
 DTYPE_BYTES = {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2}
@@ -135,7 +136,7 @@ def calibrate_processes(spec: JobSpec, shape: Shape, strategy: str) -> list[Proc
                "one group's weights + residual": 2 * max(d * o for n, (d, o) in shape.linears().items()
                                                           if n in targeted(spec, shape)) * 4,
                # the untargeted tensors are copied into residual_base in shards of at most 2 GiB, one per call
-               "one copy-through shard": min(untouched, COPY_SHARD_BYTES),
+               "one copy-through shard": min(untouched, SHARD_BYTES),
                "runtime": REDUCER_RUNTIME_BYTES}
     return [Process("calibrate", f"covariance actor ({strategy})", workers, parts),
             Process("decompose", "reducer", workers, reducer),
@@ -154,24 +155,41 @@ def walked_check(spec: JobSpec, shape: Shape) -> dict[str, int]:
             "runtime": RUNTIME_BYTES}
 
 
+def eval_records(spec: JobSpec) -> int | None:
+    """How many eval examples the job has, where that costs no parsing: `limit`, or a .jsonl file's lines."""
+    source = spec.data.eval
+    if source is None:
+        return 0
+    if source.limit:
+        return source.limit
+    if source.path.suffix == ".jsonl" and source.path.is_file():
+        with source.path.open("rb") as f:
+            return sum(1 for line in f if line.strip())
+    return None
+
+
 def export_process(spec: JobSpec, shape: Shape) -> Process:
-    """The export task: the Wise-FT sweep and the merges load whole models (the base and the adapted one); CorDA's
-    conversion check walks them block by block; the adapter alone loads nothing."""
+    """The export task, one step after another, so its peak is its heaviest step's: CorDA's conversion check and
+    the Wise-FT sweep walk the models block by block, the merges stream one shard at a time; the adapter alone
+    loads nothing."""
     width, export = DTYPE_BYTES[spec.model.dtype], spec.export
-    whole = ("merged" in export.formats or (bool(export.wise_ft_alphas) and spec.data.eval is not None)) \
-        and spec.adapter.method not in ("prefix", "prompt")
-    parts = {"runtime": RUNTIME_BYTES}
+    delta = spec.adapter.method not in ("prefix", "prompt")
+    steps = [{"runtime": RUNTIME_BYTES}]
     if spec.init.method == "corda":
-        parts = walked_check(spec, shape)
-    if whole:
-        tokens = spec.train.micro_batch_size * spec.data.max_seq_len
-        adapted = targeted_params(spec, shape)
-        # the models the sweep and merges load share the base's memory-mapped pages; each keeps its merged copies
-        parts = {"the base (Wise-FT, merges)": shape.params * width,
-                 "the adapted weights of two models": 2 * adapted * width,
-                 "activations (one eval batch)": _activations(shape, tokens, width) + 2 * tokens * shape.vocab * 4,
-                 "runtime": RUNTIME_BYTES}
-    return Process("export", "export task", 1, parts)
+        steps.append(walked_check(spec, shape))
+    if delta and export.wise_ft_alphas and spec.data.eval is not None:
+        seq, n = spec.data.max_seq_len, eval_records(spec)
+        hidden = WALK_HIDDEN_BYTES if n is None else n * seq * shape.hidden * 4
+        batch = spec.train.micro_batch_size * seq
+        steps.append({"one block and its merged weights (fp32)": 2 * shape.block_params * 4,
+                      "embeddings, then the head (fp32)": shape.embed_params * 4,
+                      "hidden states of the eval examples (at most 1 GiB a walk)": min(hidden, WALK_HIDDEN_BYTES),
+                      "one eval batch's logits": 2 * batch * shape.vocab * 4 + _activations(shape, batch, 4),
+                      "runtime": RUNTIME_BYTES})
+    if delta and "merged" in export.formats:
+        shard = min(shape.params * width, SHARD_BYTES)
+        steps.append({"one shard of the base and its merged copy": 2 * shard, "runtime": RUNTIME_BYTES})
+    return Process("export", "export task", 1, max(steps, key=lambda parts: sum(parts.values())))
 
 
 def train_process(spec: JobSpec, shape: Shape) -> Process:

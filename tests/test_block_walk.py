@@ -8,7 +8,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from workers.block_walk import BlockWalk, logit_gap
+from workers.block_walk import BlockWalk, logit_gap, merged
 
 SAMPLES = [[1, 5, 9, 12, 7, 3], [1, 4, 4, 8]]
 
@@ -43,11 +43,11 @@ def test_walked_gap_equals_the_whole_model_gap(assets, tmp_path, tied):
     adapter = trained_lora(base, tmp_path / "adapter")
     stock = whole_gap(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter).eval(),
                       AutoModelForCausalLM.from_pretrained(base).eval())
-    walked = logit_gap((base, adapter), (base, None), SAMPLES, torch.float32)
+    walked = logit_gap(merged(base, adapter), merged(base, None), SAMPLES, torch.float32)
     assert stock > 1e-2  # the adapter changes the model
     # merged s·B·A vs peft's unmerged forward: the same function, rounded differently (fp32)
     assert walked == pytest.approx(stock, rel=1e-4)
-    assert logit_gap((base, adapter), (base, adapter), SAMPLES, torch.float32) == 0.0
+    assert logit_gap(merged(base, adapter), merged(base, adapter), SAMPLES, torch.float32) == 0.0
 
 
 def test_a_model_that_is_not_llama_shaped_is_refused(tmp_path):

@@ -64,11 +64,11 @@ def test_driver_peak_memory_stays_flat_when_the_model_grows_4x(tmp_path, state_d
     assert big["export"].keys() == {"export task", "driver"}
     driver = big["upload"]["driver"] - small["upload"]["driver"]  # the driver's peak over the whole job
     assert driver < 0.1 * grown, (small, big)
-    # the processes that hold weights grow with them: by a block where the model is walked (calibration, the
-    # init-fidelity check), by whole models in the export's Wise-FT sweep (not walked yet)
+    # the processes that walk the model grow by a block, not by the model: calibration, the init-fidelity check,
+    # the export's Wise-FT sweep
     def growth(stage: str, process: str) -> float:
         return big[stage][process] - small[stage][process]
 
     assert growth("calibrate", "covariance actor (layerwise)") < 0.6 * grown, (small, big)
     assert growth("decompose", "init-fidelity check") < 0.6 * grown, (small, big)
-    assert growth("export", "export task") > grown
+    assert growth("export", "export task") < 0.6 * grown, (small, big)

@@ -128,19 +128,6 @@ def test_every_artifact_loads_with_stock_libraries_in_a_fresh_process(lora_job, 
                           [(base_path, "adapter"), (base_path, "adapter@0.5")], ["merged@0", "merged@0.5", "merged@1"])
 
 
-def test_dora_is_interpolated_on_merged_weights(local_ray, assets, tmp_path):
-    job = run_job(assets, tmp_path, [run_train, run_export], adapter={"method": "dora"},
-                  export={"formats": ["adapter", "merged"], "merge_alphas": [0.0, 1.0], "wise_ft_alphas": [0.0, 1.0]})
-    trained = PeftModel.from_pretrained(base(assets), published(job) / "adapter").eval()
-    merged0 = AutoModelForCausalLM.from_pretrained(published(job) / "merged@0").eval()
-    merged1 = AutoModelForCausalLM.from_pretrained(published(job) / "merged@1").eval()
-    assert torch.allclose(logits(merged0), logits(base(assets)), atol=1e-5)
-    assert torch.allclose(logits(merged1), logits(trained), atol=1e-4)
-    # why: scaling a DoRA adapter to 0 is not the base model (the magnitude vector still renormalises)
-    with rescale_adapter_scale(trained, multiplier=0.0):
-        assert (logits(trained) - logits(base(assets))).abs().max() > 1e-3
-
-
 @pytest.mark.parametrize("mode", ["ipm", "kpm"])
 def test_corda_adapter_on_the_original_base_reproduces_the_trained_model(local_ray, assets, tmp_path, mode):
     job = run_job(assets, tmp_path, [run_calibrate, run_decompose, run_train, run_export], steps=2,
@@ -163,13 +150,12 @@ def test_corda_adapter_on_the_original_base_reproduces_the_trained_model(local_r
     assert rows[1.0] == pytest.approx(job.train.best_eval_loss, rel=1e-4)
 
 
-@pytest.mark.parametrize("method", ["lora", "adalora", "ia3"])
-def test_interpolation_endpoints_per_method(assets, tmp_path, method):
-    """α = 0 is the base model and α = 1 the adapter's model, for every method with a weight delta."""
+def random_adapter(assets, out, method: str):
+    """A stock adapter of `method` on the tiny Llama with every tensor away from its init (a stand-in for
+    training), and the model it makes."""
     from peft import get_peft_model
 
     from jobspecs.schema import AdapterSpec
-    from workers.adapter_math import interpolated_model
     from workers.adapters import peft_config
 
     extra = {"ia3": {"target_modules": ["k_proj", "down_proj"], "ia3": {"feedforward_modules": ["down_proj"]}},
@@ -179,12 +165,49 @@ def test_interpolation_endpoints_per_method(assets, tmp_path, method):
     model = get_peft_model(base(assets), peft_config(spec, total_steps=10, tokenizer_path=assets / "tiny-llama"))
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if p.requires_grad:  # a stand-in for training: every adapter tensor away from its init
+            if p.requires_grad:
                 p.copy_(1 + 0.3 * torch.randn_like(p) if "ia3" in name else 0.3 * torch.randn_like(p))
-    model.save_pretrained(tmp_path / "adapter")
-    trained = PeftModel.from_pretrained(base(assets), tmp_path / "adapter").eval()
+    model.save_pretrained(out)
+    return PeftModel.from_pretrained(base(assets), out).eval()
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "adalora", "ia3"])
+def test_streamed_merges_equal_peft_merge_and_unload(assets, tmp_path, method):
+    """merged@α written shard by shard equals W_base + α·(peft's merge_and_unload − W_base), for every method with
+    a weight delta; the walked Wise-FT loss equals the whole model's at both ends."""
+    from workers.block_walk import eval_loss, merged
+    from workers.loss import mean_token_loss
+    from workers.merged_weights import MergedWeights, write_merged
+
+    base_path, adapter = assets / "tiny-llama", tmp_path / "adapter"
+    trained = random_adapter(assets, adapter, method)
     assert (logits(trained) - logits(base(assets))).abs().max() > 1e-2
-    at = {a: interpolated_model(str(assets / "tiny-llama"), tmp_path / "adapter", method, a, tmp_path / f"w{a}")
-          for a in (0.0, 1.0)}
-    assert torch.allclose(logits(at[0.0].eval()), logits(base(assets)), atol=1e-5)
-    assert torch.allclose(logits(at[1.0].eval()), logits(trained), atol=1e-4)
+    if method == "dora":  # why α interpolates merged weights: a DoRA adapter scaled to 0 is not the base model
+        with rescale_adapter_scale(trained, multiplier=0.0):
+            assert (logits(trained) - logits(base(assets))).abs().max() > 1e-3
+    examples = [{"input_ids": ids, "labels": ids} for ids in ([1, 5, 9, 12, 7, 3], [1, 4, 4, 8], [2, 9, 30])]
+    for alpha, model in ((0.0, base(assets)), (1.0, trained)):
+        walked = eval_loss(merged(base_path, adapter, alpha), examples, 2, 0, torch.float32)
+        assert walked == pytest.approx(mean_token_loss(model, examples, 2, 0), rel=1e-5)
+    whole, original = trained.merge_and_unload().state_dict(), base(assets).state_dict()
+    for alpha in (0.0, 0.5, 1.0):
+        out = tmp_path / f"merged@{alpha}"
+        write_merged(base_path, MergedWeights(base_path, adapter, alpha), out, shard_bytes=200_000)
+        assert len(list(out.glob("model-*-of-*.safetensors"))) > 1 and (out / "model.safetensors.index.json").exists()
+        streamed = AutoModelForCausalLM.from_pretrained(out).state_dict()
+        assert streamed.keys() == whole.keys()
+        # measured ≤ 1.5e-8: α·(W' − W) rounds apart from scaling the adapter by α
+        for name, value in whole.items():
+            assert torch.allclose(streamed[name], original[name] + alpha * (value - original[name]), atol=1e-6)
+
+
+def test_a_walked_eval_in_chunks_equals_one_walk(assets, tmp_path, monkeypatch):
+    """An eval set whose hidden states exceed the walk's budget is walked in chunks, with the same loss."""
+    import workers.block_walk as block_walk
+
+    random_adapter(assets, tmp_path / "adapter", "lora")
+    examples = [{"input_ids": ids, "labels": ids} for ids in ([1, 5, 9, 12, 7, 3], [1, 4, 4, 8], [2, 9, 30])]
+    model = block_walk.merged(assets / "tiny-llama", tmp_path / "adapter")
+    whole = block_walk.eval_loss(model, examples, 1, 0, torch.float32)
+    monkeypatch.setattr(block_walk, "WALK_HIDDEN_BYTES", 1)  # one batch a walk
+    assert block_walk.eval_loss(model, examples, 1, 0, torch.float32) == pytest.approx(whole, rel=1e-6)

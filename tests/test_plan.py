@@ -112,15 +112,16 @@ def test_bad_sizes_and_configs_are_clear_errors(tmp_path, state_dir):
 
 
 
-def test_a_whole_model_export_is_named_when_it_cannot_fit(tmp_path, state_dir):
-    """The Wise-FT sweep loads whole models: 2 × 131 GiB in one process fits no 80 GiB worker, and plan says so
-    (the example keeps the export block by block)."""
+def test_a_single_process_that_fits_no_worker_is_named(tmp_path, state_dir):
+    """The walked checks and the walked Wise-FT sweep are one process each, whatever the worker count: on 80 GiB
+    workers they fit (a block at a time, not 2 × 131 GiB), on 8 GiB workers plan names them."""
     spec = example(tmp_path)
-    spec["export"] = {"formats": ["adapter"], "wise_ft_alphas": [0.0, 1.0]}
+    spec["export"] = {"formats": ["adapter", "merged"], "merge_alphas": [1.0], "wise_ft_alphas": [0.0, 1.0]}
     path = write_spec(tmp_path / "job.yaml", spec)
     result = json.loads(cli(state_dir, "plan", path, "--json", "--worker-memory", "80GiB", check=True).stdout)
-    assert result["fits"]["too_big"] == ["export: export task"]
-    assert "export: export task: does not fit" in cli(state_dir, "plan", path, "--worker-memory", "80GiB").stdout
-    walked = json.loads(cli(state_dir, "plan", write_spec(tmp_path / "walked.yaml", example(tmp_path)), "--json",
-                            "--worker-memory", "80GiB", check=True).stdout)
-    assert walked["fits"]["too_big"] == []
+    assert result["fits"]["too_big"] == []
+    export = next(p for p in result["processes"] if p["stage"] == "export")
+    assert export["total_bytes"] < 20 * 2**30
+    small = json.loads(cli(state_dir, "plan", path, "--json", "--worker-memory", "8GiB", check=True).stdout)
+    assert small["fits"]["too_big"] == ["decompose: init-fidelity check", "export: export task"]
+    assert "export: export task: does not fit" in cli(state_dir, "plan", path, "--worker-memory", "8GiB").stdout

@@ -1,6 +1,6 @@
 """Turning a trained adapter into things a user deploys: the adapter on the original base (for adapters trained on a
-residual base, like CorDA's), Wise-FT interpolations `W_base + α·ΔW` evaluated over α, merged models and α-scaled
-adapters. Everything here goes through stock peft/transformers files, so what we check is what a user loads.
+residual base, like CorDA's) and α-scaled adapters (workers/merged_weights.py merges them module by module).
+Everything here goes through stock peft files, so what we check is what a user loads.
 
 How α scales each method (α = 0 is the base model, α = 1 the trained one, exactly):
 - LoRA / AdaLoRA: ΔW = s·B·A is linear in B, so α scales lora_B (the same as peft's `rescale_adapter_scale`).
@@ -13,13 +13,10 @@ How α scales each method (α = 0 is the base model, α = 1 the trained one, exa
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-
-from workers.loss import mean_token_loss
 
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
 
@@ -61,49 +58,18 @@ def to_original_base(trained: Path, initial: Path, original_base: str, out: Path
     write_adapter(out, config, converted)
 
 
+def scale(key: str, value: torch.Tensor, method: str, alpha: float) -> torch.Tensor:
+    """One adapter tensor of an adapter whose effect is α·ΔW (see the module docstring)."""
+    if method in ("lora", "adalora") and "lora_B" in key:
+        return value * alpha
+    if method == "ia3" and "ia3_" in key:
+        return 1 + alpha * (value - 1)
+    return value
+
+
 def scaled_adapter(adapter: Path, method: str, alpha: float, out: Path) -> None:
     """A stock adapter whose effect is α·ΔW (LoRA-family: lora_B·α; IA3: 1 + α·(l − 1))."""
     config, weights = read_adapter(adapter)
     if method == "dora":
         raise ValueError("adapter@α: a DoRA adapter cannot be scaled (its magnitude renormalises); use merged@α")
-    scaled = {}
-    for key, value in weights.items():
-        if "lora_B" in key:
-            scaled[key] = value * alpha
-        elif method == "ia3" and "ia3_" in key:
-            scaled[key] = 1 + alpha * (value - 1)
-        else:
-            scaled[key] = value
-    write_adapter(out, config, scaled)
-
-
-def load_model(base_path: str, adapter: Path | None = None):
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(base_path).eval()
-    return PeftModel.from_pretrained(model, str(adapter)).eval() if adapter else model
-
-
-def interpolated_model(base_path: str, adapter: Path, method: str, alpha: float, work: Path):
-    """A plain transformers model with weights W_base + α·ΔW (see the module docstring per method)."""
-    if method == "dora":
-        model = load_model(base_path, adapter).merge_and_unload()
-        base = load_model(base_path).state_dict()
-        with torch.no_grad():
-            for name, value in model.state_dict().items():
-                value.copy_(base[name] + alpha * (value - base[name]))
-        return model
-    scaled_adapter(adapter, method, alpha, work)
-    return load_model(base_path, work).merge_and_unload()
-
-
-def wise_ft_sweep(base_path: str, adapter: Path, method: str, alphas: list[float], examples: list[dict],
-                  batch_size: int, pad_id: int, work: Path) -> list[dict]:
-    """Eval loss and perplexity of W_base + α·ΔW for each α."""
-    rows = []
-    for alpha in alphas:
-        model = interpolated_model(base_path, adapter, method, alpha, work / f"alpha-{alpha:g}")
-        loss = mean_token_loss(model, examples, batch_size, pad_id)
-        rows.append({"alpha": alpha, "eval_loss": loss, "perplexity": math.exp(min(loss, 50.0))})
-    return rows
+    write_adapter(out, config, {key: scale(key, value, method, alpha) for key, value in weights.items()})

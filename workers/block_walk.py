@@ -1,15 +1,15 @@
 """A Llama-family model walked one decoder block at a time: no process holds more than a block of it.
 
 The structure is built on the meta device from config.json; each block's tensors are read by name from the
-folder's memory-mapped safetensors when the walk reaches it (with a LoRA adapter's s·B·A added to its target
-weights, for the checks), run, and freed. Embeddings, the final norm and the head are loaded only where needed.
-Layer-wise calibration (workers/layerwise.py) and the logit checks of CorDA's init and its conversion
-(`logit_gap`) walk models this way.
+folder's memory-mapped safetensors when the walk reaches it (with an adapter merged into them by
+workers/merged_weights.py, for the checks and the Wise-FT sweep), run, and freed. Embeddings, the final norm and
+the head are loaded only where needed.
+Layer-wise calibration (workers/layerwise.py), the logit checks of CorDA's init and its conversion
+(`logit_gap`) and the export's Wise-FT sweep (`eval_loss`) walk models this way.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,10 +17,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from jobspecs.memory import WALK_HIDDEN_BYTES
 from workers.covariance import batches
+from workers.data import collate
+from workers.loss import label_loss_sum
+from workers.merged_weights import MergedWeights
 from workers.weights import read_tensors, tensor_infos
 
-ADAPTER_PREFIX = "base_model.model."
+Model = tuple[Path, MergedWeights | None]  # a folder of weights, and an adapter merged into them as they load
 
 
 @dataclass
@@ -29,6 +33,7 @@ class Batch:
     valid: torch.Tensor  # real tokens, [batch, seq]
     position_ids: torch.Tensor
     range: str
+    labels: torch.Tensor | None = None
 
 
 class BlockWalk:
@@ -58,26 +63,30 @@ class BlockWalk:
         """A block-0 module name as block k's."""
         return name.replace(f"{self.prefix}.0.", f"{self.prefix}.{k}.", 1)
 
-    def embed(self, samples: Sequence[Sequence[int]], batch_size: int, pad_id: int,
-              folder: Path | None = None) -> list[Batch]:
-        weight = read_tensors(folder or self.path, [self.embed_weight], self.dtype)[self.embed_weight]
-        weight = weight.to(self.device)
+    def read(self, names: list[str], folder: Path | None, merge: MergedWeights | None) -> dict[str, torch.Tensor]:
+        tensors = read_tensors(folder or self.path, names, self.dtype)
+        return merge.apply(tensors) if merge else tensors
+
+    def embed(self, samples: Sequence[Sequence[int]], batch_size: int, pad_id: int, folder: Path | None = None,
+              merge: MergedWeights | None = None) -> list[Batch]:
+        return self.embed_batches(list(batches(samples, batch_size, pad_id)), folder, merge)
+
+    def embed_batches(self, padded: list[tuple[str, dict]], folder: Path | None = None,
+                      merge: MergedWeights | None = None) -> list[Batch]:
+        """(sample range, collated batch) pairs at the input of block 0."""
+        weight = self.read([self.embed_weight], folder, merge)[self.embed_weight].to(self.device)
         state = []
-        for span, padded in batches(samples, batch_size, pad_id):
-            ids = padded["input_ids"].to(self.device)
+        for span, batch in padded:
+            ids = batch["input_ids"].to(self.device)
             positions = torch.arange(ids.shape[1], device=self.device).unsqueeze(0)
-            state.append(Batch(nn.functional.embedding(ids, weight), padded["attention_mask"].bool().to(self.device),
-                               positions, span))
+            state.append(Batch(nn.functional.embedding(ids, weight), batch["attention_mask"].bool().to(self.device),
+                               positions, span, batch.get("labels")))
         return state
 
-    def load(self, k: int, folder: Path | None = None, lora: dict[str, LoraFactors] | None = None) -> nn.Module:
-        """Block k with the tensors of `folder` (default: the walk's model), plus a LoRA's s·B·A where it has one."""
+    def load(self, k: int, folder: Path | None = None, merge: MergedWeights | None = None) -> nn.Module:
+        """Block k with the tensors of `folder` (default: the walk's model), with `merge`'s adapter merged."""
         prefix = f"{self.prefix}.{k}."
-        names = [n for n in self.tensors if n.startswith(prefix)]
-        tensors = read_tensors(folder or self.path, names, self.dtype)
-        for name, factors in (lora or {}).items():
-            if name.startswith(prefix):
-                tensors[name] = (tensors[name].float() + factors.delta()).to(self.dtype)
+        tensors = self.read([n for n in self.tensors if n.startswith(prefix)], folder, merge)
         block = self.blocks[k]
         block.load_state_dict({n.removeprefix(prefix): t.to(self.device) for n, t in tensors.items()}, assign=True,
                               strict=True)
@@ -96,65 +105,70 @@ class BlockWalk:
         return block(batch.hidden, attention_mask=mask, position_ids=batch.position_ids,
                      position_embeddings=position_embeddings)
 
-    def head(self, folder: Path | None = None) -> tuple[nn.Module, torch.Tensor]:
+    def head(self, folder: Path | None = None, merge: MergedWeights | None = None) -> tuple[nn.Module, torch.Tensor]:
         """The final norm (loaded) and the head's weight."""
         wanted = [f"{self.norm_name}.weight", self.head_weight]
-        tensors = read_tensors(folder or self.path, wanted, self.dtype)
+        tensors = self.read(wanted, folder, merge)
         self.norm.load_state_dict({"weight": tensors[wanted[0]].to(self.device)}, assign=True, strict=True)
         return self.norm, tensors[wanted[1]].to(self.device)
 
+    def through_blocks(self, models: Sequence[Model], states: Sequence[list[Batch]]) -> None:
+        """Every model's hidden states through every block, one block of one model in memory at a time."""
+        for k in range(len(self.blocks)):
+            for (folder, merge), state in zip(models, states, strict=True):
+                block = self.load(k, folder, merge)
+                try:
+                    for batch in state:
+                        batch.hidden = self.run(block, batch)
+                finally:
+                    self.unload(k)
 
-@dataclass(frozen=True)
-class LoraFactors:
-    scaling: float
-    a: torch.Tensor
-    b: torch.Tensor
 
-    def delta(self) -> torch.Tensor:
-        """ΔW = s·B·A in fp32, made when its block loads (all of them at once would be the targets' size)."""
-        return self.scaling * (self.b.float() @ self.a.float())
-
-
-def lora_factors(adapter: Path) -> dict[str, LoraFactors]:
-    """A stock peft LoRA adapter's factors per base weight name."""
-    from workers.adapter_math import read_adapter
-
-    config, weights = read_adapter(adapter)
-    if config.get("rank_pattern") or config.get("alpha_pattern") or config.get("use_dora"):
-        raise ValueError(f"{adapter}: only uniform-rank plain LoRA adapters can be walked block by block")
-    r = config["r"]
-    scaling = config["lora_alpha"] / (math.sqrt(r) if config.get("use_rslora") else r)
-    deltas = {}
-    for key, a in weights.items():
-        if ".lora_A." in key:
-            module = key.removeprefix(ADAPTER_PREFIX).split(".lora_A.")[0]
-            b = weights[key.replace(".lora_A.", ".lora_B.")]
-            deltas[f"{module}.weight"] = LoraFactors(scaling, a, b)
-    return deltas
+def merged(folder: str | Path, adapter: str | Path | None, alpha: float = 1.0) -> Model:
+    return Path(folder), MergedWeights(folder, adapter, alpha) if adapter else None
 
 
 @torch.no_grad()
-def logit_gap(first: tuple[Path, Path | None], second: tuple[Path, Path | None], samples: list[list[int]],
-              dtype: torch.dtype, pad_id: int = 0, device: str = "cpu") -> float:
-    """max |logits(first) − logits(second)| over `samples`, each model a (folder, LoRA adapter or None) of the same
-    architecture, both walked block by block: a block of each, never a whole model."""
+def logit_gap(first: Model, second: Model, samples: list[list[int]], dtype: torch.dtype, pad_id: int = 0,
+              device: str = "cpu") -> float:
+    """max |logits(first) − logits(second)| over `samples`, two models of the same architecture (see `merged`),
+    both walked block by block: a block of each, never a whole model."""
     walk = BlockWalk(first[0], dtype, device)
-    paths = [(Path(folder), lora_factors(adapter) if adapter else {}) for folder, adapter in (first, second)]
-    states = [walk.embed(samples, 1, pad_id, folder) for folder, _ in paths]
-    for k in range(len(walk.blocks)):
-        for (folder, deltas), state in zip(paths, states, strict=True):
-            block = walk.load(k, folder, deltas)
-            try:
-                for batch in state:
-                    batch.hidden = walk.run(block, batch)
-            finally:
-                walk.unload(k)
+    models = (first, second)
+    states = [walk.embed(samples, 1, pad_id, folder, merge) for folder, merge in models]
+    walk.through_blocks(models, states)
     normed, heads = [], []
-    for (folder, deltas), state in zip(paths, states, strict=True):
-        norm, head = walk.head(folder)
+    for (folder, merge), state in zip(models, states, strict=True):
+        norm, head = walk.head(folder, merge)
         normed.append([norm(b.hidden) for b in state])
-        heads.append((head.float() + deltas[walk.head_weight].delta()).to(dtype) if walk.head_weight in deltas
-                     else head)
+        heads.append(head)
     # one sample's logits of each at a time: [seq, vocab] is the largest tensor of the check
     return max(float((nn.functional.linear(a, heads[0]).float() - nn.functional.linear(b, heads[1]).float())
                      .abs().max()) for a, b in zip(*normed, strict=True))
+
+
+@torch.no_grad()
+def eval_loss(model: Model, examples: list[dict], batch_size: int, pad_id: int, dtype: torch.dtype,
+              device: str = "cpu") -> float:
+    """Mean loss per label token over `examples` (as workers/loss.py scores them), the model walked block by
+    block: one block and at most WALK_HIDDEN_BYTES of the examples' hidden states in memory (a bigger eval set
+    takes one walk per such chunk)."""
+    folder, merge = model
+    walk = BlockWalk(folder, dtype, device)
+    width = walk.skeleton.config.hidden_size * 4
+    padded = [collate(examples[i : i + batch_size], pad_id) for i in range(0, len(examples), batch_size)]
+    chunks: list[list[dict]] = [[]]
+    for batch in padded:
+        if chunks[-1] and (sum(b["input_ids"].numel() for b in chunks[-1]) + batch["input_ids"].numel()) * width \
+                > WALK_HIDDEN_BYTES:
+            chunks.append([])
+        chunks[-1].append(batch)
+    total, tokens = 0.0, 0
+    for chunk in chunks:
+        state = walk.embed_batches([(str(i), b) for i, b in enumerate(chunk)], folder, merge)
+        walk.through_blocks([model], [state])
+        norm, head = walk.head(folder, merge)
+        for batch in state:
+            loss, n = label_loss_sum(nn.functional.linear(norm(batch.hidden), head), batch.labels.to(device))
+            total, tokens = total + float(loss), tokens + n
+    return total / max(tokens, 1)

@@ -1,7 +1,7 @@
 """The export stage's work, on a worker: the formats users deploy, computed from stock files (workers/adapter_math.py
 has the math) and written to the job's store kind by kind. It runs as a Ray task, not in the driver, because
-the Wise-FT sweep and the merges load the model (the conversion check walks it block by block); it reads CorDA's
-outputs through the node's cache.
+the Wise-FT sweep and the conversion check walk the model block by block and the merges stream it shard by shard
+(no whole model in memory); it reads CorDA's outputs through the node's cache.
 
     adapter                    the trained peft adapter (for CorDA: on residual_base)
     adapter_on_original_base   CorDA: the same model as a rank-2r LoRA on the original base, logits checked
@@ -11,16 +11,19 @@ outputs through the node's cache.
 
 from __future__ import annotations
 
+import math
 import tempfile
 from pathlib import Path
 
 import torch
 
+from jobspecs.memory import SHARD_BYTES
 from jobspecs.schema import JobSpec
 from workers import adapter_math
-from workers.block_walk import logit_gap
+from workers.block_walk import eval_loss, logit_gap, merged
 from workers.data import load_tokenizer, pad_id, tokenize
 from workers.logs import quiet_libraries, say
+from workers.merged_weights import MergedWeights, write_merged
 from workers.node_cache import local_folder
 from workers.process_memory import bound_process_memory
 from workers.store import StoredFolder, open_store
@@ -68,7 +71,7 @@ def write_formats(spec: JobSpec, adapter_files: dict[str, bytes], corda_init: di
         initial, residual = local_folder(spec, corda_init["adapter"]), local_folder(spec, corda_init["residual_base"])
         adapter_math.to_original_base(adapter, initial, original_base, on_original)
         # block by block (one block of each model at a time), in fp32, like the init-fidelity check
-        gap = logit_gap((residual, adapter), (Path(original_base), on_original), samples, torch.float32)
+        gap = logit_gap(merged(residual, adapter), merged(original_base, on_original), samples, torch.float32)
         out["conversion"] = {"max_abs_logit_diff": gap, "tolerance": spec.export.conversion_tolerance,
                              "samples": len(samples)}
         say(f"export: adapter on the original base: max |Δlogits| {gap:.2e} over {len(samples)} samples "
@@ -78,18 +81,15 @@ def write_formats(spec: JobSpec, adapter_files: dict[str, bytes], corda_init: di
                                f"by max |Δlogits| {gap:.3e} > export.conversion_tolerance "
                                f"{spec.export.conversion_tolerance:g}")
     if method not in ("prefix", "prompt") and spec.export.wise_ft_alphas and spec.data.eval:
-        examples = tokenize(spec.data.eval, tokenizer, spec.data)
-        rows = adapter_math.wise_ft_sweep(original_base, on_original, method, spec.export.wise_ft_alphas, examples,
-                                          spec.train.micro_batch_size, pad_id(spec, tokenizer), work / "wise-ft")
-        for row in rows:
-            say(f"export: Wise-FT α {fmt(row['alpha'])}: eval loss {row['eval_loss']:.4f}, "
-                f"perplexity {row['perplexity']:.2f}")
-        out["wise_ft"] = rows
+        examples, pad = tokenize(spec.data.eval, tokenizer, spec.data), pad_id(spec, tokenizer)
+        for alpha in spec.export.wise_ft_alphas:  # one walk of the model per α
+            loss = eval_loss(merged(original_base, on_original, alpha), examples, spec.train.micro_batch_size, pad,
+                             torch.float32)
+            out["wise_ft"].append({"alpha": alpha, "eval_loss": loss, "perplexity": math.exp(min(loss, 50.0))})
+            say(f"export: Wise-FT α {fmt(alpha)}: eval loss {loss:.4f}, perplexity {math.exp(min(loss, 50.0)):.2f}")
     for alpha in spec.export.merge_alphas if "merged" in formats else []:
         merged_dir = folder(f"merged@{fmt(alpha)}", True)
-        merged = adapter_math.interpolated_model(original_base, on_original, method, alpha,
-                                                 work / f"merge-{fmt(alpha)}")
-        merged.save_pretrained(merged_dir, safe_serialization=True)
+        write_merged(original_base, MergedWeights(original_base, on_original, alpha), merged_dir, SHARD_BYTES)
         if tokenizer is not None:
             tokenizer.save_pretrained(merged_dir)
         say(f"export: merged@{fmt(alpha)} written")

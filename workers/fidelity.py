@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from jobspecs.schema import JobSpec
-from workers.block_walk import logit_gap
+from workers.block_walk import logit_gap, merged
 from workers.logs import quiet_libraries
 from workers.node_cache import local_folder
 from workers.process_memory import bound_process_memory
@@ -20,4 +20,4 @@ def init_fidelity(spec: JobSpec, residual: StoredFolder, adapter: StoredFolder, 
     quiet_libraries()
     bound_process_memory()
     residual_dir, adapter_dir = local_folder(spec, residual), local_folder(spec, adapter)
-    return logit_gap((residual_dir, adapter_dir), (spec.model.path, None), samples, torch.float32)
+    return logit_gap(merged(residual_dir, adapter_dir), merged(spec.model.path, None), samples, torch.float32)

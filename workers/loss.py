@@ -17,12 +17,17 @@ def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
     """(Σ next-token cross-entropy over label tokens, number of label tokens, AdaLoRA's regulariser if the model
     returns one)."""
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    labels = batch["labels"][:, 1:]
     # Prompt/prefix tuning prepend virtual tokens: score only the real positions.
-    logits = out.logits[:, -batch["input_ids"].shape[1] :][:, :-1]
+    loss, n = label_loss_sum(out.logits[:, -batch["input_ids"].shape[1] :], batch["labels"])
+    return loss, n, out.get(REGULARISER)
+
+
+def label_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(Σ next-token cross-entropy over label tokens, their number) for logits and labels of the same positions."""
+    labels, logits = labels[:, 1:], logits[:, :-1]
     loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE,
                            reduction="sum")
-    return loss, int((labels != IGNORE).sum()), out.get(REGULARISER)
+    return loss, int((labels != IGNORE).sum())
 
 
 @torch.no_grad()

@@ -116,24 +116,30 @@ def evaluate(engine, examples: list[dict], batch_size: int, pad_id: int, device)
     return loss
 
 
-def build_model(spec: JobSpec, corda_init: dict[str, StoredFolder] | None, total_steps: int):
+def build_model(spec: JobSpec, corda_init: dict[str, StoredFolder] | None, total_steps: int, zero3: bool):
     """The peft model: CorDA's adapter on the residual base (both read from the job's store through this node's
     cache), or the method's own init on the base.
 
-    Under ZeRO-3 (an `HfDeepSpeedConfig` alive, see setup) the base is built partitioned: `from_pretrained`
-    constructs it inside `deepspeed.zero.Init` and each rank keeps only its 1/world slice of every weight as it
-    is loaded, so no worker ever holds the whole model. The adapter's own (small) parameters are created
-    afterwards as ordinary tensors and partitioned by `deepspeed.initialize`."""
+    Under ZeRO-3 (an `HfDeepSpeedConfig` alive, see setup) the base is built inside `deepspeed.zero.Init` and each
+    rank reads only its 1/world slice of every weight from the files (workers/partitioned_load.py), so no worker
+    ever holds or reads the whole model. The adapter's own (small) parameters are created afterwards as ordinary
+    tensors and partitioned by `deepspeed.initialize`."""
     from peft import PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    from workers.partitioned_load import partitioned_model
+
     dtype = getattr(torch, spec.model.dtype)
+
+    def load(folder):
+        return partitioned_model(folder, dtype) if zero3 else AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+
     if corda_init:
         residual, adapter = local_folder(spec, corda_init["residual_base"]), local_folder(spec, corda_init["adapter"])
-        base = AutoModelForCausalLM.from_pretrained(residual, dtype=dtype)
+        base = load(residual)
         model = PeftModel.from_pretrained(base, adapter, is_trainable=True)
     else:
-        base = AutoModelForCausalLM.from_pretrained(spec.model.path, dtype=dtype)
+        base = load(spec.model.path)
         model = get_peft_model(base, peft_config(spec.adapter, total_steps, spec.model.tokenizer_path))
     if spec.train.gradient_checkpointing:
         # non-reentrant: gradients reach the adapter although the checkpointed inputs of a frozen base need none
@@ -222,12 +228,12 @@ def setup(spec: JobSpec, corda_init: dict[str, StoredFolder] | None) -> Run:
     total = optimizer_steps(spec, len(train_set))
     phase_done("data")
     ds_config = deepspeed_config(spec, ctx.get_world_size())
-    # Under ZeRO-3, transformers and peft act as under HF's Trainer: from_pretrained loads partitioned, peft gathers
+    # Under ZeRO-3, transformers and peft act as under HF's Trainer: models are built partitioned, peft gathers
     # what it must. They read this through a weak reference, so the run keeps it for its whole life.
     zero3 = HfDeepSpeedConfig(ds_config) if ds_config.get("zero_optimization", {}).get("stage") == 3 else None
     if zero3 is not None:  # zero.Init inside from_pretrained sizes the batch by DeepSpeed's world: join it first
         deepspeed.init_distributed(dist_backend="nccl" if cfg.use_gpu else "gloo")
-    model = build_model(spec, corda_init, total)
+    model = build_model(spec, corda_init, total, zero3 is not None)
     partitioned = any(hasattr(p, "ds_id") for p in model.parameters() if not p.requires_grad)
     phase_done("model")
     if spec.adapter.method == "adalora":

@@ -11,6 +11,8 @@ tensor data at all.
 from __future__ import annotations
 
 import json
+import math
+import os
 import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -25,18 +27,25 @@ INDEX = "model.safetensors.index.json"
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
+TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                "BOOL": torch.bool}
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     file: str  # the file holding it, relative to the model folder
     dtype: str  # safetensors' name: F32, BF16, ...
     shape: tuple[int, ...]
+    offset: int  # where its bytes start in the file
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
 
     @property
     def nbytes(self) -> int:
-        n = DTYPE_BYTES[self.dtype]
-        for d in self.shape:
-            n *= d
-        return n
+        return self.numel * DTYPE_BYTES[self.dtype]
 
 
 def weight_map(folder: Path) -> dict[str, str]:
@@ -45,27 +54,43 @@ def weight_map(folder: Path) -> dict[str, str]:
     if (folder / INDEX).is_file():
         return dict(json.loads((folder / INDEX).read_text())["weight_map"])
     if (folder / SINGLE).is_file():
-        from safetensors import safe_open
-
-        with safe_open(folder / SINGLE, framework="pt") as f:
-            return dict.fromkeys(f.keys(), SINGLE)
+        return dict.fromkeys(header(folder / SINGLE), SINGLE)
     raise ValueError(f"{folder}: no {SINGLE} or {INDEX}; only safetensors weights can be read tensor by tensor")
 
 
-def tensor_infos(folder: Path) -> dict[str, TensorInfo]:
-    """Every tensor's file, dtype and shape, from the safetensors headers (no tensor data is read)."""
-    from safetensors import safe_open
+def header(path: Path) -> dict[str, TensorInfo]:
+    """A safetensors file's tensors, from its header alone: 8 bytes of header length, the JSON header, the data."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        entries = json.loads(f.read(size))
+    entries.pop("__metadata__", None)
+    return {name: TensorInfo(path.name, e["dtype"], tuple(e["shape"]), 8 + size + e["data_offsets"][0])
+            for name, e in entries.items()}
 
+
+def tensor_infos(folder: Path) -> dict[str, TensorInfo]:
+    """Every tensor's file, dtype, shape and place, from the safetensors headers (no tensor data is read)."""
     folder, out = Path(folder), {}
-    by_file: dict[str, list[str]] = {}
-    for name, file in weight_map(folder).items():
-        by_file.setdefault(file, []).append(name)
-    for file, names in by_file.items():
-        with safe_open(folder / file, framework="pt") as f:
-            for name in names:
-                piece = f.get_slice(name)
-                out[name] = TensorInfo(file, piece.get_dtype(), tuple(piece.get_shape()))
+    where = weight_map(folder)
+    for file in dict.fromkeys(where.values()):
+        found = header(folder / file)
+        out.update({name: found[name] for name, f in where.items() if f == file})
     return out
+
+
+def read_range(folder: Path, info: TensorInfo, start: int, count: int) -> torch.Tensor:
+    """Elements [start, start + count) of a tensor, flattened, read with a plain positional read: no memory map,
+    so only these bytes pass through the process (the page cache is the kernel's, not ours)."""
+    itemsize = DTYPE_BYTES[info.dtype]
+    data, path = bytearray(count * itemsize), Path(folder) / info.file
+    view, at = memoryview(data), info.offset + start * itemsize
+    with open(path, "rb") as f:
+        while view:  # one read returns at most ≈ 2 GiB
+            got = os.preadv(f.fileno(), [view], at)
+            if got == 0:
+                raise ValueError(f"{path}: truncated (a tensor's bytes end past the end of the file)")
+            view, at = view[got:], at + got
+    return torch.frombuffer(data, dtype=TORCH_DTYPES[info.dtype]) if count else torch.empty(0)
 
 
 def read_tensors(folder: Path, names: Iterable[str], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from jobspecs.memory import COPY_SHARD_BYTES, choose_corda_strategy, replica_bytes
+from jobspecs.memory import SHARD_BYTES, choose_corda_strategy, replica_bytes
 from jobspecs.schema import JobSpec
 from orchestrator.stages.context import Calibration, Context, CordaInit
 from orchestrator.stages.waits import model_task, wait_all
@@ -40,7 +40,6 @@ log = logging.getLogger("peftfleet.corda")
 TOKENS_PER_DIM = 128
 # residual_base's copy-through shards: at most this many bytes each (transformers' default is 5 GB; smaller files
 # spread the copying over more reducers and bound each one's memory)
-RESIDUAL_SHARD_BYTES = COPY_SHARD_BYTES  # copy-through shards of residual_base (the plan counts one per reducer)
 
 
 def calibration_samples(spec: JobSpec) -> tuple[list[list[int]], list[list[int]], int]:
@@ -319,7 +318,8 @@ def residual_layout(spec: JobSpec, groups) -> ResidualLayout:
     size = {name: info.nbytes // DTYPE_BYTES[info.dtype] * width for name, info in infos.items()}
     replaced = [[f"{m}.weight" for m in g.modules] for g in groups]
     done = {name for names in replaced for name in names}
-    copied = pack({n: size[n] for n in infos if n not in done}, RESIDUAL_SHARD_BYTES)
+    # the plan counts one such copy-through shard per reducer
+    copied = pack({n: size[n] for n in infos if n not in done}, SHARD_BYTES)
     files = [shard_name(k, len(replaced) + len(copied)) for k in range(1, len(replaced) + len(copied) + 1)]
     weight_map = {name: file for file, names in zip(files, replaced + copied, strict=True) for name in names}
     return ResidualLayout(files, weight_map, copied, sum(size.values()))
