@@ -108,6 +108,22 @@ def _activations(shape: Shape, tokens: int, width: int) -> int:
     return tokens * (4 * shape.hidden + 2 * shape.intermediate) * width
 
 
+SPILLED = "hidden states of one shard (the others on node disk)"
+
+
+def layerwise_spills(spec: JobSpec) -> bool:
+    """Whether the calibrate stage's layer-wise actors spill hidden states (see spill_hidden_states)."""
+    return SPILLED in calibrate_processes(spec, Shape.from_config(spec.model.path), "layerwise")[0].parts
+
+
+def spill_hidden_states(spec: JobSpec, layerwise_parts: dict[str, int]) -> bool:
+    """Whether layer-wise actors keep only the shard at work in memory and the others' hidden states on the node's
+    disk (they are checkpointed there after every block anyway): when all of them would not fit
+    init.corda.actor_memory_gib."""
+    memory = spec.init.corda_spec.actor_memory_gib
+    return memory is not None and sum(layerwise_parts.values()) + RUNTIME_BYTES > memory * GIB
+
+
 def calibrate_processes(spec: JobSpec, shape: Shape, strategy: str) -> list[Process]:
     corda = spec.init.corda_spec
     width, acc = DTYPE_BYTES[spec.model.dtype], DTYPE_BYTES[corda.covariance_dtype]
@@ -126,10 +142,14 @@ def calibrate_processes(spec: JobSpec, shape: Shape, strategy: str) -> list[Proc
     else:
         own_shards = -(-shards // workers)
         own_samples = min(samples, own_shards * corda.shard_samples)
+        per_sample = corda.seq_len * shape.hidden * width
         parts = {"weights (one block, or the embeddings)": max(shape.block_params, shape.embed_params) * width,
                  "covariance, this block's groups × own shards": cov_block * own_shards,
-                 "hidden states of own samples": own_samples * corda.seq_len * shape.hidden * width,
+                 "hidden states of own samples": own_samples * per_sample,
                  "activations (one batch)": _activations(shape, batch_tokens, width) + hook}
+        if spill_hidden_states(spec, parts):
+            del parts["hidden states of own samples"]
+            parts[SPILLED] = min(samples, corda.shard_samples) * per_sample
     parts["runtime"] = RUNTIME_BYTES
     untouched = (shape.params - targeted_params(spec, shape)) * width
     reducer = {"one group's covariance ×3 (sum, damped inverse, work)": 3 * max(dims.values(), default=0) ** 2 * 4,

@@ -8,17 +8,28 @@ import threading
 import time
 
 import pytest
-import ray
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from jobspecs.memory import choose_corda_strategy
-from tests.corda_helpers import corda_spec, ours, run_stages
+from jobspecs.memory import choose_corda_strategy, layerwise_spills
+from orchestrator.stages.context import Context
+from orchestrator.stages.corda import run_calibrate, run_decompose
+from tests.corda_helpers import corda_spec, ours, published, run_stages
 from tests.helpers import ray_processes, wait_gone
+from workers.covariance import GroupStats
+from workers.store import LocalStore
 
 
 def sums(ctx) -> list:
-    return [ray.get(t) for t in ctx.calibration.totals]
+    """Each group's reduced Σxᵀx with its counts, as the `covariance` artifact saved them (save_covariance)."""
+    from safetensors import safe_open
+
+    out = []
+    for group in ctx.calibration.groups:
+        with safe_open(published(ctx) / "covariance" / f"{group.name}.safetensors", framework="pt") as f:
+            meta = f.metadata()
+            out.append(GroupStats(f.get_tensor("xtx"), int(meta["samples"]), int(meta["tokens"])))
+    return out
 
 
 def assert_same(a, b, exact: bool) -> None:
@@ -35,15 +46,23 @@ def assert_same(a, b, exact: bool) -> None:
 @pytest.fixture(scope="module")
 def replica(local_ray, assets, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("replica")
-    return {batch: run_stages(corda_spec(assets, tmp / str(batch), batch_size=batch, shard_samples=6), tmp / str(batch))
+    return {batch: run_stages(corda_spec(assets, tmp / str(batch), batch_size=batch, shard_samples=6,
+                                         save_covariance=True), tmp / str(batch))
             for batch in (1, 4)}
 
 
 @pytest.mark.parametrize(("workers", "batch"), [(2, 4), pytest.param(1, 1, marks=pytest.mark.slow),
                                                 pytest.param(3, 4, marks=pytest.mark.slow)])
 def test_layerwise_equals_replica(assets, tmp_path, replica, workers, batch):
-    spec = corda_spec(assets, tmp_path, batch_size=batch, shard_samples=6, num_workers=workers, strategy="layerwise")
-    ctx = run_stages(spec, tmp_path)
+    spec = corda_spec(assets, tmp_path, batch_size=batch, shard_samples=6, num_workers=workers, strategy="layerwise",
+                      save_covariance=True)
+    ctx = Context(job_id="t", spec=spec, store=LocalStore(tmp_path / "store"), staging=tmp_path / "staging")
+    run_calibrate(ctx)
+    # each block was decomposed (and its sums saved) as soon as it was folded, while later blocks were collected
+    groups = len(ctx.calibration.groups)
+    assert len(ctx.calibration.early.decompositions) == len(ctx.calibration.early.saved) == groups
+    assert ctx.calibration.totals == [None] * groups  # the object store let go of every sum
+    run_decompose(ctx)
     assert [g.name for g in ctx.calibration.groups] == [g.name for g in replica[batch].calibration.groups]
     for got, ref in zip(sums(ctx), sums(replica[batch]), strict=True):
         assert (got.samples, got.tokens) == (ref.samples, ref.tokens)
@@ -53,9 +72,16 @@ def test_layerwise_equals_replica(assets, tmp_path, replica, workers, batch):
 
 
 @pytest.mark.slow
-def test_layerwise_is_bit_identical_for_any_worker_count_and_kpm(local_ray, assets, tmp_path):
+def test_layerwise_is_bit_identical_for_any_worker_count_and_kpm(local_ray, assets, tmp_path, caplog):
+    """... and whether the actors keep their hidden states in memory or spill all but the shard at work to disk."""
     runs = [run_stages(corda_spec(assets, tmp_path / str(n), batch_size=4, shard_samples=6, num_workers=n,
                                   strategy="layerwise", mode="kpm"), tmp_path / str(n)) for n in (1, 2, 3)]
+    spilling = corda_spec(assets, tmp_path / "spill", batch_size=4, shard_samples=6, num_workers=1,
+                          strategy="layerwise", mode="kpm", actor_memory_gib=0.01)
+    assert layerwise_spills(spilling) and not layerwise_spills(runs[0].spec)
+    with caplog.at_level("INFO", logger="peftfleet"):
+        runs.append(run_stages(spilling, tmp_path / "spill"))
+    assert "each keeps only the shard at work in memory" in caplog.text
     for other in runs[1:]:
         assert_same(ours(other), ours(runs[0]), exact=True)
 

@@ -9,7 +9,9 @@ same sums for any number of actors.
 
 After every block the hidden states are written to the node's disk (the two latest blocks kept), so an actor
 that Ray restarts resumes its shards from the last completed block; on a fresh node it recomputes them from the
-embeddings (loading each earlier block once more) — the same numbers, later.
+embeddings (loading each earlier block once more) — the same numbers, later. When an actor's hidden states do
+not fit its memory (`spill`, decided by jobspecs/memory.py), it keeps only the shard at work in memory and reads
+the others back from those files.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import os
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -44,7 +47,7 @@ class LayerwiseWorker:
 
     def __init__(self, model_path: str, dtype: str, covariance_dtype: str, scale: str, device: str,
                  shards: dict[int, list[list[int]]], batch_size: int, pad_id: int, node_cache_dir: str | None,
-                 spill_name: str):
+                 spill_name: str, spill: bool = False):
         from workers.logs import quiet_libraries
 
         quiet_libraries()
@@ -55,12 +58,13 @@ class LayerwiseWorker:
         # resolved here, on the actor's node (the driver's temp folder may not be this node's)
         self.spill = NodeCache(node_cache_dir).root / "layerwise" / spill_name
         self.spill.mkdir(parents=True, exist_ok=True)
+        self.spilling = spill
         try:
             self.walk = BlockWalk(model_path, self.dtype, device)
         except ValueError as e:
             raise ValueError(f"init.corda.strategy layerwise: {e}; use strategy: replica") from None
         self.skeleton, self.blocks, self.prefix = self.walk.skeleton, self.walk.blocks, self.walk.prefix
-        self.states: dict[int, tuple[int, list[Batch]]] = {}  # shard → (next block, batches)
+        self.states: dict[int, tuple[int, list[Batch] | None]] = {}  # shard → (next block, batches; None: on disk)
 
     def where(self) -> tuple[int, str]:
         import ray
@@ -103,13 +107,17 @@ class LayerwiseWorker:
         replayed = 0
         for shard in sorted(self.shards):
             replayed = max(replayed, self._reach(shard, k))
+            if self.spilling:
+                self._park(shard, k)
         block = self.walk.load(k)
         modules = dict(self.skeleton.named_modules())
         out, tokens, seconds, flops = [], 0, 0.0, 0.0
         try:
             for shard in sorted(self.shards):
                 acc = Accumulator(modules, groups, self.acc_dtype, self.scale, shard)
-                _, state = self.states[shard]
+                state = self.states[shard][1]
+                if state is None:  # spilled: read back just this shard
+                    state = torch.load(self._file(shard, k), map_location=self.device, weights_only=False)
                 with acc.hooked():
                     for batch in state:
                         acc.mask, acc.range = batch.valid, batch.range
@@ -117,6 +125,8 @@ class LayerwiseWorker:
                 self._advance(shard, k + 1, state)
                 out += acc.results()
                 tokens += int(sum(b.valid.sum() for b in state))
+                if self.spilling:
+                    self.states[shard], state = (k + 1, None), None
                 seconds, flops = seconds + acc.seconds, flops + acc.flops
         finally:
             self.walk.unload(k)
@@ -133,8 +143,9 @@ class LayerwiseWorker:
         """Bring `shard` to the input of block k: from memory, the node's checkpoint, or the embeddings (then
         replaying the blocks before k). Returns how many blocks were replayed."""
         at, state = self.states.get(shard, (None, None))
-        if at != k:
-            at, state = self._checkpoint(shard, k)
+        if at == k and (state is not None or self._file(shard, k).is_file()):
+            return 0  # in memory, or (spilling) on disk at block k
+        at, state = self._checkpoint(shard, k)
         if state is None:
             at, state = 0, self.walk.embed(self.shards[shard], self.batch_size, self.pad_id)
         for j in range(at, k):
@@ -150,15 +161,26 @@ class LayerwiseWorker:
     def _checkpoint(self, shard: int, k: int) -> tuple[int, list[Batch] | None]:
         """The latest checkpoint of `shard` at or before block k."""
         for j in (k, k - 1):
-            file = self.spill / f"shard-{shard}.block-{j}.pt"
-            if j >= 0 and file.is_file():
-                return j, torch.load(file, map_location=self.device, weights_only=False)
+            if j >= 0 and self._file(shard, j).is_file():
+                return j, torch.load(self._file(shard, j), map_location=self.device, weights_only=False)
         return 0, None
 
-    def _advance(self, shard: int, k: int, state: list[Batch]) -> None:
-        self.states[shard] = (k, state)
-        file = self.spill / f"shard-{shard}.block-{k}.pt"
+    def _file(self, shard: int, k: int) -> Path:
+        return self.spill / f"shard-{shard}.block-{k}.pt"
+
+    def _park(self, shard: int, k: int) -> None:
+        """Leave `shard`'s hidden states (at block k) only on disk."""
+        if not self._file(shard, k).is_file():
+            self._save(shard, k, self.states[shard][1])
+        self.states[shard] = (k, None)
+
+    def _save(self, shard: int, k: int, state: list[Batch]) -> None:
+        file = self._file(shard, k)
         tmp = file.with_suffix(".tmp")
         torch.save(state, tmp)
         os.replace(tmp, file)  # a checkpoint exists whole or not at all
-        (self.spill / f"shard-{shard}.block-{k - 2}.pt").unlink(missing_ok=True)
+
+    def _advance(self, shard: int, k: int, state: list[Batch]) -> None:
+        self.states[shard] = (k, state)
+        self._save(shard, k, state)
+        self._file(shard, k - 2).unlink(missing_ok=True)

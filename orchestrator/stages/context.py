@@ -19,17 +19,27 @@ if TYPE_CHECKING:  # the worker modules import torch; the driver imports this mo
 
 
 @dataclass
+class Early:
+    """Work that layer-wise calibration starts per block as soon as the block's sums are folded, by group index:
+    the reducers' decompose calls and (with save_covariance) save calls, as references."""
+
+    decompositions: dict[int, Any] = field(default_factory=dict)
+    saved: dict[int, Any] = field(default_factory=dict)
+
+
+@dataclass
 class Calibration:
     """calibrate → decompose: each input group's Σxᵀx, as a reference into the object store held by a reducer."""
 
     groups: list[InputGroup]
-    totals: list[Any]  # one ObjectRef per group (the driver never holds the statistics)
+    totals: list[Any]  # one ObjectRef per group (the driver never holds the statistics); None once `early` took it
     reducers: list[Any]  # the reducer actors holding them; decomposition runs where each sum is
     held: list[list[int]]  # held-out samples for the init-fidelity check
     tokens: int
     calibrate_s: float
     shards: list[dict] = field(default_factory=list)  # per-shard summaries; empty when covariance_from was reused
     actors: list[tuple[int, str]] = field(default_factory=list)  # (pid, node id) of each covariance actor
+    early: Early = field(default_factory=Early)
 
 
 @dataclass

@@ -27,9 +27,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from jobspecs.memory import SHARD_BYTES, choose_corda_strategy, replica_bytes
+from jobspecs.memory import SHARD_BYTES, choose_corda_strategy, layerwise_spills, replica_bytes
 from jobspecs.schema import JobSpec
-from orchestrator.stages.context import Calibration, Context, CordaInit
+from orchestrator.stages.context import Calibration, Context, CordaInit, Early
 from orchestrator.stages.waits import model_task, wait_all
 from orchestrator.storage.artifacts import job_key
 from workers.store import StoredFolder
@@ -80,11 +80,11 @@ def run_calibrate(ctx: Context) -> None:
              if corda.strategy == "auto" and corda.actor_memory_gib else "")
     collect = collect_layerwise if strategy == "layerwise" else collect_replica
     start = time.perf_counter()
-    groups, totals, reducers, summaries, placement = collect(ctx, shards, pad_id)
+    groups, totals, reducers, summaries, placement, early = collect(ctx, shards, pad_id)
     ctx.record_peak("calibrate", f"covariance actor ({strategy})", (s.peak_memory_mib for s in summaries))
     ctx.calibration = Calibration(groups=groups, totals=totals, reducers=reducers, held=held,
                                   tokens=sum(len(s) for s in samples), calibrate_s=time.perf_counter() - start,
-                                  shards=summaries, actors=placement)
+                                  shards=summaries, actors=placement, early=early)
 
 
 def corda_memory_reason(spec: JobSpec) -> str:
@@ -131,6 +131,21 @@ def _fold(totals: list, g: int, part, reducers: list) -> None:
     totals[g] = part if totals[g] is None else reducers[g % len(reducers)].add.remote(totals[g], part)
 
 
+def _decompose(ctx: Context, g: int, group, total, reducers: list, layout: ResidualLayout):
+    """Group g's decomposition, on the reducer that produced its sum, writing its residual_base shard."""
+    spec, corda = ctx.spec, ctx.spec.init.corda_spec
+    key = f"{job_key(ctx.job_id, RESIDUAL_PREFIX)}/{layout.files[g]}"
+    return reducers[g % len(reducers)].decompose.remote(total, group.name, group.modules, str(spec.model.path),
+                                                        spec.adapter.r, corda.mode, spec.adapter.alpha / spec.adapter.r,
+                                                        corda.damping, spec.model.dtype, spec.storage, key)
+
+
+def _save_stats(ctx: Context, g: int, group, total, reducers: list):
+    """Group g's reduced sum as the `covariance` artifact's file for it."""
+    key = f"{job_key(ctx.job_id, COVARIANCE_PREFIX)}/{group.name}.safetensors"
+    return reducers[g % len(reducers)].save_stats.remote(total, ctx.spec.storage, key)
+
+
 def collect_replica(ctx: Context, shards: list, pad_id: int) -> tuple:
     """N actors, one model replica each, take shards round-robin; each shard's statistics come back whole."""
     import ray
@@ -167,16 +182,19 @@ def collect_replica(ctx: Context, shards: list, pad_id: int) -> tuple:
     wait_all(totals)
     for actor in actors:  # free their CPUs (and GPUs) for the decomposition
         ray.kill(actor)
-    return groups, totals, reducers, summaries, placement
+    return groups, totals, reducers, summaries, placement, Early()
 
 
+RESIDUAL_PREFIX, COVARIANCE_PREFIX = "artifacts/residual_base", "artifacts/covariance"  # under the job's key
 AHEAD = 2  # layer-wise: blocks collected ahead of the last fully folded one
 
 
 def collect_layerwise(ctx: Context, shards: list, pad_id: int) -> tuple:
     """N actors own fixed shards (i mod N) and walk the decoder blocks together. Blocks are queued up to AHEAD past
     the last fully folded one: block k's folds run while k+1 is collected, and the per-shard statistics waiting
-    in the object store stay a couple of blocks' worth, not the whole model's."""
+    in the object store stay a couple of blocks' worth, not the whole model's. A folded block is decomposed (and
+    its sums saved, if asked) at once, while the next blocks are collected, and its sums are then let go: the
+    object store never holds every block's covariance."""
     import ray
 
     from workers.layerwise import LayerwiseWorker
@@ -187,8 +205,12 @@ def collect_layerwise(ctx: Context, shards: list, pad_id: int) -> tuple:
     Actor = ray.remote(LayerwiseWorker).options(**_actor_options(corda))
     device = "cuda" if corda.use_gpu else "cpu"
     cache = str(spec.cluster.node_cache_dir) if spec.cluster.node_cache_dir else None
+    spill = layerwise_spills(spec)
+    if spill:
+        log.info("calibrate: the actors' hidden states exceed init.corda.actor_memory_gib %g: each keeps only the "
+                 "shard at work in memory, the others on its node's disk", corda.actor_memory_gib)
     actors = [Actor.remote(str(spec.model.path), spec.model.dtype, corda.covariance_dtype, corda.activation_scale,
-                           device, own, corda.batch_size, pad_id, cache, f"{ctx.job_id}/actor-{a}")
+                           device, own, corda.batch_size, pad_id, cache, f"{ctx.job_id}/actor-{a}", spill)
               for a, own in enumerate(owned)]
     reducers = _start_reducers(n)
     placement = _placed(actors, reducers)
@@ -200,10 +222,17 @@ def collect_layerwise(ctx: Context, shards: list, pad_id: int) -> tuple:
                        for g in per_block[0]))
     totals: list[Any] = [None] * len(groups)
     bounds = [sum(map(len, per_block[:k])) for k in range(len(per_block) + 1)]  # block k's groups: bounds[k:k+2]
+    early = Early()
+    layout = residual_layout(spec, groups) if "decompose" in spec.effective_stages else None
     start = time.perf_counter()
 
-    def folded(k: int) -> None:  # wait for block k's sums, cancellable
+    def folded(k: int) -> None:  # wait for block k's sums (cancellable), then decompose them while k+1.. collect
         wait_all(totals[bounds[k] : bounds[k + 1]])
+        for g in range(bounds[k], bounds[k + 1]) if layout else ():
+            early.decompositions[g] = _decompose(ctx, g, groups[g], totals[g], reducers, layout)
+            if corda.save_covariance:
+                early.saved[g] = _save_stats(ctx, g, groups[g], totals[g], reducers)
+            totals[g] = None  # the calls hold the sum until they have run; then the object store frees it
         elapsed = time.perf_counter() - start
         log.info("calibrate: block %d/%d, eta %.0fs", k + 1, len(per_block),
                  elapsed / (k + 1) * (len(per_block) - k - 1))
@@ -232,7 +261,7 @@ def collect_layerwise(ctx: Context, shards: list, pad_id: int) -> tuple:
     ray.get([actor.close.remote() for actor in actors])
     for actor in actors:
         ray.kill(actor)
-    return groups, totals, reducers, summaries, placement
+    return groups, totals, reducers, summaries, placement, early
 
 
 def run_decompose(ctx: Context) -> None:
@@ -242,26 +271,24 @@ def run_decompose(ctx: Context) -> None:
 
     spec, corda = ctx.spec, ctx.spec.init.corda_spec
     state: Calibration = ctx.needs("calibration")
-    groups, totals, reducers = state.groups, state.totals, state.reducers
-    scaling = spec.adapter.alpha / spec.adapter.r
-    residual_prefix = job_key(ctx.job_id, "artifacts/residual_base")
+    groups, totals, reducers, early = state.groups, state.totals, state.reducers, state.early
+    residual_prefix = job_key(ctx.job_id, RESIDUAL_PREFIX)
     layout = residual_layout(spec, groups)
-    shard_keys = [f"{residual_prefix}/{file}" for file in layout.files]
     model, dtype, storage = str(spec.model.path), spec.model.dtype, spec.storage
     # Each group is decomposed by the reducer that produced its sum, i.e. where the covariance already is, and its
     # residual weights are written from there into the store; the unchanged tensors are copied by the same pool.
-    refs = [reducers[g % len(reducers)].decompose.remote(total, group.name, group.modules, model, spec.adapter.r,
-                                                         corda.mode, scaling, corda.damping, dtype, storage,
-                                                         shard_keys[g])
-            for g, (group, total) in enumerate(zip(groups, totals, strict=True))]
+    # Layer-wise calibration already started most of these, block by block.
+    started = early.decompositions
+    refs = [started[g] if g in started else _decompose(ctx, g, group, totals[g], reducers, layout)
+            for g, group in enumerate(groups)]
     copies = [reducers[j % len(reducers)].copy_tensors.remote(model, names, dtype, storage,
-                                                              shard_keys[len(groups) + j])
+                                                              f"{residual_prefix}/{layout.files[len(groups) + j]}")
               for j, names in enumerate(layout.copied)]
     start = time.perf_counter()
     wait_all(refs + copies, fetch=True,
              on_progress=lambda n: log.info("decompose: %d/%d residual_base shards written", n, len(layout.files)))
     decompose_s = time.perf_counter() - start
-    covariance = _save_covariance(ctx, groups, totals, reducers) if corda.save_covariance else None
+    covariance = _save_covariance(ctx, groups, totals, reducers, early) if corda.save_covariance else None
     results, written = [], []
     for ref in refs:  # small: A, B and diagnostics (the residual weights are already in the store)
         result, stored = ray.get(ref)
@@ -272,6 +299,8 @@ def run_decompose(ctx: Context) -> None:
     for reducer in reducers:
         ray.kill(reducer)
     totals.clear()  # the statistics are no longer needed: let the object store free them
+    early.decompositions.clear()
+    early.saved.clear()
     residual = StoredFolder(residual_prefix, (*write_residual_config(ctx, layout, residual_prefix), *written))
     adapter = write_corda_adapter(ctx, results)
     ctx.published += [residual, adapter] + ([covariance] if covariance else [])
@@ -366,15 +395,15 @@ def write_corda_adapter(ctx: Context, results) -> StoredFolder:
         return ctx.store.publish_folder(job_key(ctx.job_id, "artifacts/corda_init"), Path(tmp))
 
 
-def _save_covariance(ctx: Context, groups, totals, reducers) -> StoredFolder:
-    """The reduced sums exactly as decomposed (Σxᵀx and counts), written by the reducers holding them, plus the
-    group index written here."""
+def _save_covariance(ctx: Context, groups, totals, reducers, early: Early) -> StoredFolder:
+    """The reduced sums exactly as decomposed (Σxᵀx and counts), written by the reducers holding them (most of
+    them already, during layer-wise calibration), plus the group index written here."""
     import ray
 
-    prefix = job_key(ctx.job_id, "artifacts/covariance")
+    prefix = job_key(ctx.job_id, COVARIANCE_PREFIX)
     files = [f"{g.name}.safetensors" for g in groups]
-    stored = ray.get([reducers[i % len(reducers)].save_stats.remote(total, ctx.spec.storage, f"{prefix}/{file}")
-                      for i, (total, file) in enumerate(zip(totals, files, strict=True))])
+    stored = ray.get([early.saved[g] if g in early.saved else _save_stats(ctx, g, group, totals[g], reducers)
+                      for g, group in enumerate(groups)])
     index = [{"group": g.name, "modules": list(g.modules), "dim": g.dim, "file": file}
              for g, file in zip(groups, files, strict=True)]
     with tempfile.TemporaryDirectory(prefix="peftfleet-covariance-") as tmp:
