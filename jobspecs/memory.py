@@ -230,9 +230,6 @@ def train_process(spec: JobSpec, shape: Shape) -> Process:
     logits = 3 * tokens * shape.vocab * 4
     z3 = cfg.zero_stage == 3
     parts = {f"base weights ({'÷ workers, ZeRO-3' if z3 else 'whole'})": weights,
-             # rank 0 reads every checkpoint tensor to scatter it (memory-mapped, reclaimable): on a GPU this is
-             # host page cache, not the worker's memory
-             **({"checkpoint read by rank 0 (page cache)": shape.params * width} if z3 and not cfg.use_gpu else {}),
              "adapter weights (fp32)": adapter * 4 // (world if z3 else 1),
              "adapter gradients (fp32)": adapter * 4 // (world if cfg.zero_stage >= 2 else 1),
              "optimizer state (Adam, fp32)": 2 * adapter * 4 // shard,

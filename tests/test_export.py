@@ -167,6 +167,10 @@ def random_adapter(assets, out, method: str):
         for name, p in model.named_parameters():
             if p.requires_grad:
                 p.copy_(1 + 0.3 * torch.randn_like(p) if "ia3" in name else 0.3 * torch.randn_like(p))
+    if method == "adalora":  # as after a budget reallocation: some ranks pruned, saved cut to the rank pattern
+        pattern = {n.removeprefix("base_model.model."): [True, False, True, i % 2 == 0]
+                   for i, (n, _) in enumerate(model.named_parameters()) if ".lora_E." in n}
+        model.peft_config["default"].rank_pattern = pattern
     model.save_pretrained(out)
     return PeftModel.from_pretrained(base(assets), out).eval()
 

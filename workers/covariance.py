@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from workers.data import collate
-from workers.process_memory import bound_process_memory, peak_memory_mib
+from workers.job_process import start_job_process
+from workers.process_memory import peak_memory_mib
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -176,10 +177,7 @@ class CovarianceWorker:
     def __init__(self, model_path: str, dtype: str, covariance_dtype: str, scale: str, device: str = "cpu"):
         from transformers import AutoModelForCausalLM
 
-        from workers.logs import quiet_libraries
-
-        quiet_libraries()
-        bound_process_memory()
+        start_job_process()
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype)).to(device).eval()
         self.device = device
         self.acc_dtype = DTYPES[covariance_dtype]

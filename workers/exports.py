@@ -22,10 +22,10 @@ from jobspecs.schema import JobSpec
 from workers import adapter_math
 from workers.block_walk import eval_loss, logit_gap, merged
 from workers.data import load_tokenizer, pad_id, tokenize
-from workers.logs import quiet_libraries, say
+from workers.job_process import start_job_process
+from workers.logs import say
 from workers.merged_weights import MergedWeights, write_merged
 from workers.node_cache import local_folder
-from workers.process_memory import bound_process_memory
 from workers.store import StoredFolder, open_store
 
 
@@ -37,8 +37,7 @@ def export_formats(spec: JobSpec, adapter_files: dict[str, bytes], corda_init: d
                    samples: list[list[int]], prefix: str) -> tuple[dict, list[StoredFolder]]:
     """Every format the spec asks for, each written to `prefix/<kind>/` in the store; returns the conversion
     check and the Wise-FT rows (for the report) and what was written."""
-    quiet_libraries()
-    bound_process_memory()
+    start_job_process()
     store, out = open_store(spec.storage), {"conversion": None, "wise_ft": []}
     with tempfile.TemporaryDirectory(prefix="peftfleet-export-") as tmp:
         staging, work = Path(tmp) / "staging", Path(tmp) / "work"

@@ -9,15 +9,13 @@ import torch
 
 from jobspecs.schema import JobSpec
 from workers.block_walk import logit_gap, merged
-from workers.logs import quiet_libraries
+from workers.job_process import start_job_process
 from workers.node_cache import local_folder
-from workers.process_memory import bound_process_memory
 from workers.store import StoredFolder
 
 
 def init_fidelity(spec: JobSpec, residual: StoredFolder, adapter: StoredFolder, samples: list[list[int]]) -> float:
     """max |logits(residual base + CorDA adapter) − logits(base)| over `samples`."""
-    quiet_libraries()
-    bound_process_memory()
+    start_job_process()
     residual_dir, adapter_dir = local_folder(spec, residual), local_folder(spec, adapter)
     return logit_gap(merged(residual_dir, adapter_dir), merged(spec.model.path, None), samples, torch.float32)

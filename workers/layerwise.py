@@ -26,8 +26,9 @@ import torch
 
 from workers.block_walk import Batch, BlockWalk
 from workers.covariance import DTYPES, Accumulator, InputGroup, group_by_input, target_linears
+from workers.job_process import start_job_process
 from workers.node_cache import NodeCache
-from workers.process_memory import bound_process_memory, peak_memory_mib
+from workers.process_memory import peak_memory_mib
 
 
 @dataclass(frozen=True)
@@ -48,10 +49,7 @@ class LayerwiseWorker:
     def __init__(self, model_path: str, dtype: str, covariance_dtype: str, scale: str, device: str,
                  shards: dict[int, list[list[int]]], batch_size: int, pad_id: int, node_cache_dir: str | None,
                  spill_name: str, spill: bool = False):
-        from workers.logs import quiet_libraries
-
-        quiet_libraries()
-        bound_process_memory()
+        start_job_process()
         self.dtype, self.device = getattr(torch, dtype), device
         self.acc_dtype, self.scale = DTYPES[covariance_dtype], scale
         self.shards, self.batch_size, self.pad_id = shards, batch_size, pad_id

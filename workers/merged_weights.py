@@ -34,67 +34,84 @@ class MergedWeights:
     """W_base + α·ΔW of one stock adapter on the base in `base`, for any set of the base's tensors."""
 
     def __init__(self, base: str | Path, adapter: str | Path, alpha: float = 1.0):
-        from peft import PeftModel, set_peft_model_state_dict
+        from peft import PeftConfig, PeftModel
         from peft.tuners.tuners_utils import BaseTunerLayer
         from safetensors.torch import load_file
         from transformers import AutoConfig, AutoModelForCausalLM
 
         self.method, self.alpha = adapter_method(Path(adapter)), alpha
+        config = PeftConfig.from_pretrained(str(adapter))
+        if self.method == "adalora":
+            # peft builds AdaLoRA layers at init_r and cuts them to the saved rank pattern by indexing their
+            # tensors, which meta tensors cannot do; the saved tensors already have the cut shapes: taken below
+            config.rank_pattern = None
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base))
-        model = PeftModel.from_pretrained(skeleton, str(adapter), low_cpu_mem_usage=True)
-        known = tensor_infos(Path(base))
-        # module name (as the base names it) → (its tuner layer, its adapter tensors as the layer names them)
-        self.layers: dict[str, tuple[BaseTunerLayer, dict[str, torch.Tensor]]] = {}
+        model = PeftModel(skeleton, config, low_cpu_mem_usage=True)  # every tensor on meta
+        saved, known = load_file(str(Path(adapter) / ADAPTER_WEIGHTS)), tensor_infos(Path(base))
+        used: set[str] = set()
+        self.layers: dict[str, BaseTunerLayer] = {}  # module name (as the base names it) → its tuner layer
         for name, module in model.named_modules():
-            if isinstance(module, BaseTunerLayer):
-                base_name = name.removeprefix(ADAPTER_PREFIX)
-                if f"{base_name}.weight" not in known:
-                    raise ValueError(f"{adapter}: the adapted module {base_name} has no weight of its own in {base} "
-                                     "(tied to another tensor?); its merge cannot be written tensor by tensor")
-                # real (small) tensors for the adapter's own parameters; the base layer stays on meta
-                own = {k: torch.empty(v.shape, dtype=v.dtype) for k, v in module.state_dict().items()
-                       if not k.startswith("base_layer.")}
-                module.load_state_dict(own, assign=True, strict=False)
-                self.layers[base_name] = (module, own)
-        # peft's own loader maps the saved names onto the layers' (it copies into the tensors made above)
-        loaded = set_peft_model_state_dict(model, load_file(str(Path(adapter) / ADAPTER_WEIGHTS)))
-        if loaded.unexpected_keys:
-            raise ValueError(f"{adapter}: tensors that match no adapted module: {loaded.unexpected_keys[:3]}")
-        missing = {k.removeprefix(ADAPTER_PREFIX) for k in loaded.missing_keys if ".base_layer." not in k}
-        for base_name, (_, own) in self.layers.items():
-            for key, value in own.items():
-                if f"{base_name}.{key}" in missing:
-                    if not key.startswith("ranknum."):
-                        raise ValueError(f"{adapter}: no tensor for {base_name}.{key}")
-                    # AdaLoRA does not save its rank counter: peft sets it to the loaded rank when it builds the layer
-                    value.fill_(float(own[key.replace("ranknum", "lora_E")].shape[0]))
-                own[key] = scale(key, value, self.method, alpha)
+            if not isinstance(module, BaseTunerLayer):
+                continue
+            base_name = name.removeprefix(ADAPTER_PREFIX)
+            if f"{base_name}.weight" not in known:
+                raise ValueError(f"{adapter}: the adapted module {base_name} has no weight of its own in {base} "
+                                 "(tied to another tensor?); its merge cannot be written tensor by tensor")
+            for key, meta in module.state_dict().items():
+                if key.startswith("base_layer."):
+                    continue
+                # peft saves a layer's tensor without the adapter's name (and DoRA's magnitude without ".weight")
+                stored = f"{name}.{'.'.join(p for p in key.split('.') if p not in module.active_adapters)}"
+                stored = stored if stored in saved else stored.removesuffix(".weight")
+                if stored in saved:
+                    value = scale(key, saved[stored], self.method, alpha)
+                    used.add(stored)
+                elif key.startswith("ranknum."):  # AdaLoRA does not save it: peft sets it to the rank it built
+                    value = torch.full(meta.shape, float(config.init_r), dtype=meta.dtype)
+                else:
+                    raise ValueError(f"{adapter}: no tensor for {base_name}'s {key}")
+                _set(module, key, value)
+            self.layers[base_name] = module
+        if set(saved) - used:
+            raise ValueError(f"{adapter}: tensors that match no adapted module: {sorted(set(saved) - used)[:3]}")
 
     @torch.no_grad()
     def apply(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """`tensors` (some of the base's, each adapted module's weight and bias together) with the adapted
         modules' merged; the others as given."""
         out = dict(tensors)
-        for name, (module, own) in self.layers.items():
+        for name, module in self.layers.items():
             if f"{name}.weight" not in tensors:
                 continue
+            layer = module.get_base_layer()
             base = {k: tensors[f"{name}.{k}"] for k in ("weight", "bias") if f"{name}.{k}" in tensors}
-            if set(base) != {k for k, v in module.get_base_layer().named_parameters(recurse=False) if v is not None}:
+            if set(base) != {k for k, v in layer.named_parameters(recurse=False) if v is not None}:
                 raise ValueError(f"{name}: its weight and bias must be merged together")
-            # the layer merges in place: give it copies, the caller's tensors stay the base's
-            module.load_state_dict({**{f"base_layer.{k}": v.clone() for k, v in base.items()}, **own}, assign=True,
-                                   strict=True)
+            for k, v in base.items():  # the layer merges in place: give it copies, the caller's stay the base's
+                _set(layer, k, v.clone())
             try:
                 module.merge()
-                merged = {k: getattr(module.get_base_layer(), k).detach() for k in base}
+                merged = {k: getattr(layer, k).detach() for k in base}
             finally:
                 module.merged_adapters.clear()
-                module.to("meta")
+                for k, v in base.items():
+                    _set(layer, k, torch.empty(v.shape, dtype=v.dtype, device="meta"))
             if self.method == "dora":
                 merged = {k: base[k] + self.alpha * (merged[k] - base[k]) for k in base}
             out.update({f"{name}.{k}": v for k, v in merged.items()})
         return out
+
+
+def _set(module: torch.nn.Module, key: str, value: torch.Tensor) -> None:
+    """Replace the parameter or buffer at dotted `key` under `module` by `value` (its shape may differ)."""
+    *path, leaf = key.split(".")
+    for part in path:
+        module = getattr(module, part)
+    if leaf in module._buffers:
+        module._buffers[leaf] = value
+    else:
+        module._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)
 
 
 def write_merged(base: str | Path, merge: MergedWeights, out: Path, shard_bytes: int) -> None:

@@ -27,10 +27,11 @@ from workers.adalora import AdaLoraBudget, add_regulariser
 from workers.adapters import peft_config
 from workers.data import IGNORE, collate, load_tokenizer, pad_id, shard, tokenize
 from workers.deepspeed_config import deepspeed_config
-from workers.logs import quiet_libraries, say
+from workers.job_process import start_job_process
+from workers.logs import say
 from workers.loss import mean_token_loss, token_loss_sum
 from workers.node_cache import local_folder
-from workers.process_memory import bound_process_memory, peak_memory_mib
+from workers.process_memory import peak_memory_mib
 from workers.store import StoredFolder
 
 CKPT_TAG = "ds"
@@ -212,8 +213,7 @@ def setup(spec: JobSpec, corda_init: dict[str, StoredFolder] | None) -> Run:
     from transformers.integrations import HfDeepSpeedConfig
 
     ctx = ray.train.get_context()
-    quiet_libraries()
-    bound_process_memory()
+    start_job_process()
     if cfg.use_gpu:
         device = torch.device("cuda", ctx.get_local_rank())
         torch.cuda.set_device(device)

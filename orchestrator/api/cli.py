@@ -100,8 +100,8 @@ def cmd_plan(args) -> int:
             out.print(f"calibrate within {memory} GiB per actor: replica {replica}; layerwise needs "
                       f"{f['calibrate_layerwise_workers'] or 'more than 512'} worker(s)")
         for process in f["too_big"]:
-            out.print(f"{process}: does not fit {memory} GiB in any worker count (one process) — see the table; for "
-                      "the export, export.wise_ft_alphas: [] and no merged formats keep it block by block")
+            out.print(f"{process}: does not fit {memory} GiB in any worker count (one process walking the model "
+                      "block by block) — the table says what it holds")
         if "train_zero3_workers" in f:
             if f["train_zero3_workers"]:
                 out.print(f"train within {memory} GiB per worker: ZeRO-3 needs {f['train_zero3_workers']} worker(s)")

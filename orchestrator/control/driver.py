@@ -39,8 +39,8 @@ from orchestrator.stages.train import run_train
 from orchestrator.stages.upload import run_upload
 from orchestrator.stages.waits import JobCancelled, check_cancelled, request_cancel
 from orchestrator.storage.artifacts import VERBOSE_LOG, job_key
-from workers.logs import quiet_libraries
-from workers.process_memory import bound_process_memory, peak_memory_mib
+from workers.job_process import start_job_process
+from workers.process_memory import peak_memory_mib
 from workers.store import Store, StoreError, open_store
 
 log = logging.getLogger("peftfleet.driver")
@@ -72,8 +72,7 @@ def _init_ray(spec: JobSpec, ray_address: str | None) -> None:
 
 
 def _preload_stage_code() -> None:
-    quiet_libraries()
-    bound_process_memory()
+    start_job_process()
     import ray.train.torch  # noqa: F401
 
     import workers.train_loop  # noqa: F401

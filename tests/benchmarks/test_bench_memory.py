@@ -63,8 +63,11 @@ def calibration_spec(model: Path, data: Path, store: Path, strategy: str, target
             "storage": {"uri": f"file://{store}"}, "cluster": {"num_cpus": 2}}
 
 
-def calibrate(tmp: Path, model: Path, data: Path, strategy: str, decompose: bool) -> Context:
-    spec = parse_spec({**calibration_spec(model, data, tmp / "store", strategy), "stages": ["calibrate", "decompose"]})
+def calibrate(tmp: Path, model: Path, data: Path, strategy: str, decompose: bool, **corda) -> Context:
+    raw = calibration_spec(model, data, tmp / "store", strategy)
+    raw["init"]["corda"].update(corda)
+    # calibration alone has no decompose stage, so layer-wise calibration starts no decomposition either
+    spec = parse_spec({**raw, "stages": ["calibrate", "decompose"] if decompose else ["calibrate"]})
     ctx = Context(job_id=f"bench-{strategy}", spec=spec, store=LocalStore(tmp / "store"), staging=tmp / strategy)
     run_calibrate(ctx)
     if decompose:
@@ -96,7 +99,7 @@ def full_job(tmp: Path, model: Path, data: Path) -> tuple[dict, list]:
     spec["init"]["corda"]["actor_memory_gib"] = 1.0
     spec["train"] = {"num_workers": 2, "zero_stage": 3, "max_steps": 3, "micro_batch_size": 2, "eval_every": 3,
                      "learning_rate": 1e-3}
-    spec["export"] = {"formats": ["adapter"], "wise_ft_alphas": [0.0, 1.0]}
+    spec["export"] = {"formats": ["adapter", "merged"], "merge_alphas": [1.0], "wise_ft_alphas": [0.0, 1.0]}
     spec["cluster"]["node_cache_dir"] = str(tmp / "cache")
     path = write_spec(tmp / "job.yaml", spec)
     job_id = cli(tmp / "state", "submit", path, "--wait", timeout=1800, check=True).stdout.strip()
@@ -123,10 +126,18 @@ def test_bench_memory(tmp_path):
     try:
         floor = max(ray.get([idle_process.remote() for _ in range(2)]))
         replica = calibrate(tmp_path / "replica", models["big"], data, "replica", decompose=False)
-        layerwise = calibrate(tmp_path / "layerwise", models["big"], data, "layerwise", decompose=True)
+        layerwise = calibrate(tmp_path / "layerwise", models["big"], data, "layerwise", decompose=False)
+        pipelined = calibrate(tmp_path / "pipelined", models["big"], data, "layerwise", decompose=True,
+                              save_covariance=True)
+        # decomposition alone (layer-wise calibration overlaps it with collection): from the saved covariance
+        saved = pipelined.store.root / "jobs" / pipelined.job_id / "artifacts" / "covariance"
+        alone = calibrate(tmp_path / "alone", models["big"], data, "layerwise", decompose=True,
+                          covariance_from=str(saved))
     finally:
         ray.shutdown()
-    decompose_s = json.loads((layerwise.staging / "report" / "corda.json").read_text())["decompose_s"]
+    decompose_s = json.loads((alone.staging / "report" / "corda.json").read_text())["decompose_s"]
+    pipelined_s = pipelined.calibration.calibrate_s + json.loads(
+        (pipelined.staging / "report" / "corda.json").read_text())["decompose_s"]
     actor = {c: ctx.peaks["calibrate"][f"covariance actor ({c})"] for c, ctx in
              (("replica", replica), ("layerwise", layerwise))}
 
@@ -161,6 +172,14 @@ def test_bench_memory(tmp_path):
         ("decomposition + residual writing (s), peft sequential", f"{peft['decompose_s']:.1f}", "1.00×"),
         ("decomposition + residual writing (s), peftfleet 2 reducers (target ≥ 1.6×)", f"{decompose_s:.1f}",
          f"{peft['decompose_s'] / decompose_s:.2f}×"),
+        ("calibration + decomposition (s), peft sequential", f"{peft['calibrate_s'] + peft['decompose_s']:.1f}",
+         "1.00×"),
+        ("calibration + decomposition (s), layer-wise, each block decomposed while the next is collected",
+         f"{pipelined_s:.1f}", f"{(peft['calibrate_s'] + peft['decompose_s']) / pipelined_s:.2f}×"),
+        ("peak of the init-fidelity check ÷ model (walked)", f"{big['decompose']['init-fidelity check']:,.0f} MiB",
+         f"{big['decompose']['init-fidelity check'] / size:.2f}"),
+        ("peak of the export task ÷ model (conversion check, Wise-FT walks, merged@1 streamed)",
+         f"{big['export']['export task']:,.0f} MiB", f"{big['export']['export task'] / size:.2f}"),
     ]
     print(f"\nMemory benchmark: Llama hidden {BIG[0]}, {LAYERS} layers, intermediate {BIG[1]}, vocab {VOCAB}, "
           f"{size:,.0f} MiB fp32 in 400 MB shards; CorDA on {SAMPLES} × ≤{SEQ} tokens, r={R}, all 7 linear layers")
