@@ -66,8 +66,9 @@ def calibration_spec(model: Path, data: Path, store: Path, strategy: str, target
 def calibrate(tmp: Path, model: Path, data: Path, strategy: str, decompose: bool, **corda) -> Context:
     raw = calibration_spec(model, data, tmp / "store", strategy)
     raw["init"]["corda"].update(corda)
-    # calibration alone has no decompose stage, so layer-wise calibration starts no decomposition either
-    spec = parse_spec({**raw, "stages": ["calibrate", "decompose"] if decompose else ["calibrate"]})
+    spec = parse_spec({**raw, "stages": ["calibrate", "decompose"]})
+    if not decompose:  # collection alone: without a decompose stage layer-wise calibration starts no decomposition
+        spec = spec.model_copy(update={"stages": ["calibrate"]})  # (a spec refuses this: its sums would be lost)
     ctx = Context(job_id=f"bench-{strategy}", spec=spec, store=LocalStore(tmp / "store"), staging=tmp / strategy)
     run_calibrate(ctx)
     if decompose:
