@@ -8,7 +8,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from workers.block_walk import BlockWalk, logit_gap, merged
+from workers.block_walk import BlockWalk, NotWalkable, logit_gap, merged
 
 SAMPLES = [[1, 5, 9, 12, 7, 3], [1, 4, 4, 8]]
 
@@ -54,5 +54,5 @@ def test_a_model_that_is_not_llama_shaped_is_refused(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(tmp_path / "gpt2")
-    with pytest.raises(ValueError, match="not a Llama-family model"):
+    with pytest.raises(NotWalkable, match="not a Llama-family model"):
         BlockWalk(tmp_path / "gpt2", torch.float32, "cpu")

@@ -215,3 +215,33 @@ def test_a_walked_eval_in_chunks_equals_one_walk(assets, tmp_path, monkeypatch):
     whole = block_walk.eval_loss(model, examples, 1, 0, torch.float32)
     monkeypatch.setattr(block_walk, "WALK_HIDDEN_BYTES", 1)  # one batch a walk
     assert block_walk.eval_loss(model, examples, 1, 0, torch.float32) == pytest.approx(whole, rel=1e-6)
+
+
+def test_a_model_that_cannot_be_walked_is_merged_and_evaluated_whole(tmp_path):
+    """GPT-2 (Conv1D layers, fan_in_fan_out, biases, a tied head) is not a Llama-style stack: the Wise-FT loss
+    falls back to the whole model, merged; the streamed merge needs no walk at all."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from workers.block_walk import eval_loss, merged
+    from workers.loss import mean_token_loss
+    from workers.merged_weights import MergedWeights, write_merged
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(tmp_path / "gpt2")
+    model = get_peft_model(GPT2LMHeadModel.from_pretrained(tmp_path / "gpt2"),
+                           LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn"], fan_in_fan_out=True))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    model.save_pretrained(tmp_path / "adapter")
+    examples = [{"input_ids": ids, "labels": ids} for ids in ([1, 5, 9, 12, 7, 3], [1, 4, 4, 8])]
+    trained = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(tmp_path / "gpt2"), tmp_path / "adapter")
+    loss = eval_loss(merged(tmp_path / "gpt2", tmp_path / "adapter"), examples, 2, 0, torch.float32)
+    assert loss == pytest.approx(mean_token_loss(trained.eval(), examples, 2, 0), rel=1e-5)
+    write_merged(tmp_path / "gpt2", MergedWeights(tmp_path / "gpt2", tmp_path / "adapter"), tmp_path / "merged",
+                 shard_bytes=2**30)
+    streamed = GPT2LMHeadModel.from_pretrained(tmp_path / "merged").state_dict()
+    for name, value in trained.merge_and_unload().state_dict().items():
+        assert torch.allclose(streamed[name], value, atol=1e-6), name

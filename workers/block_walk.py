@@ -20,7 +20,7 @@ from torch import nn
 from jobspecs.memory import WALK_HIDDEN_BYTES
 from workers.covariance import batches
 from workers.data import collate
-from workers.loss import label_loss_sum
+from workers.loss import label_loss_sum, mean_token_loss
 from workers.merged_weights import MergedWeights
 from workers.weights import read_tensors, tensor_infos
 
@@ -36,6 +36,10 @@ class Batch:
     labels: torch.Tensor | None = None
 
 
+class NotWalkable(ValueError):
+    """A model whose decoder is not a Llama-style stack of blocks."""
+
+
 class BlockWalk:
     def __init__(self, model_path: str | Path, dtype: torch.dtype, device: str):
         from transformers import AutoConfig, AutoModelForCausalLM
@@ -47,7 +51,7 @@ class BlockWalk:
         self.skeleton.eval()
         decoder = self.skeleton.get_decoder()
         if not all(hasattr(decoder, a) for a in ("layers", "rotary_emb", "norm")):
-            raise ValueError(f"{type(self.skeleton).__name__} is not a Llama-family model (decoder.layers, "
+            raise NotWalkable(f"{type(self.skeleton).__name__} is not a Llama-family model (decoder.layers, "
                              "rotary_emb, norm): it cannot be walked block by block")
         names = {id(m): n for n, m in self.skeleton.named_modules()}
         self.blocks, self.prefix = decoder.layers, names[id(decoder.layers)]
@@ -152,9 +156,12 @@ def eval_loss(model: Model, examples: list[dict], batch_size: int, pad_id: int, 
               device: str = "cpu") -> float:
     """Mean loss per label token over `examples` (as workers/loss.py scores them), the model walked block by
     block: one block and at most WALK_HIDDEN_BYTES of the examples' hidden states in memory (a bigger eval set
-    takes one walk per such chunk)."""
+    takes one walk per such chunk). A model of another architecture is evaluated whole (whole_model_loss)."""
     folder, merge = model
-    walk = BlockWalk(folder, dtype, device)
+    try:
+        walk = BlockWalk(folder, dtype, device)
+    except NotWalkable:  # another architecture: the whole model, merged, in this process
+        return whole_model_loss(model, examples, batch_size, pad_id, dtype, device)
     width = walk.skeleton.config.hidden_size * 4
     padded = [collate(examples[i : i + batch_size], pad_id) for i in range(0, len(examples), batch_size)]
     chunks: list[list[dict]] = [[]]
@@ -172,3 +179,15 @@ def eval_loss(model: Model, examples: list[dict], batch_size: int, pad_id: int, 
             loss, n = label_loss_sum(nn.functional.linear(norm(batch.hidden), head), batch.labels.to(device))
             total, tokens = total + float(loss), tokens + n
     return total / max(tokens, 1)
+
+
+def whole_model_loss(model: Model, examples: list[dict], batch_size: int, pad_id: int, dtype: torch.dtype,
+                     device: str = "cpu") -> float:
+    """eval_loss for a model that cannot be walked: loaded whole, the adapter merged into its weights."""
+    from transformers import AutoModelForCausalLM
+
+    folder, merge = model
+    whole = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
+    if merge:
+        whole.load_state_dict(merge.apply(whole.state_dict()))
+    return mean_token_loss(whole, examples, batch_size, pad_id, device)
