@@ -206,9 +206,9 @@ def export_process(spec: JobSpec, shape: Shape) -> Process:
                       "hidden states of the eval examples (at most 1 GiB a walk)": min(hidden, WALK_HIDDEN_BYTES),
                       "one eval batch's logits": 2 * batch * shape.vocab * 4 + _activations(shape, batch, 4),
                       "runtime": RUNTIME_BYTES})
-    if delta and "merged" in export.formats:
-        shard = min(shape.params * width, SHARD_BYTES)
-        steps.append({"one shard of the base and its merged copy": 2 * shard, "runtime": RUNTIME_BYTES})
+    if delta and "merged" in export.formats:  # streamed module by module (workers/merged_weights.py)
+        module = max(shape.embed_params, max(i * o for i, o in shape.linears().values()))
+        steps.append({"one module of the base and its merged copy": 2 * module * width, "runtime": RUNTIME_BYTES})
     return Process("export", "export task", 1, max(steps, key=lambda parts: sum(parts.values())))
 
 

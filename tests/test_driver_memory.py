@@ -33,7 +33,7 @@ def job(tmp_path, state_dir, hidden: int) -> tuple[dict, int]:
                                               "shard_samples": 4, "strategy": "layerwise", "fidelity_samples": 2,
                                               "fidelity_tolerance": 1.0}},
         "train": {"num_workers": 2, "zero_stage": 3, "max_steps": 2, "micro_batch_size": 2, "eval_every": 2},
-        "export": {"formats": ["adapter"], "wise_ft_alphas": [0.0, 1.0]},
+        "export": {"formats": ["adapter", "merged"], "merge_alphas": [1.0], "wise_ft_alphas": [0.0, 1.0]},
         "storage": {"uri": f"file://{folder / 'store'}"},
         "cluster": {"num_cpus": 2, "node_cache_dir": str(folder / "cache")},
     }
@@ -65,7 +65,7 @@ def test_driver_peak_memory_stays_flat_when_the_model_grows_4x(tmp_path, state_d
     driver = big["upload"]["driver"] - small["upload"]["driver"]  # the driver's peak over the whole job
     assert driver < 0.1 * grown, (small, big)
     # the processes that walk the model grow by a block, not by the model: calibration, the init-fidelity check,
-    # the export's Wise-FT sweep
+    # the export (its Wise-FT sweep walks, merged@1 streams module by module)
     def growth(stage: str, process: str) -> float:
         return big[stage][process] - small[stage][process]
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from workers.adapter_math import ADAPTER_CONFIG, ADAPTER_WEIGHTS, scale
-from workers.weights import SINGLE, pack, read_tensors, shard_name, tensor_infos, write_index
+from workers.weights import SINGLE, pack, read_tensors, shard_name, tensor_infos, write_index, write_streamed
 
 ADAPTER_PREFIX = "base_model.model."
 
@@ -116,7 +116,8 @@ def _set(module: torch.nn.Module, key: str, value: torch.Tensor) -> None:
 
 def write_merged(base: str | Path, merge: MergedWeights, out: Path, shard_bytes: int) -> None:
     """The merged model as a Hugging Face folder (config + safetensors shards of at most `shard_bytes` + index),
-    written one shard at a time from the base's files: one shard of the base and its merged copy in memory."""
+    streamed from the base's files one module at a time: a module's base tensors and their merged copies are all
+    it holds."""
     base, out = Path(base), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     infos = tensor_infos(base)
@@ -125,14 +126,16 @@ def write_merged(base: str | Path, merge: MergedWeights, out: Path, shard_bytes:
     for name in infos:
         modules.setdefault(name.rsplit(".", 1)[0], []).append(name)
     groups = pack({m: sum(infos[n].nbytes for n in names) for m, names in modules.items()}, shard_bytes)
+
+    def merged(group: list[str]):
+        for module in group:
+            yield from merge.apply(read_tensors(base, modules[module])).items()
+
     files: dict[str, str] = {}
     for i, group in enumerate(groups, 1):
-        from safetensors.torch import save_file
-
-        names = [n for m in group for n in modules[m]]
         file = SINGLE if len(groups) == 1 else shard_name(i, len(groups))
-        save_file({k: v.contiguous() for k, v in merge.apply(read_tensors(base, names)).items()}, str(out / file),
-                  metadata={"format": "pt"})
+        names = [n for m in group for n in modules[m]]
+        write_streamed(out / file, {n: infos[n] for n in names}, merged(group), {"format": "pt"})
         files.update(dict.fromkeys(names, file))
     if len(groups) > 1:
         write_index(out, files, sum(i.nbytes for i in infos.values()))

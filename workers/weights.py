@@ -137,6 +137,30 @@ def write_index(folder: Path, files: dict[str, str], total_size: int) -> None:
     (Path(folder) / INDEX).write_text(json.dumps(index, indent=2))
 
 
+def write_streamed(path: Path, infos: dict[str, TensorInfo], tensors: Iterable[tuple[str, torch.Tensor]],
+                   metadata: dict[str, str]) -> None:
+    """A safetensors file written as its tensors are produced: the header first (every name's dtype and shape is
+    known up front, in `infos`' order, so the offsets are), then each tensor's bytes — one tensor in memory."""
+    header: dict = {"__metadata__": metadata}
+    offset = 0
+    for name, info in infos.items():
+        header[name] = {"dtype": info.dtype, "shape": list(info.shape), "data_offsets": [offset, offset + info.nbytes]}
+        offset += info.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+    expected = iter(infos.items())
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little") + raw)
+        for name, tensor in tensors:
+            want, info = next(expected)
+            if name != want or tuple(tensor.shape) != info.shape or TORCH_DTYPES[info.dtype] != tensor.dtype:
+                raise ValueError(f"{path}: got {name} {tuple(tensor.shape)} {tensor.dtype}, the header says {want} "
+                                 f"{info.shape} {info.dtype}")
+            f.write(memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()))
+    if next(expected, None) is not None:
+        raise ValueError(f"{path}: fewer tensors written than its header lists")
+
+
 def publish_shard(store: Store, key: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
                   ) -> StoredFile:
     """Write `tensors` as one safetensors file to the store under `key` (through a local temporary file, removed
