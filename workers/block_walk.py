@@ -165,11 +165,14 @@ def eval_loss(model: Model, examples: list[dict], batch_size: int, pad_id: int, 
     width = walk.skeleton.config.hidden_size * 4
     padded = [collate(examples[i : i + batch_size], pad_id) for i in range(0, len(examples), batch_size)]
     chunks: list[list[dict]] = [[]]
+    held = 0  # tokens in the last chunk
     for batch in padded:
-        if chunks[-1] and (sum(b["input_ids"].numel() for b in chunks[-1]) + batch["input_ids"].numel()) * width \
-                > WALK_HIDDEN_BYTES:
+        size = batch["input_ids"].numel()
+        if chunks[-1] and (held + size) * width > WALK_HIDDEN_BYTES:
             chunks.append([])
+            held = 0
         chunks[-1].append(batch)
+        held += size
     total, tokens = 0.0, 0
     for chunk in chunks:
         state = walk.embed_batches([(str(i), b) for i, b in enumerate(chunk)], folder, merge)

@@ -84,8 +84,9 @@ def write_formats(spec: JobSpec, adapter_files: dict[str, bytes], corda_init: di
         for alpha in spec.export.wise_ft_alphas:  # one walk of the model per α
             loss = eval_loss(merged(original_base, on_original, alpha), examples, spec.train.micro_batch_size, pad,
                              torch.float32)
-            out["wise_ft"].append({"alpha": alpha, "eval_loss": loss, "perplexity": math.exp(min(loss, 50.0))})
-            say(f"export: Wise-FT α {fmt(alpha)}: eval loss {loss:.4f}, perplexity {math.exp(min(loss, 50.0)):.2f}")
+            perplexity = math.exp(min(loss, 50.0))
+            out["wise_ft"].append({"alpha": alpha, "eval_loss": loss, "perplexity": perplexity})
+            say(f"export: Wise-FT α {fmt(alpha)}: eval loss {loss:.4f}, perplexity {perplexity:.2f}")
     for alpha in spec.export.merge_alphas if "merged" in formats else []:
         merged_dir = folder(f"merged@{fmt(alpha)}", True)
         write_merged(original_base, MergedWeights(original_base, on_original, alpha), merged_dir, SHARD_BYTES)

@@ -86,7 +86,7 @@ class MergedWeights:
                 continue
             layer = module.get_base_layer()
             base = {k: tensors[f"{name}.{k}"] for k in ("weight", "bias") if f"{name}.{k}" in tensors}
-            if set(base) != {k for k, v in layer.named_parameters(recurse=False) if v is not None}:
+            if set(base) != {k for k, _ in layer.named_parameters(recurse=False)}:
                 raise ValueError(f"{name}: its weight and bias must be merged together")
             for k, v in base.items():  # the layer merges in place: give it copies, the caller's stay the base's
                 _set(layer, k, v.clone())

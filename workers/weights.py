@@ -141,12 +141,12 @@ def write_streamed(path: Path, infos: dict[str, TensorInfo], tensors: Iterable[t
                    metadata: dict[str, str]) -> None:
     """A safetensors file written as its tensors are produced: the header first (every name's dtype and shape is
     known up front, in `infos`' order, so the offsets are), then each tensor's bytes — one tensor in memory."""
-    header: dict = {"__metadata__": metadata}
+    entries: dict = {"__metadata__": metadata}
     offset = 0
     for name, info in infos.items():
-        header[name] = {"dtype": info.dtype, "shape": list(info.shape), "data_offsets": [offset, offset + info.nbytes]}
+        entries[name] = {"dtype": info.dtype, "shape": list(info.shape), "data_offsets": [offset, offset + info.nbytes]}
         offset += info.nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw = json.dumps(entries, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
     expected = iter(infos.items())
     with open(path, "wb") as f:

@@ -38,8 +38,6 @@ log = logging.getLogger("peftfleet.corda")
 
 # peft's guidance: ~256 samples × 2048 tokens for hidden size 4096, i.e. ~128 tokens per input dimension.
 TOKENS_PER_DIM = 128
-# residual_base's copy-through shards: at most this many bytes each (transformers' default is 5 GB; smaller files
-# spread the copying over more reducers and bound each one's memory)
 
 
 def calibration_samples(spec: JobSpec) -> tuple[list[list[int]], list[list[int]], int]:
@@ -347,7 +345,8 @@ def residual_layout(spec: JobSpec, groups) -> ResidualLayout:
     size = {name: info.nbytes // DTYPE_BYTES[info.dtype] * width for name, info in infos.items()}
     replaced = [[f"{m}.weight" for m in g.modules] for g in groups]
     done = {name for names in replaced for name in names}
-    # the plan counts one such copy-through shard per reducer
+    # copy-through shards of at most SHARD_BYTES (transformers' default is 5 GB): smaller files spread the copying
+    # over more reducers and bound each one's memory (the plan counts one such shard per reducer)
     copied = pack({n: size[n] for n in infos if n not in done}, SHARD_BYTES)
     files = [shard_name(k, len(replaced) + len(copied)) for k in range(1, len(replaced) + len(copied) + 1)]
     weight_map = {name: file for file, names in zip(files, replaced + copied, strict=True) for name in names}
