@@ -220,3 +220,62 @@ def test_pretokenized_data_trains_without_a_tokenizer(local_ray, assets, tmp_pat
                    data_override={"format": "tokens", "train": str(files["train"]), "eval": str(files["eval"])})
     evals = [m["eval_loss"] for m in result.metrics if "eval_loss" in m]
     assert evals[-1] < result.eval_loss_at_start - 0.1, (result.eval_loss_at_start, evals)
+
+
+_GRAPH_PROBE = r"""
+import gc, json, os, sys
+from types import SimpleNamespace
+import torch
+os.environ.update(DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2], RANK="0", LOCAL_RANK="0",
+                  WORLD_SIZE="1")
+import deepspeed
+from peft import LoraConfig, get_peft_model
+from transformers.integrations import HfDeepSpeedConfig
+from workers.partitioned_load import partitioned_model
+from workers.train_loop import micro_step, skip_cpu_shm_build
+from workers.loss import token_loss_sum
+
+skip_cpu_shm_build()
+config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "zero_allow_untested_optimizer": True,
+          "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+keep = HfDeepSpeedConfig(config)
+deepspeed.init_distributed(dist_backend="gloo")
+model = get_peft_model(partitioned_model(sys.argv[1], torch.float32), LoraConfig(r=4, target_modules=["q_proj"]))
+optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+ids = torch.randint(0, 300, (2, 16))
+batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+def graph_nodes():  # Python autograd nodes still alive (DeepSpeed's hooks are such): each forward makes a fresh set
+    gc.collect()
+    return sum(1 for o in gc.get_objects() if isinstance(o, torch.autograd.function.BackwardCFunction))
+
+ours = []
+for _ in range(4):
+    micro_step(SimpleNamespace(engine=engine, budget=None), batch, 1.0, allocate=False, step=0)
+    ours.append(graph_nodes())
+kept = []
+for _ in range(4):  # the control: the same steps, the loss kept until it is rebound
+    loss = token_loss_sum(engine, batch)[0]
+    engine.backward(loss)
+    engine.step()
+    kept.append(graph_nodes())
+print(json.dumps({"ours": ours, "kept": kept}))
+"""
+
+
+def test_a_micro_step_leaves_no_graph_behind(assets):
+    """A loss that outlives its micro-step keeps the step's whole autograd graph (DeepSpeed's ZeRO-3 nodes and what
+    they hold) resident through the next forward and backward: +0.27× the model per worker, measured. The train
+    loop's micro-step leaves no graph behind."""
+    import subprocess
+    import sys
+
+    from tests.helpers import free_port
+
+    out = subprocess.run([sys.executable, "-c", _GRAPH_PROBE, str(assets / "tiny-llama"), str(free_port())],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    counts = json.loads(out.stdout.strip().splitlines()[-1])
+    assert counts["ours"] == [0, 0, 0, 0], counts
+    assert min(counts["kept"]) > 0, counts  # the probe sees a graph that is still referenced
