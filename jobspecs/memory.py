@@ -19,6 +19,7 @@ SHARD_BYTES = 2 * GIB  # the shards we write: residual_base's copied tensors, me
 WALK_HIDDEN_BYTES = GIB  # a walked eval holds at most this much of its examples' hidden states (block_walk.eval_loss)
 RUNTIME_BYTES = int(0.45 * GIB)  # a job process at work: interpreter, torch, transformers, Ray's core worker
 REDUCER_RUNTIME_BYTES = int(0.3 * GIB)  # a reducer imports torch and safetensors, not transformers
+PLAN_TOLERANCE = 0.25  # how far a planned peak may be from the measured one (held by tests/test_driver_memory.py)
 DTYPE_BYTES = {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2}
 # the input tensor each projection reads: q/k/v share one, gate/up share one (peftfleet's input groups)
 GROUP_OF = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "o_proj": "o", "gate_proj": "gate_up",
@@ -235,6 +236,8 @@ def train_process(spec: JobSpec, shape: Shape) -> Process:
              "optimizer state (Adam, fp32)": 2 * adapter * 4 // shard,
              "activations (micro-batch)": saved + logits,
              "runtime (+ DeepSpeed)": RUNTIME_BYTES + GIB // 4}
+    if z3:  # workers/deepspeed_config.zero3_limits: two blocks live, one prefetched, and the all-gather's copy
+        parts["gathered blocks (ZeRO-3)"] = 4 * shape.block_params * width
     return Process("train", f"training worker (ZeRO-{cfg.zero_stage})", world, parts)
 
 
@@ -281,6 +284,22 @@ def plan(spec: JobSpec, worker_memory: int | None = None) -> dict:
         out["fits"]["too_big"] = [f"{p.stage}: {p.process}" for p in processes
                                   if p.count == 1 and p.total > worker_memory]
     return out
+
+
+def reservations(spec: JobSpec) -> dict[tuple[str, str], int]:
+    """(stage, process kind) → the host memory each such process reserves from Ray's scheduler: its planned peak
+    plus the plan's tolerance, so that Ray never puts more of them on a node than fit it. Processes on a GPU
+    (`use_gpu`) reserve their GPU instead. Empty where the planner cannot read the model's config (not a
+    Llama-family model): such a job runs unreserved."""
+    try:
+        processes = plan(spec)["processes"]
+    except ValueError:
+        return {}
+    on_gpu = {("train", f"training worker (ZeRO-{spec.train.zero_stage})"): spec.train.use_gpu,
+              **{("calibrate", f"covariance actor ({s})"): spec.init.corda_spec.use_gpu
+                 for s in ("replica", "layerwise")}}
+    return {(p["stage"], p["process"]): int(p["total_bytes"] * (1 + PLAN_TOLERANCE)) for p in processes
+            if not on_gpu.get((p["stage"], p["process"]))}
 
 
 def fits(spec: JobSpec, shape: Shape, memory: int) -> dict:

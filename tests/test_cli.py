@@ -84,6 +84,25 @@ def test_failed_stage_leaves_failed_job_and_no_manifest(tmp_path, state_dir, ass
 
 
 @pytest.mark.slow
+def test_a_process_no_node_can_hold_fails_its_stage_naming_it(tmp_path, state_dir, assets):
+    """Ray would wait forever for a node with the memory a process reserves: the stage fails at once instead."""
+    import yaml
+
+    from tests.helpers import EXAMPLES
+
+    spec = yaml.safe_load((EXAMPLES / "tiny-corda.yaml").read_text())
+    spec["storage"] = {"uri": f"file://{tmp_path / 'store'}"}
+    spec["init"]["corda"]["actor_memory_gib"] = 100_000
+    (tmp_path / "assets").symlink_to(assets)
+    run = cli(state_dir, "submit", write_spec(tmp_path / "job.yaml", spec), "--wait", timeout=300)
+    assert run.returncode == 1
+    rec = record(state_dir, run.stdout.strip())
+    assert rec["state"] == "FAILED" and rec["stage"] == "calibrate"
+    assert "calibrate: a covariance actor (replica) reserves 100000.00 GiB" in rec["error"], rec["error"]
+    assert "no node of this cluster has more than" in rec["error"]
+
+
+@pytest.mark.slow
 def test_cancel_running_job(tmp_path, state_dir, assets):
     spec = tiny_spec(assets, f"file://{tmp_path / 'store'}", train={"max_steps": 100_000, "eval_every": None})
     job_id = cli(state_dir, "submit", write_spec(tmp_path / "job.yaml", spec), check=True).stdout.strip()

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from jobspecs.load import load_spec
-from jobspecs.memory import plan
+from jobspecs.memory import PLAN_TOLERANCE, plan
 from tests.benchmarks.small_llama import build_model, token_samples
 from tests.helpers import cli, write_spec
 
@@ -42,13 +42,18 @@ def job(tmp_path, state_dir, hidden: int) -> tuple[dict, int]:
     record = json.loads(cli(state_dir, "status", job_id, "--json", check=True).stdout)
     weights = sum(f.stat().st_size for f in (folder / "model").glob("*.safetensors"))
     peaks = {s["name"]: s["peak_memory_mib"] for s in record["stages"]}
-    # `plan` predicted every process's peak (from config.json alone) within 25%
+    reserved = {s["name"]: s["reserved_memory_mib"] for s in record["stages"]}
+    # `plan` predicted every process's peak (from config.json alone) within its tolerance, and each process
+    # reserved that much (+ the tolerance) from Ray and stayed inside it
     predicted = plan(load_spec(folder / "job.yaml"))["processes"]
     assert {(p["stage"], p["process"]) for p in predicted} == {(s, k) for s, kinds in peaks.items() for k in kinds
                                                                if k != "driver"}
     for p in predicted:
-        measured = peaks[p["stage"]][p["process"]]
-        assert abs(p["total_bytes"] / 2**20 / measured - 1) <= 0.25, (p, measured)
+        measured, planned = peaks[p["stage"]][p["process"]], p["total_bytes"] / 2**20
+        assert abs(planned / measured - 1) <= PLAN_TOLERANCE, (p, measured)
+        assert reserved[p["stage"]][p["process"]] == pytest.approx(planned * (1 + PLAN_TOLERANCE), abs=0.1)
+        assert measured <= reserved[p["stage"]][p["process"]], (p, measured)
+    assert not [w for w in record["warnings"] if "reserved" in w], record["warnings"]
     return peaks, weights
 
 

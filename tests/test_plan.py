@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from jobspecs.load import parse_spec
-from jobspecs.memory import GIB, Shape, plan
+from jobspecs.memory import GIB, PLAN_TOLERANCE, Shape, plan, reservations
 from orchestrator.api.cli import parse_bytes
 from tests.helpers import EXAMPLES, cli, write_spec
 
@@ -125,3 +125,20 @@ def test_a_single_process_that_fits_no_worker_is_named(tmp_path, state_dir):
     small = json.loads(cli(state_dir, "plan", path, "--json", "--worker-memory", "8GiB", check=True).stdout)
     assert small["fits"]["too_big"] == ["decompose: init-fidelity check", "export: export task"]
     assert "export: export task: does not fit" in cli(state_dir, "plan", path, "--worker-memory", "8GiB").stdout
+
+
+def test_processes_on_cpus_reserve_their_planned_peak_plus_the_tolerance(tmp_path):
+    """What each kind of process asks Ray for (orchestrator/stages/context.Context.reserve): its plan + 25 %, except
+    where it runs on a GPU (the 70B example's actors and training workers), which it reserves instead."""
+    raw = example(tmp_path, model={"path": str(tmp_path / "configs" / "llama-3-70b"), "dtype": "bfloat16"})
+    on_gpus = parse_spec(raw, check_files=False)
+    raw["train"]["use_gpu"] = raw["init"]["corda"]["use_gpu"] = False
+    on_cpus = parse_spec(raw, check_files=False)
+    planned = {(p["stage"], p["process"]): p["total_bytes"] for p in plan(on_cpus)["processes"]}
+    assert reservations(on_cpus) == {k: int(v * (1 + PLAN_TOLERANCE)) for k, v in planned.items()}
+    assert set(planned) - set(reservations(on_gpus)) == {("train", "training worker (ZeRO-3)"),
+                                                        ("calibrate", "covariance actor (layerwise)")}
+    gpt2 = tmp_path / "gpt2"
+    gpt2.mkdir()
+    (gpt2 / "config.json").write_text('{"model_type": "gpt2", "n_embd": 64, "n_layer": 2}')
+    assert reservations(parse_spec({**raw, "model": {"path": str(gpt2)}}, check_files=False)) == {}

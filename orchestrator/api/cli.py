@@ -146,11 +146,16 @@ def cmd_status(args) -> int:
         out.print(f"error: {record.error}", markup=False)
     for warning in record.warnings:
         out.print(f"warning: {warning}", markup=False)
-    print_table(("stage", "state", "started", "ended", "peak memory per process (MiB)"),
-                [(s.name, s.state, s.started_at or "-", s.ended_at or "-",
-                  ", ".join(f"{k} {v:,.0f}" for k, v in s.peak_memory_mib.items()) or "-") for s in record.stages])
+    print_table(("stage", "state", "started", "ended", "peak memory per process (MiB, of what it reserved)"),
+                [(s.name, s.state, s.started_at or "-", s.ended_at or "-", _peaks(s)) for s in record.stages])
     out.print(f"store: {entry.store().url_of(job_key(record.id))}   log: {launcher_for(entry).where()}")
     return 0
+
+
+def _peaks(stage) -> str:
+    reserved = stage.reserved_memory_mib
+    return ", ".join(f"{k} {v:,.0f}" + (f" of {reserved[k]:,.0f}" if k in reserved else "")
+                     for k, v in stage.peak_memory_mib.items()) or "-"
 
 
 def cmd_logs(args) -> int:

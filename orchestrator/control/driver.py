@@ -125,7 +125,8 @@ def run_job(job_id: str, store: Store, ray_address: str | None = None) -> JobRec
             log.info("stage %s: started", name)
             STAGES[name](ctx)
             record.warnings = list(ctx.warnings)
-            record.end_stage(name, peaks={**ctx.peaks.get(name, {}), "driver": round(peak_memory_mib(), 1)})
+            record.end_stage(name, peaks={**ctx.peaks.get(name, {}), "driver": round(peak_memory_mib(), 1)},
+                             reserved=ctx.reserved.get(name))
             record.save(store)
             log.info("stage %s: done", name)
         record.finish(JobState.SUCCEEDED)

@@ -54,6 +54,7 @@ class StageRecord:
     started_at: str | None = None
     ended_at: str | None = None
     peak_memory_mib: dict[str, float] = field(default_factory=dict)  # per process kind, the driver's included
+    reserved_memory_mib: dict[str, float] = field(default_factory=dict)  # per process kind: what it asked Ray for
 
 
 @dataclass
@@ -94,10 +95,12 @@ class JobRecord:
         rec = self.stage_record(name)
         rec.state, rec.started_at = "running", now()
 
-    def end_stage(self, name: str, state: str = "succeeded", peaks: dict[str, float] | None = None) -> None:
+    def end_stage(self, name: str, state: str = "succeeded", peaks: dict[str, float] | None = None,
+                  reserved: dict[str, float] | None = None) -> None:
         rec = self.stage_record(name)
         rec.state, rec.ended_at = state, now()
         rec.peak_memory_mib = peaks or rec.peak_memory_mib
+        rec.reserved_memory_mib = reserved or rec.reserved_memory_mib
 
     def finish(self, state: JobState, error: str | None = None) -> None:
         self.state, self.error, self.ended_at = state, error, now()

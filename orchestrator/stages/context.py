@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from jobspecs import JobSpec
+from jobspecs.memory import PLAN_TOLERANCE, reservations
 from workers.store import Store, StoredFolder
 
 if TYPE_CHECKING:  # the worker modules import torch; the driver imports this module before it needs torch
@@ -73,10 +74,40 @@ class Context:
     train: TrainResult | None = None
     export: ExportOutputs | None = None
     peaks: dict[str, dict[str, float]] = field(default_factory=dict)  # stage → process kind → peak RSS (MiB)
+    reserved: dict[str, dict[str, float]] = field(default_factory=dict)  # stage → process kind → Ray memory (MiB)
+    _plan: dict[tuple[str, str], int] | None = field(default=None, repr=False)
+
+    def reserve(self, stage: str, process: str, requested: float | None = None) -> dict:
+        """Ray options reserving host memory for one kind of process: `requested` bytes where the spec asks for
+        them, else what `peftfleet plan` gives it (+ its tolerance); {} where there is no plan for it."""
+        if requested is None:
+            if self._plan is None:
+                self._plan = reservations(self.spec)
+            requested = self._plan.get((stage, process))
+        if not requested:
+            return {}
+        import ray
+
+        # Ray would wait for such a node forever: say so now
+        largest = max((n["Resources"].get("memory", 0) for n in ray.nodes() if n["Alive"]), default=0)
+        if requested > largest:
+            raise ValueError(f"{stage}: a {process} reserves {requested / 2**30:.2f} GiB (its planned peak + "
+                             f"{PLAN_TOLERANCE:.0%}, or the spec's request) but no node of this cluster has more than "
+                             f"{largest / 2**30:.2f} GiB for Ray's processes: use nodes with more memory, or more "
+                             "workers (`peftfleet plan SPEC --worker-memory` says how many fit)")
+        self.reserved.setdefault(stage, {})[process] = round(requested / 2**20, 1)
+        return {"memory": int(requested)}
 
     def record_peak(self, stage: str, process: str, mib: Iterable[float]) -> None:
-        """The largest peak resident memory among a stage's processes of one kind (what `plan` predicts)."""
-        self.peaks.setdefault(stage, {})[process] = round(max(mib), 1)
+        """The largest peak resident memory among a stage's processes of one kind (what `plan` predicts); a
+        warning when it is above what they reserved, since Ray then places more on a node than fits it."""
+        peak = self.peaks.setdefault(stage, {})[process] = round(max(mib), 1)
+        reserved = self.reserved.get(stage, {}).get(process)
+        if reserved and peak > reserved:
+            self.warnings.append(f"{stage}: a {process} peaked at {peak:,.0f} MiB, above the {reserved:,.0f} MiB it "
+                                 "reserved from Ray: nodes may be given more processes than fit them; set the "
+                                 "memory request higher (init.corda.actor_memory_gib for covariance actors) or "
+                                 "report the spec, `peftfleet plan` is off for it")
 
     def artifact_dir(self, kind: str) -> Path:
         path = self.staging / kind

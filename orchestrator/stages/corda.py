@@ -64,7 +64,8 @@ def run_calibrate(ctx: Context) -> None:
     spec, corda = ctx.spec, ctx.spec.init.corda_spec
     samples, held, pad_id = calibration_samples(spec)
     if corda.covariance_from is not None:
-        reducers = [ray.remote(Reducer).options(num_cpus=0, scheduling_strategy="SPREAD").remote()
+        reducers = [ray.remote(Reducer).options(num_cpus=0, scheduling_strategy="SPREAD",
+                                                **ctx.reserve("decompose", "reducer")).remote()
                     for _ in range(corda.num_workers)]
         groups, totals = load_covariance(corda.covariance_from, reducers)
         log.info("calibrate: %d input groups loaded from %s; no collection", len(groups), corda.covariance_from)
@@ -90,17 +91,19 @@ def corda_memory_reason(spec: JobSpec) -> str:
     return f"a replica needs ~{need / 2**30:.1f} GiB, an actor is given {have / 2**30:.1f} GiB"
 
 
-def _actor_options(corda) -> dict:
+def _actor_options(ctx: Context, strategy: str) -> dict:
     """Covariance actors: SPREAD, one replica per node where possible, so losing a node loses the fewest actors.
     Failures are bounded by actor restarts; a call is retried for as long as its actor can come back (a lost
     node makes the actor "unavailable" many times before it is declared dead). Errors raised by our code are never
-    retried."""
-    memory = {"memory": int(corda.actor_memory_gib * 2**30)} if corda.actor_memory_gib else {}
+    retried. Each reserves init.corda.actor_memory_gib, or its planned peak."""
+    corda = ctx.spec.init.corda_spec
+    memory = ctx.reserve("calibrate", f"covariance actor ({strategy})",
+                         corda.actor_memory_gib and corda.actor_memory_gib * 2**30)
     return dict(num_cpus=1, num_gpus=1 if corda.use_gpu else 0, scheduling_strategy="SPREAD",
                 max_restarts=corda.max_failures, max_task_retries=-1, **memory)
 
 
-def _start_reducers(n: int) -> list:
+def _start_reducers(ctx: Context, n: int) -> list:
     """Reducers: one per covariance actor, spread like them, no CPU reservation — their adds are light and must not
     wait behind the actors, and they decompose only after the actors have given their CPUs back. They start
     now, beside the actors: a process start (import torch) during collection would steal the actors' cores.
@@ -111,7 +114,8 @@ def _start_reducers(n: int) -> list:
     from workers.reduce import Reducer
 
     return [ray.remote(Reducer).options(num_cpus=0, scheduling_strategy="SPREAD", max_restarts=-1,
-                                        max_task_retries=-1, allow_out_of_order_execution=True).remote()
+                                        max_task_retries=-1, allow_out_of_order_execution=True,
+                                        **ctx.reserve("decompose", "reducer")).remote()
             for _ in range(n)]
 
 
@@ -151,11 +155,11 @@ def collect_replica(ctx: Context, shards: list, pad_id: int) -> tuple:
     from workers.covariance import CovarianceWorker
 
     spec, corda = ctx.spec, ctx.spec.init.corda_spec
-    Actor = ray.remote(CovarianceWorker).options(**_actor_options(corda))
+    Actor = ray.remote(CovarianceWorker).options(**_actor_options(ctx, "replica"))
     device = "cuda" if corda.use_gpu else "cpu"
     actors = [Actor.remote(str(spec.model.path), spec.model.dtype, corda.covariance_dtype, corda.activation_scale,
                            device) for _ in range(min(corda.num_workers, len(shards)))]
-    reducers = _start_reducers(len(actors))
+    reducers = _start_reducers(ctx, len(actors))
     placement = _placed(actors, reducers)
     groups = ray.get(actors[0].groups.remote(spec.adapter.target_modules, shards[0][0]))
     log.info("calibrate: %d samples in %d shards on %d actor(s); %d input groups: %s", sum(map(len, shards)),
@@ -200,7 +204,7 @@ def collect_layerwise(ctx: Context, shards: list, pad_id: int) -> tuple:
     spec, corda = ctx.spec, ctx.spec.init.corda_spec
     n = min(corda.num_workers, len(shards))
     owned = [{i: shards[i] for i in range(a, len(shards), n)} for a in range(n)]
-    Actor = ray.remote(LayerwiseWorker).options(**_actor_options(corda))
+    Actor = ray.remote(LayerwiseWorker).options(**_actor_options(ctx, "layerwise"))
     device = "cuda" if corda.use_gpu else "cpu"
     cache = str(spec.cluster.node_cache_dir) if spec.cluster.node_cache_dir else None
     spill = layerwise_spills(spec)
@@ -210,7 +214,7 @@ def collect_layerwise(ctx: Context, shards: list, pad_id: int) -> tuple:
     actors = [Actor.remote(str(spec.model.path), spec.model.dtype, corda.covariance_dtype, corda.activation_scale,
                            device, own, corda.batch_size, pad_id, cache, f"{ctx.job_id}/actor-{a}", spill)
               for a, own in enumerate(owned)]
-    reducers = _start_reducers(n)
+    reducers = _start_reducers(ctx, n)
     placement = _placed(actors, reducers)
     per_block = ray.get(actors[0].groups.remote(spec.adapter.target_modules))
     groups = [g for block in per_block for g in block]

@@ -30,7 +30,8 @@ def run_train(ctx: Context) -> None:
                                                                   "adapter": init.adapter}},
         scaling_config=ScalingConfig(
             num_workers=train.num_workers, use_gpu=train.use_gpu, placement_strategy=train.placement_strategy,
-            resources_per_worker={"CPU": train.cpus_per_worker, **({"GPU": 1} if train.use_gpu else {})}),
+            resources_per_worker={"CPU": train.cpus_per_worker, **({"GPU": 1} if train.use_gpu else {}),
+                                  **ctx.reserve("train", f"training worker (ZeRO-{train.zero_stage})")}),
         torch_config=TorchConfig(backend="nccl" if train.use_gpu else "gloo"),
         run_config=RunConfig(
             name="train", storage_path=storage_path, storage_filesystem=filesystem,
@@ -46,7 +47,7 @@ def run_train(ctx: Context) -> None:
     with best.as_directory() as best_dir, result.checkpoint.as_directory() as latest_dir:
         ctx.train = out = read_result(Path(best_dir), Path(latest_dir), score_key)
     if out.peak_memory_mib:
-        ctx.record_peak("train", f"training worker (ZeRO-{ctx.spec.train.zero_stage})", out.peak_memory_mib)
+        ctx.record_peak("train", f"training worker (ZeRO-{train.zero_stage})", out.peak_memory_mib)
     last = out.metrics[-1] if out.metrics else {}
     # Logged here, not only by the workers: Ray forwards worker output asynchronously, maybe after the job ends.
     log.info("train: %d/%d steps, final loss %.4f, best step %d (%s %.4f)", last.get("step", 0), out.total_steps,

@@ -73,12 +73,13 @@ def run_in_thread(fn: Callable[[], Any]) -> Any:
 
 def model_task(ctx: Context, stage: str, process: str, fn: Callable[..., Any], *args: Any, retries: int = 2) -> Any:
     """fn(*args) loads models: run it as a Ray task in a process of its own (the driver holds no model, and the
-    memory goes back when it ends) and record its peak. Cancellable; returns fn's result."""
+    memory goes back when it ends), reserving its planned memory, and record its peak. Cancellable; returns fn's
+    result."""
     import ray
 
     from workers.process_memory import with_peak
 
-    task = ray.remote(num_cpus=1, max_retries=retries, max_calls=1)(with_peak)
+    task = ray.remote(num_cpus=1, max_retries=retries, max_calls=1, **ctx.reserve(stage, process))(with_peak)
     (result, peak), = wait_all([task.remote(fn, *args)], fetch=True)
     ctx.record_peak(stage, process, [peak])
     return result
