@@ -88,12 +88,13 @@ def ray_head(log_dir: Path, num_cpus: int = 4) -> Iterator[SimpleNamespace]:
 
 @contextlib.contextmanager
 def gateway(head: SimpleNamespace, root: Path, data_root: Path, storage: dict,
-            users: tuple[str, ...] = ("alice", "bob")) -> Iterator[SimpleNamespace]:
+            users: tuple[str, ...] = ("alice", "bob"), **settings) -> Iterator[SimpleNamespace]:
+    """`peftfleet serve` with a fresh token per user; `settings`: more GatewayConfig fields."""
     tokens = {user: secrets.token_urlsafe(32) for user in users}
     (root / "users.yaml").write_text(yaml.safe_dump({"users": {u: hash_token(t) for u, t in tokens.items()}}))
     port = free_port()
     config = {"ray_address": head.address, "users_file": str(root / "users.yaml"), "data_root": str(data_root),
-              "storage": storage, "state_dir": str(root / "state"), "port": port, "max_body_kb": 64}
+              "storage": storage, "state_dir": str(root / "state"), "port": port, "max_body_kb": 64, **settings}
     (root / "gateway.yaml").write_text(yaml.safe_dump(config))
     log = root / "gateway.log"
     with open(log, "wb") as out:
@@ -102,14 +103,15 @@ def gateway(head: SimpleNamespace, root: Path, data_root: Path, storage: dict,
                                 start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_http(f"{url}/openapi.json", lambda r: r.ok, "gateway", proc, log)
+        _wait_http(f"{url}/readyz", lambda r: r.ok, "gateway", proc, log)
         yield SimpleNamespace(url=url, tokens=tokens, log=log)
     finally:
         _stop(proc)
 
 
-def call(gw: SimpleNamespace, method: str, path: str, user: str | None = "alice", **kwargs) -> requests.Response:
+def call(gw: SimpleNamespace, method: str, path: str, user: str | None = "alice", timeout: float = 120,
+         **kwargs) -> requests.Response:
     """An HTTP request to the gateway as `user` (None: without a token)."""
     headers = {"Authorization": f"Bearer {gw.tokens[user]}"} if user else {}
     return requests.request(method, f"{gw.url}{path}", headers={**headers, **kwargs.pop("headers", {})},
-                            timeout=120, **kwargs)
+                            timeout=timeout, **kwargs)

@@ -10,6 +10,7 @@ import secrets
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import pytest
 import requests
@@ -120,9 +121,13 @@ def test_gateway_runs_a_job_streams_its_log_and_hands_out_verified_artifacts(gw)
     assert call(gw, "GET", f"/v1/jobs/{job_id}").json()["state"] == "SUCCEEDED"
     assert [j["job_id"] for j in call(gw, "GET", "/v1/jobs").json()] == [job_id]
     assert call(gw, "GET", "/v1/jobs", user="bob").json() == []
-    for path in ("", "/logs", "/artifacts"):
-        assert call(gw, "GET", f"/v1/jobs/{job_id}{path}", user="bob").status_code == 403
-    assert call(gw, "POST", f"/v1/jobs/{job_id}/cancel", user="bob").status_code == 403
+    for path in ("", "/logs", "/artifacts"):  # another user's job answers as an unknown one: 404, not 403
+        theirs = call(gw, "GET", f"/v1/jobs/{job_id}{path}", user="bob")
+        assert theirs.status_code == 404 and theirs.json() == call(gw, "GET", f"/v1/jobs/nope{path}").json() | {
+            "detail": f"no job {job_id!r}"}
+    for action in ("cancel", "retry"):
+        assert call(gw, "POST", f"/v1/jobs/{job_id}/{action}", user="bob").status_code == 404
+    assert call(gw, "POST", f"/v1/jobs/{job_id}/retry").status_code == 409  # SUCCEEDED: nothing to retry
 
     listing = call(gw, "GET", f"/v1/jobs/{job_id}/artifacts").json()
     assert {"adapter", "report"} <= set(listing["artifacts"]) and listing["expires_in_s"] == 900
@@ -207,3 +212,97 @@ def test_twenty_concurrent_submissions_are_all_recorded(gw):
     with ThreadPoolExecutor(5) as pool:
         cancelled = list(pool.map(lambda j: call(gw, "POST", f"/v1/jobs/{j}/cancel", user="bob").json(), ids))
     assert {c["state"] for c in cancelled} == {"CANCELLED"}
+
+
+# --- follows that cannot starve the server, submissions that are never lost ------------------------------------
+
+
+def waiting_job(gw, user: str = "alice") -> str:
+    """A job whose driver waits in Ray's queue (it asks for more CPUs than the cluster has): PENDING for good."""
+    spec = {**gateway_spec(), "cluster": {"driver_cpus": 64}}
+    response = call(gw, "POST", "/v1/jobs", user=user, json={"spec": spec})
+    assert response.status_code == 201, response.text
+    return response.json()["job_id"]
+
+
+def follow(gw, job_id: str, user: str = "alice") -> requests.Response:
+    """A log stream, open until closed (the response comes back as soon as its headers do)."""
+    return call(gw, "GET", f"/v1/jobs/{job_id}/logs", user=user, params={"follow": "true"}, stream=True, timeout=30)
+
+
+def quick(gw, user: str, within_s: float = 2.0) -> float:
+    start = time.monotonic()
+    assert call(gw, "GET", "/v1/jobs", user=user, timeout=within_s).status_code == 200
+    return time.monotonic() - start
+
+
+def test_log_followers_are_capped_gone_with_their_clients_and_starve_no_one(gw):
+    mine = [waiting_job(gw) for _ in range(4)]
+    bobs = waiting_job(gw, "bob")
+    streams = [follow(gw, mine[0]), follow(gw, mine[0])]
+    assert all(s.status_code == 200 for s in streams)
+    third = follow(gw, mine[0])
+    assert third.status_code == 429 and "max_followers_per_job" in third.text
+    streams += [follow(gw, job) for job in (mine[1], mine[1], mine[2], mine[2])]
+    assert [s.status_code for s in streams] == [200] * 6
+    seventh = follow(gw, mine[3])
+    assert seventh.status_code == 429 and "max_followers_per_user" in seventh.text
+    theirs = follow(gw, bobs, user="bob")  # one user's streams leave the others theirs
+    assert theirs.status_code == 200
+    quick(gw, "bob"), quick(gw, "alice")
+    assert call(gw, "GET", "/readyz").json()["log_streams"] == 7
+
+    for s in streams:  # clients that go away give their slots back
+        s.close()
+    deadline = time.monotonic() + 30
+    while call(gw, "GET", "/readyz").json()["log_streams"] != 1:
+        assert time.monotonic() < deadline, "closed streams kept their slots"
+        time.sleep(0.5)
+    again = follow(gw, mine[3])
+    assert again.status_code == 200
+    again.close(), theirs.close()
+    for user, jobs in (("alice", mine), ("bob", [bobs])):
+        for job_id in jobs:
+            assert call(gw, "POST", f"/v1/jobs/{job_id}/cancel", user=user).json()["state"] == "CANCELLED"
+
+
+def test_a_log_stream_ends_after_its_time_and_says_where_to_go_on(head, assets, s3_endpoint, tmp_path):
+    storage = {"uri": f"file://{tmp_path / 'store'}"}
+    # Two call threads and ten streams: a waiting stream holds no thread, so the others are still served.
+    with gateway(head, tmp_path, data_root=assets, storage=storage, call_threads=2, follow_max_s=4,
+                 max_followers_per_user=20, max_followers_per_job=20) as small:
+        job_id = waiting_job(small)
+        streams = [follow(small, job_id) for _ in range(10)]
+        assert [s.status_code for s in streams] == [200] * 10
+        assert max(quick(small, "alice") for _ in range(5)) < 2.0
+        texts = [s.text for s in streams]  # each ends by itself after follow_max_s
+        assert all("a log stream lasts at most 4 s; follow again from offset=" in t for t in texts), texts[0]
+        assert call(small, "POST", f"/v1/jobs/{job_id}/cancel").json()["state"] == "CANCELLED"
+
+
+def test_a_submission_ray_refuses_is_kept_and_its_owner_can_retry_it(head, assets, tmp_path):
+    from tests.fault_proxy import FaultProxy
+
+    # The gateway reaches Ray through a proxy that answers every job submission 503 until told otherwise.
+    proxy = FaultProxy(int(head.address.rsplit(":", 1)[1]), fault="503", match="POST /api/jobs")
+    ray = SimpleNamespace(address=proxy.endpoint, token=head.token)
+    with gateway(ray, tmp_path, data_root=assets, storage={"uri": f"file://{tmp_path / 'store'}"}) as small:
+        refused = call(small, "POST", "/v1/jobs", json={"spec": gateway_spec()})
+        assert refused.status_code == 503, refused.text
+        detail = refused.json()["detail"]
+        job_id = detail["job_id"]
+        assert f"POST /v1/jobs/{job_id}/retry" in detail["msg"] and "--job-id" not in detail["msg"]
+        listed = call(small, "GET", "/v1/jobs").json()
+        assert [(j["job_id"], j["state"]) for j in listed] == [(job_id, "FAILED")]
+        assert "not started" in call(small, "GET", f"/v1/jobs/{job_id}").json()["error"]
+        assert call(small, "POST", f"/v1/jobs/{job_id}/retry", user="bob").status_code == 404
+
+        proxy.fault = None  # the cluster answers again
+        retried = call(small, "POST", f"/v1/jobs/{job_id}/retry")
+        assert retried.status_code == 201 and retried.json()["job_id"] == job_id, retried.text
+        assert call(small, "POST", f"/v1/jobs/{job_id}/retry").status_code == 409  # running: cancel it first
+        deadline = time.monotonic() + 240
+        while (job := call(small, "GET", f"/v1/jobs/{job_id}").json())["state"] not in ("SUCCEEDED", "FAILED"):
+            assert time.monotonic() < deadline, job
+            time.sleep(1)
+        assert job["state"] == "SUCCEEDED" and job["attempts"] == 2, job

@@ -7,9 +7,12 @@ gateway's, and every path a spec names must lie under the gateway's data root. A
 fetches only their own jobs. OpenAPI: /openapi.json (browsable at /docs).
 """
 
+import asyncio
+import functools
 import hashlib
 import hmac
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -18,12 +21,13 @@ from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from jobspecs import SpecError, parse_spec
+from jobspecs import JobSpec, SpecError, parse_spec
 from jobspecs.schema import StorageSpec
+from orchestrator.api.log_streams import Followers, answers, follow
 from orchestrator.control.jobs import IndexEntry, JobError, JobRecord, LocalIndex, UnknownJob
 from orchestrator.control.launchers import current_record
 from orchestrator.control.ray_jobs import RayJobsError
-from orchestrator.control.submission import cancel, read_log, submit, tail
+from orchestrator.control.submission import NotStarted, cancel, read_log, submit
 from orchestrator.storage.artifacts import IncompleteJob, job_key, read_manifest
 from workers.store import StoreError
 
@@ -46,6 +50,13 @@ class GatewayConfig(BaseModel):
     url_expiry_s: int = Field(900, gt=0, le=7 * 24 * 3600, description="Lifetime of presigned artifact URLs.")
     host: str = Field("127.0.0.1", description="Interface to listen on (0.0.0.0 inside a pod).")
     port: int = Field(8000, gt=0, lt=65536)
+    call_threads: int = Field(16, gt=0, description="Threads for the blocking calls requests make (the store, "
+                                                   "Ray's job API); cancels wait on a pool of their own.")
+    max_followers_per_user: int = Field(6, gt=0, description="Log streams (follow=true) one user may hold open; "
+                                                            "more are refused with 429.")
+    max_followers_per_job: int = Field(2, gt=0, description="Log streams one job may have open at once.")
+    follow_max_s: int = Field(3600, gt=0, description="A log stream ends after this long, saying the offset to "
+                                                      "follow again from.")
 
 
 def load_config(path: Path) -> GatewayConfig:
@@ -127,7 +138,15 @@ def create_app(config: GatewayConfig) -> FastAPI:
                   description="Start, follow, cancel and fetch peftfleet jobs. Authenticate with "
                               "`Authorization: Bearer <your token>`.")
 
-    def user_of(request: Request) -> str:
+    calls = ThreadPoolExecutor(config.call_threads, thread_name_prefix="gateway-call")
+    cancels = ThreadPoolExecutor(4, thread_name_prefix="gateway-cancel")  # a cancel waits up to 60 s
+    followers = Followers(config.max_followers_per_user, config.max_followers_per_job)
+
+    async def blocking(fn, *args, pool: ThreadPoolExecutor = calls, **kwargs):
+        """Run a blocking call (store, Ray) on the gateway's own pool, never on the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(pool, functools.partial(fn, *args, **kwargs))
+
+    async def user_of(request: Request) -> str:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token:
             raise HTTPException(401, "missing bearer token", headers={"WWW-Authenticate": "Bearer"})
@@ -141,13 +160,14 @@ def create_app(config: GatewayConfig) -> FastAPI:
 
     User = Annotated[str, Depends(user_of)]
 
-    def own(job_id: str, user: str) -> IndexEntry:
+    async def own(job_id: str, user: str) -> IndexEntry:
+        """The user's job; another user's answers as an unknown one does (a 403 would confirm that it exists)."""
         try:
-            entry = index.get(job_id)
+            entry = await blocking(index.get, job_id)
         except UnknownJob:
-            raise HTTPException(404, f"no job {job_id!r}") from None
-        if entry.owner != user:
-            raise HTTPException(403, f"job {job_id!r} belongs to another user")
+            entry = None
+        if entry is None or entry.owner != user:
+            raise HTTPException(404, f"no job {job_id!r}")
         return entry
 
     def view(record: JobRecord) -> dict:
@@ -168,12 +188,11 @@ def create_app(config: GatewayConfig) -> FastAPI:
     async def store_unavailable(request: Request, err: StoreError):
         return JSONResponse({"detail": f"the job store did not answer: {err}"}, status_code=503)
 
-    @app.post("/v1/jobs", status_code=201, summary="Validate a job spec and start the job")
-    def submit_job(body: SubmitRequest, user: User) -> dict:
-        data = dict(body.spec)
+    def validated(data: dict) -> JobSpec:
+        """The spec as the gateway runs it: its storage, every path confined to the data root."""
         if "storage" in data:  # where jobs live, and with whose credentials, is the gateway's business
             raise spec_problems(("storage", f"set by the gateway ({config.storage.uri}); leave it out"))
-        data["storage"] = storage
+        data = {**data, "storage": storage}
         try:
             spec = parse_spec(data, source="spec", base_dir=data_root, check_files=True)
         except SpecError as err:
@@ -181,46 +200,86 @@ def create_app(config: GatewayConfig) -> FastAPI:
         for where, value in _paths(spec.model_dump(exclude={"storage"})):
             if not value.is_relative_to(data_root):
                 raise spec_problems((where, f"{value} is outside the gateway's data root {data_root}"))
+        return spec
+
+    def start(data: dict, user: str, job_id: str | None = None) -> dict:
+        spec = validated(data)
         try:
-            job_id = submit(spec, index, address=config.ray_address, owner=user)
+            job_id = submit(spec, index, job_id=job_id, address=config.ray_address, owner=user)
+        except NotStarted as err:  # listed FAILED; the owner retries it once the cluster answers
+            raise HTTPException(503, {"job_id": err.job_id, "msg": f"{err.reason}; the job is recorded FAILED: "
+                                      f"start it again with POST /v1/jobs/{err.job_id}/retry"}) from None
         except JobError as err:
             raise HTTPException(409 if err.code == 2 else 503, str(err)) from None
         return {"job_id": job_id, "state": "PENDING"}
 
+    @app.post("/v1/jobs", status_code=201, summary="Validate a job spec and start the job")
+    async def submit_job(body: SubmitRequest, user: User) -> dict:
+        return await blocking(start, dict(body.spec), user)
+
+    @app.post("/v1/jobs/{job_id}/retry", status_code=201,
+              summary="Start a job that failed, was cancelled or never started again, with its frozen spec; "
+                      "training resumes from its checkpoints")
+    async def retry_job(job_id: str, user: User) -> dict:
+        entry = await own(job_id, user)
+
+        def again() -> dict:
+            frozen = yaml.safe_load(entry.store().get_bytes(job_key(job_id, "spec.yaml")))
+            frozen.pop("storage", None)
+            return start(frozen, user, job_id)
+
+        return await blocking(again)
+
     @app.get("/v1/jobs", summary="Your jobs")
-    def list_jobs(user: User) -> list[dict]:
-        entries = [index.get(job_id) for job_id in index.ids()]
-        return [view(current_record(e)) for e in entries if e.owner == user]
+    async def list_jobs(user: User) -> list[dict]:
+        def mine() -> list[dict]:
+            entries = [index.get(job_id) for job_id in index.ids()]
+            return [view(current_record(e)) for e in entries if e.owner == user]
+
+        return await blocking(mine)
 
     @app.get("/v1/jobs/{job_id}", summary="A job's state, stages and error")
-    def get_job(job_id: str, user: User) -> dict:
-        return view(current_record(own(job_id, user)))
+    async def get_job(job_id: str, user: User) -> dict:
+        return view(await blocking(current_record, await own(job_id, user)))
 
     @app.get("/v1/jobs/{job_id}/logs", response_class=PlainTextResponse,
              summary="The driver's log from `offset` on (X-Next-Offset says where to go on); follow=true streams "
-                     "it until the job ends")
-    def logs(job_id: str, user: User, offset: Annotated[int, Query(ge=0)] = 0, follow: bool = False):
-        entry = own(job_id, user)
-        if follow:
-            return StreamingResponse(tail(entry, offset, poll_s=1.0), media_type="text/plain")
-        text, position = read_log(entry, offset)
+                     "it until the job ends (at most follow_max_s; the last line says where to go on)")
+    async def logs(job_id: str, user: User, request: Request, offset: Annotated[int, Query(ge=0)] = 0,
+                   follow_log: Annotated[bool, Query(alias="follow")] = False):
+        entry = await own(job_id, user)
+        if follow_log:
+            stream = follow(entry, offset, request, user, followers, calls, max_s=config.follow_max_s)
+            return StreamingResponse(stream, media_type="text/plain")
+        text, position = await blocking(read_log, entry, offset)
         return PlainTextResponse(text, headers={"X-Next-Offset": str(position)})
 
     @app.post("/v1/jobs/{job_id}/cancel", summary="Stop a running job; it ends CANCELLED")
-    def cancel_job(job_id: str, user: User) -> dict:
-        return view(cancel(own(job_id, user), timeout=60))
+    async def cancel_job(job_id: str, user: User) -> dict:
+        return view(await blocking(cancel, await own(job_id, user), timeout=60, pool=cancels))
 
     @app.get("/v1/jobs/{job_id}/artifacts", summary="A finished job's manifest, with short-lived download URLs")
-    def artifacts(job_id: str, user: User) -> dict:
-        entry = own(job_id, user)
-        store = entry.store()
-        try:
-            manifest = read_manifest(store, job_id)
-        except IncompleteJob as err:
-            raise HTTPException(409, str(err)) from None
-        return {"job_id": job_id, "expires_in_s": config.url_expiry_s, "artifacts": manifest.artifacts,
-                "files": [{**f.__dict__, "url": store.presigned_get(job_key(job_id, f.path), config.url_expiry_s)}
-                          for f in manifest.files]}
+    async def artifacts(job_id: str, user: User) -> dict:
+        entry = await own(job_id, user)
+
+        def listing() -> dict:
+            store = entry.store()
+            try:
+                manifest = read_manifest(store, job_id)
+            except IncompleteJob as err:
+                raise HTTPException(409, str(err)) from None
+            return {"job_id": job_id, "expires_in_s": config.url_expiry_s, "artifacts": manifest.artifacts,
+                    "files": [{**f.__dict__, "url": store.presigned_get(job_key(job_id, f.path),
+                                                                        config.url_expiry_s)}
+                              for f in manifest.files]}
+
+        return await blocking(listing)
+
+    @app.get("/readyz", summary="200 while the server answers requests; 503 when its call pool is wedged")
+    async def ready() -> JSONResponse:
+        if await answers(calls, timeout_s=2.0):
+            return JSONResponse({"ready": True, "log_streams": followers.open()})
+        return JSONResponse({"ready": False, "detail": "the gateway's call pool is busy"}, status_code=503)
 
     app.add_middleware(BodyLimit, max_bytes=config.max_body_kb * 1024)
     return app

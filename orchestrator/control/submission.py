@@ -41,6 +41,15 @@ def differences(a, b, path: str = "") -> list[str]:
     return [] if a == b else [path]
 
 
+class NotStarted(JobError):
+    """The job is recorded (FAILED, in the store and the index) but its driver could not be started."""
+
+    def __init__(self, job_id: str, reason: str):
+        super().__init__(f"{reason}\njob {job_id} is recorded FAILED; once that is fixed, start it with "
+                         f"--job-id {job_id}")
+        self.job_id, self.reason = job_id, reason
+
+
 def prepare_resubmission(spec: JobSpec, job_id: str, store, index: LocalIndex) -> JobRecord | None:
     """The record of an earlier attempt of `job_id` if it may be resumed (None: a new job with this id).
     Checkpoints live in the job's storage, so a new driver continues training where the last one stopped."""
@@ -85,15 +94,15 @@ def submit(spec: JobSpec, index: LocalIndex, job_id: str | None = None, address:
         raise JobError(f"cannot write the job to {spec.storage.uri}: {e}") from None
     storage_json = spec.storage.model_dump_json()
     entry = IndexEntry(job_id=job_id, storage=json.loads(storage_json), address=address, owner=owner)
+    index.add(entry)  # first: a job whose start fails is still listed, and its owner can retry it
     try:
         launcher_for(entry).start(storage_json, index.job_dir(job_id), record.attempts, spec.cluster.driver_cpus,
                                   {"peftfleet_job": job_id, "name": spec.name, "owner": owner or ""})
     except RayJobsError as err:  # recorded, so the store never holds a PENDING job that nothing will run
         record.finish(JobState.FAILED, f"not started: {err}")
         record.save(store)
-        raise JobError(f"{err}\njob {job_id} is recorded FAILED; once that is fixed, start it with "
-                       f"--job-id {job_id}") from None
-    index.add(entry)
+        raise NotStarted(job_id, str(err)) from None
+    index.add(entry)  # again: a local driver's start filled in its pid and log
     return job_id
 
 
