@@ -9,7 +9,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from jobspecs.schema import JobSpec
+from jobspecs.schema import JobSpec, input_problems
 
 
 class SpecError(Exception):
@@ -54,11 +54,17 @@ def parse_spec(data: Any, source: str = "<spec>", base_dir: Path | None = None, 
     """Validate an already-parsed mapping. Relative paths resolve against `base_dir`."""
     if not isinstance(data, dict):
         raise SpecError(source, [("", f"a job spec is a YAML mapping, got {type(data).__name__}")])
-    context = {"base_dir": base_dir or Path.cwd(), "check_files": check_files}
+    base_dir = base_dir or Path.cwd()
+    root = data.get("data_root")
+    context = {"base_dir": base_dir, "check_files": check_files,
+               "data_root": (base_dir / Path(root).expanduser()).resolve() if isinstance(root, str | Path) else None}
     try:
-        return JobSpec.model_validate(data, context=context)
+        spec = JobSpec.model_validate(data, context=context)
     except ValidationError as err:
         raise SpecError(source, _problems(err)) from None
+    if check_files and spec.data_root is not None and (problems := input_problems(spec)):
+        raise SpecError(source, problems)
+    return spec
 
 
 def load_spec(path: str | Path, check_files: bool = True) -> JobSpec:

@@ -27,6 +27,8 @@ from pydantic import (
     model_validator,
 )
 
+from jobspecs.confinement import Outside, check_tree, entry, inside
+
 STAGE_ORDER = ("calibrate", "decompose", "train", "export")
 """Stages a spec may list, in the only order they can run. `upload` always runs last and is not listed."""
 
@@ -49,6 +51,9 @@ def _resolve(value: Path, info: ValidationInfo) -> Path:
 
 def _existing(value: Path, info: ValidationInfo) -> Path:
     path = _resolve(value, info)
+    root = (info.context or {}).get("data_root")
+    if root is not None and not path.is_relative_to(root):  # before existence: the answer says nothing of the host
+        raise ValueError(f"{value} is outside the data root {root}")
     if (info.context or {}).get("check_files", True) and not path.exists():
         raise ValueError(f"no such file or directory: {path}")
     return path
@@ -419,7 +424,7 @@ class ClusterSpec(Section):
     )
 
 
-_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,39}$")
+_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,39}")
 
 
 class JobSpec(Section):
@@ -435,11 +440,16 @@ class JobSpec(Section):
     stages: list[Literal["calibrate", "decompose", "train", "export"]] | None = Field(
         None, description="Stages to run, in pipeline order; default: all that the spec implies. Upload always runs."
     )
+    data_root: Annotated[Path, AfterValidator(_resolve)] | None = Field(
+        None, description="Every file the job reads must lie under this folder: the paths the spec names, every "
+        "file inside the folders it names (links resolved), every file an index names. The gateway sets its own "
+        "and refuses specs that name one; unset (the CLI): links may lead anywhere."
+    )
 
     @field_validator("name")
     @classmethod
     def _name(cls, name: str) -> str:
-        if not _NAME.match(name):
+        if not _NAME.fullmatch(name):  # match() would let "x\n" through: `$` matches before a final newline
             raise ValueError("must be 1-40 chars of a-z, 0-9 and '-', starting with a letter or digit")
         return name
 
@@ -517,3 +527,53 @@ class JobSpec(Section):
             raise ValueError("train.precision: fp16 needs a GPU (DeepSpeed's CPU accelerator has no fp16); use bf16")
         return self
 
+
+
+_OUTPUTS = {"data_root", "cluster.node_cache_dir"}  # paths the job writes, not reads
+
+
+def input_paths(spec: JobSpec) -> list[tuple[str, Path]]:
+    """(field, path) of every file or folder the job reads."""
+    found: list[tuple[str, Path]] = []
+
+    def walk(value: object, where: str) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                walk(item, f"{where}.{key}" if where else key)
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                walk(item, f"{where}.{i}")
+        elif isinstance(value, Path) and where not in _OUTPUTS:
+            found.append((where, value))
+
+    walk(spec.model_dump(), "")
+    return found
+
+
+def input_problems(spec: JobSpec) -> list[tuple[str, str]]:
+    """(field, why) for every file the job would read that leaves the data root or is no plain file, including
+    the files inside the folders the spec names and the files their indexes name."""
+    root = spec.data_root
+    problems: list[tuple[str, str]] = []
+    for where, path in input_paths(spec):
+        try:
+            inside(root, path, where)
+            check_tree(root, path, where)
+        except (Outside, OSError) as err:
+            problems.append((where, str(err).removeprefix(f"{where}: ")))
+    indexes = [("model.path", spec.model.path / "model.safetensors.index.json", "weight_map")]
+    if spec.init.corda is not None and spec.init.corda.covariance_from is not None:
+        indexes.append(("init.corda.covariance_from", spec.init.corda.covariance_from / "groups.json", "file"))
+    for where, index, key in indexes:
+        if problems or not index.is_file():
+            continue
+        try:
+            data = json.loads(index.read_text())
+            names = data[key].values() if key == "weight_map" else [row[key] for row in data]
+            for name in names:
+                entry(index.parent, name, where)
+        except Outside as err:
+            problems.append((where, f"{index.name} {str(err).removeprefix(f'{where}: ')}"))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            problems.append((where, f"{index} is not a valid {index.name}"))
+    return problems

@@ -63,7 +63,13 @@ def ray_head(log_dir: Path, num_cpus: int = 4) -> Iterator[SimpleNamespace]:
     temp_dir = tempfile.mkdtemp(prefix="pfray-", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
     log = log_dir / "ray-start.log"
     port = free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "PATH": f"{BIN}:{os.environ['PATH']}",
+    # As infra/ deploys it: the token in a file only its owner can read, so that no process Ray starts (drivers,
+    # workers) has it in its environment, where /proc/self/environ would show it.
+    token_file = log_dir / "ray-token"
+    token_file.write_text(token)
+    token_file.chmod(0o400)
+    env = {**with_token(None), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file),
+           "PATH": f"{BIN}:{os.environ['PATH']}",
            "RAY_JOB_STOP_WAIT_TIME_S": "30"}  # let a cancelled driver record its end before Ray kills it
     with open(log, "wb") as out:
         proc = subprocess.Popen(

@@ -90,3 +90,35 @@ def test_every_source_type_loads(tmp_path, tokenizer, kind):
     examples = tokenize(spec.train, tokenizer, spec)
     assert len(examples) == 2
     assert tokenizer.decode([t for t in examples[1]["labels"] if t != IGNORE]) == "DOG</s>"
+
+
+@pytest.mark.parametrize("row, says", [
+    ({"input_ids": "1 2 3"}, "field 'input_ids' must be a non-empty list of token ids, got str"),
+    ({"input_ids": []}, "must be a non-empty list"),
+    ({"input_ids": [1, -3]}, "position 1 is -3, not a token id"),
+    ({"input_ids": [1, 2.5]}, "position 1 is 2.5"),
+    ({"input_ids": [1, 2], "labels": [1, "x"]}, "field 'labels': position 1 is 'x'"),
+    ({"input_ids": [1, 2], "labels": [1]}, "has 2 input_ids but 1 labels"),
+])
+def test_bad_token_rows_say_what_is_wrong_with_the_row(tmp_path, row, says):
+    from jobspecs.schema import DataSource, DataSpec
+    from workers.data import tokenize
+
+    path = tmp_path / "tokens.jsonl"
+    path.write_text(json.dumps({"input_ids": [1, 2, 3]}) + "\n" + json.dumps(row) + "\n")
+    data = DataSpec.model_validate({"format": "tokens", "train": str(path), "pad_token_id": 0})
+    with pytest.raises(ValueError) as err:
+        tokenize(DataSource(path=path), None, data)
+    assert str(err.value).startswith(f"{path}: record 1 ") and says in str(err.value), err.value
+
+
+def test_a_dataset_smaller_than_the_workers_or_past_the_vocabulary_is_refused_naming_it(tmp_path):
+    from jobspecs.schema import DataSource
+    from workers.data import check_fits
+
+    source = DataSource(path=tmp_path)
+    with pytest.raises(ValueError, match="1 record\\(s\\) for 2 training workers"):
+        check_fits([{"input_ids": [1]}], source, vocab_size=10, workers=2)
+    with pytest.raises(ValueError, match="record 1 has token id 10, past the model's vocabulary"):
+        check_fits([{"input_ids": [1]}, {"input_ids": [10]}], source, vocab_size=10, workers=1)
+    check_fits([{"input_ids": [9]}], source, vocab_size=10, workers=1)

@@ -75,7 +75,25 @@ def test_every_secret_reference_exists_and_token_auth_is_on_every_ray_pod():
     for pod in all_pods():
         env = {e["name"]: e for c in containers(pod) for e in c.get("env", [])}
         assert env["RAY_AUTH_MODE"]["value"] == "token"
-        assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "peftfleet-ray-token"
+        assert "RAY_AUTH_TOKEN" in env or "RAY_AUTH_TOKEN_PATH" in env
+
+
+def test_the_ray_pods_give_the_processes_they_start_no_secret_in_their_environment():
+    secrets = {s["metadata"]["name"]: set(s["stringData"]) for s in by_kind("k8s/secrets.example.yaml", "Secret")}
+    spec = cluster()["spec"]
+    for pod in [spec["headGroupSpec"]["template"], *(g["template"] for g in spec["workerGroupSpecs"])]:
+        (container,) = containers(pod)
+        env = {e["name"]: e for e in container["env"]}
+        assert not any("valueFrom" in e for e in env.values()), "a secret in a Ray pod's environment"
+        volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+        mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+        for variable, secret in (("RAY_AUTH_TOKEN_PATH", "peftfleet-ray-token"),
+                                 ("AWS_SHARED_CREDENTIALS_FILE", "peftfleet-s3")):
+            path = Path(env[variable]["value"])
+            mount = mounts[str(path.parent)]
+            volume = volumes[mount["name"]]["secret"]
+            assert mount["readOnly"] and volume["secretName"] == secret and volume["defaultMode"] == 0o400
+            assert path.name in secrets[secret] and not path.is_relative_to("/data")  # outside the data root
 
 
 def test_the_dashboard_is_not_exposed_outside_the_cluster():

@@ -10,6 +10,7 @@ import secrets
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -97,7 +98,7 @@ def gw(head, assets, s3_endpoint, tmp_path_factory):
     boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
     storage = {"uri": f"s3://{bucket}/gw", "endpoint_url": s3_endpoint, "region": "us-east-1"}
     with gateway(head, tmp_path_factory.mktemp("gateway"), data_root=assets, storage=storage) as running:
-        running.bucket, running.s3_endpoint = bucket, s3_endpoint
+        running.bucket, running.s3_endpoint, running.ray_token = bucket, s3_endpoint, head.token
         yield running
     logged = running.log.read_text()
     assert not any(t in logged for t in [*running.tokens.values(), head.token]), "a token reached the gateway's log"
@@ -137,6 +138,13 @@ def test_gateway_runs_a_job_streams_its_log_and_hands_out_verified_artifacts(gw)
     assert any(f["path"].endswith("adapter/adapter_model.safetensors") for f in listing["files"])
 
 
+def _cmdline(proc: Path) -> bytes:
+    try:
+        return proc.joinpath("cmdline").read_bytes()
+    except OSError:  # gone meanwhile
+        return b""
+
+
 def test_gateway_cancels_a_running_job_and_its_workers_go(gw):
     job_id = call(gw, "POST", "/v1/jobs", json={"spec": gateway_spec(max_steps=100_000)}).json()["job_id"]
     deadline, log = time.monotonic() + 180, ""
@@ -145,6 +153,12 @@ def test_gateway_cancels_a_running_job_and_its_workers_go(gw):
         time.sleep(1)
         log = call(gw, "GET", f"/v1/jobs/{job_id}/logs").text
     worker_pid = int(re.search(r"\(RayTrainWorker pid=(\d+)", log).group(1))
+    drivers = [p for p in Path("/proc").glob("[0-9]*") if _cmdline(p).startswith(
+        b"python\0-m\0orchestrator.control.driver\0" + job_id.encode())]
+    assert len(drivers) == 1
+    for proc in (drivers[0], Path(f"/proc/{worker_pid}")):  # what the job runs inherits no Ray token
+        environ = proc.joinpath("environ").read_bytes()
+        assert b"RAY_AUTH_TOKEN_PATH=" in environ and gw.ray_token.encode() not in environ
     job = call(gw, "POST", f"/v1/jobs/{job_id}/cancel").json()
     assert job["state"] == "CANCELLED" and job["stage"] == "train", job
     assert wait_gone(worker_pid, timeout=60), "the training worker outlived the cancel"
@@ -153,7 +167,7 @@ def test_gateway_cancels_a_running_job_and_its_workers_go(gw):
 
 @pytest.mark.parametrize("case", ["no token", "wrong token", "entrypoint", "runtime_env", "oversize",
                                   "oversize chunked", "bad field",
-                                  "storage", "unknown job"])
+                                  "storage", "data_root", "unknown job"])
 def test_gateway_refusals(gw, case):
     spec = gateway_spec()
     if case == "no token":
@@ -175,10 +189,10 @@ def test_gateway_refusals(gw, case):
         response = call(gw, "POST", "/v1/jobs", json={"spec": {**spec, "adapter": {"method": "lora", "r": 0}}})
         expect = 422
         assert response.json()["detail"][0]["loc"] == ["body", "spec", "adapter", "r"], response.text
-    elif case == "storage":
-        response = call(gw, "POST", "/v1/jobs", json={"spec": {**spec, "storage": {"uri": "file:///tmp/x"}}})
-        expect = 422
-        assert "set by the gateway" in response.text
+    elif case in ("storage", "data_root"):
+        value = {"uri": "file:///tmp/x"} if case == "storage" else "/"
+        response, expect = call(gw, "POST", "/v1/jobs", json={"spec": {**spec, case: value}}), 422
+        assert "set by the gateway" in response.text and response.json()["detail"][0]["loc"][-1] == case
     else:
         response, expect = call(gw, "GET", "/v1/jobs/no-such-job"), 404
     assert response.status_code == expect, response.text
@@ -189,7 +203,7 @@ def test_gateway_data_root_confines_paths(gw, assets, tmp_path):
     outside = tmp_path / "model"
     shutil.copytree(assets / "tiny-llama", outside)
     response = call(gw, "POST", "/v1/jobs", json={"spec": {**gateway_spec(), "model": {"path": str(outside)}}})
-    assert response.status_code == 422 and "outside the gateway's data root" in response.text
+    assert response.status_code == 422 and "outside the data root" in response.text
     assert response.json()["detail"][0]["loc"] == ["body", "spec", "model", "path"]
 
 
@@ -306,3 +320,65 @@ def test_a_submission_ray_refuses_is_kept_and_its_owner_can_retry_it(head, asset
             assert time.monotonic() < deadline, job
             time.sleep(1)
         assert job["state"] == "SUCCEEDED" and job["attempts"] == 2, job
+
+
+# --- files that lead outside the data root ----------------------------------------------------------------------
+
+SECRET = "/proc/self/environ"  # the reading process's environment: on the Ray pods, where tokens would be
+
+
+@pytest.fixture
+def inside_root(assets):
+    """A model folder (with its tokenizer) inside the gateway's data root, for one test to tamper with."""
+    folder = assets / f"attack-{secrets.token_hex(4)}"
+    shutil.copytree(assets / "tiny-llama", folder / "model")
+    yield folder
+    shutil.rmtree(folder)
+
+
+@pytest.mark.parametrize("attack", ["tokenizer file", "index entry", "dataset file", "deepspeed config"])
+def test_gateway_refuses_files_inside_named_folders_that_lead_outside_its_root(gw, inside_root, attack):
+    rel, spec = inside_root.name, gateway_spec()
+    spec["model"] = {"path": f"{rel}/model"}
+    loc = ["model", "path"]
+    if attack == "tokenizer file":  # save_pretrained in the export would write it into a downloadable artifact
+        (inside_root / "model" / "chat_template.jinja").unlink()
+        (inside_root / "model" / "chat_template.jinja").symlink_to(SECRET)
+    elif attack == "index entry":
+        index = {"metadata": {}, "weight_map": {"lm_head.weight": "/etc/passwd"}}
+        (inside_root / "model" / "model.safetensors.index.json").write_text(json.dumps(index))
+    elif attack == "dataset file":
+        (inside_root / "ds").mkdir()
+        (inside_root / "ds" / "data-00000-of-00001.arrow").symlink_to(SECRET)
+        spec["data"]["train"], loc = f"{rel}/ds", ["data", "train", "path"]
+    else:
+        (inside_root / "ds.json").symlink_to(SECRET)
+        spec["train"]["deepspeed_config"], loc = f"{rel}/ds.json", ["train", "deepspeed_config"]
+    response = call(gw, "POST", "/v1/jobs", json={"spec": spec})
+    assert response.status_code == 422, response.text
+    [problem] = response.json()["detail"]
+    assert problem["loc"] == ["body", "spec", *loc], problem
+    assert "outside the data root" in problem["msg"] or "which is not a file inside" in problem["msg"], problem
+    assert "RAY_AUTH" not in response.text and SECRET not in response.text
+
+
+def test_a_folder_swapped_for_a_link_after_the_gateway_checked_it_fails_the_job(gw, inside_root):
+    import boto3
+
+    spec = {**gateway_spec(), "model": {"path": f"{inside_root.name}/model"}}
+    submitted = call(gw, "POST", "/v1/jobs", json={"spec": spec})
+    assert submitted.status_code == 201, submitted.text
+    template = inside_root / "model" / "chat_template.jinja"
+    template.unlink()  # the driver takes seconds to start: this is long done when it checks
+    template.symlink_to(SECRET)
+    job_id = submitted.json()["job_id"]
+    deadline = time.monotonic() + 180
+    while (job := call(gw, "GET", f"/v1/jobs/{job_id}").json())["state"] not in ("SUCCEEDED", "FAILED"):
+        assert time.monotonic() < deadline, job
+        time.sleep(1)
+    assert job["state"] == "FAILED" and "chat_template.jinja" in job["error"] and "outside" in job["error"], job
+    assert call(gw, "GET", f"/v1/jobs/{job_id}/artifacts").status_code == 409
+    s3 = boto3.client("s3", endpoint_url=gw.s3_endpoint)
+    for obj in s3.list_objects_v2(Bucket=gw.bucket, Prefix=f"gw/jobs/{job_id}/")["Contents"]:
+        body = s3.get_object(Bucket=gw.bucket, Key=obj["Key"])["Body"].read()
+        assert gw.ray_token.encode() not in body and b"RAY_AUTH_TOKEN_PATH" not in body, obj["Key"]

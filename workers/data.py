@@ -4,11 +4,14 @@ response (assistant turns) is learned: every label before it is -100."""
 from __future__ import annotations
 
 import random
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from jobspecs.confinement import copy_small_files
 from jobspecs.schema import DataFields, DataSource, DataSpec, JobSpec, config_pad_id, tokenizer_problem
 
 IGNORE = -100
@@ -21,7 +24,11 @@ def load_tokenizer(spec: JobSpec):
     folder = spec.model.tokenizer_path
     if not spec.needs_tokenizer and tokenizer_problem(folder):
         return None
-    return AutoTokenizer.from_pretrained(folder)
+    if spec.data_root is None:
+        return AutoTokenizer.from_pretrained(folder)
+    # Read from a checked copy: what save_pretrained later writes into an artifact is what was checked.
+    with tempfile.TemporaryDirectory(prefix="peftfleet-tokenizer-") as copy:
+        return AutoTokenizer.from_pretrained(copy_small_files(spec.data_root, folder, Path(copy), "model.tokenizer"))
 
 
 def pad_id(spec: JobSpec, tokenizer) -> int:
@@ -112,9 +119,37 @@ def to_example(record: dict[str, Any], tokenizer, fmt: str, fields: DataFields, 
         return chat_example(tokenizer, _field(record, fields.messages), max_len)
     if fmt == "text":
         return text_example(tokenizer, _field(record, fields.text), max_len)
-    ids = list(_field(record, fields.input_ids))[:max_len]
-    labels = list(record["labels"])[:max_len] if record.get("labels") is not None else list(ids)
-    return {"input_ids": ids, "labels": labels}
+    ids = _id_list(_field(record, fields.input_ids), fields.input_ids)[:max_len]
+    labels = _id_list(record["labels"], "labels", IGNORE)[:max_len] if record.get("labels") is not None else ids
+    if len(labels) != len(ids):
+        raise ValueError(f"has {len(ids)} {fields.input_ids} but {len(labels)} labels (after max_seq_len)")
+    return {"input_ids": ids, "labels": list(labels)}
+
+
+def _id_list(value: Any, name: str, allowed: int | None = None) -> list[int]:
+    """A row's token ids as a list of non-negative ints (`allowed`: one negative value that may appear too)."""
+    if not isinstance(value, list | tuple) or not value:
+        raise ValueError(f"field {name!r} must be a non-empty list of token ids, got {type(value).__name__}")
+    ids = []
+    for i, v in enumerate(value):
+        if isinstance(v, float) and v.is_integer():  # columnar loaders make a column float if one row has a float
+            v = int(v)
+        if isinstance(v, bool) or not isinstance(v, int) or (v < 0 and v != allowed):
+            raise ValueError(f"field {name!r}: position {i} is {v!r}, not a token id (an int ≥ 0"
+                             + (f" or {allowed})" if allowed is not None else ")"))
+        ids.append(v)
+    return ids
+
+
+def check_fits(examples: Sequence[dict], source: DataSource, vocab_size: int, workers: int) -> None:
+    """What the model and the workers need of a dataset, said before any tensor is built from it."""
+    if len(examples) < workers:
+        raise ValueError(f"{source.path}: {len(examples)} record(s) for {workers} training workers; each worker "
+                         f"needs at least one: add records or lower train.num_workers")
+    for row, ex in enumerate(examples):
+        if (top := max(ex["input_ids"], default=0)) >= vocab_size:
+            raise ValueError(f"{source.path}: record {row} has token id {top}, past the model's vocabulary "
+                             f"(vocab_size {vocab_size})")
 
 
 def tokenize(source: DataSource, tokenizer, data: DataSpec, max_len: int | None = None) -> list[dict[str, list[int]]]:
@@ -127,6 +162,8 @@ def tokenize(source: DataSource, tokenizer, data: DataSpec, max_len: int | None 
         except KeyError as err:
             raise ValueError(f"{source.path}: record {row} has no field {err} needed by data.format "
                              f"{data.format!r} (see data.fields)") from None
+        except ValueError as err:
+            raise ValueError(f"{source.path}: record {row} {err}") from None
     return examples
 
 

@@ -89,7 +89,8 @@ def write_formats(spec: JobSpec, adapter_files: dict[str, bytes], corda_init: di
             say(f"export: Wise-FT α {fmt(alpha)}: eval loss {loss:.4f}, perplexity {perplexity:.2f}")
     for alpha in spec.export.merge_alphas if "merged" in formats else []:
         merged_dir = folder(f"merged@{fmt(alpha)}", True)
-        write_merged(original_base, MergedWeights(original_base, on_original, alpha), merged_dir, SHARD_BYTES)
+        write_merged(original_base, MergedWeights(original_base, on_original, alpha), merged_dir, SHARD_BYTES,
+                     root=spec.data_root)
         if tokenizer is not None:
             tokenizer.save_pretrained(merged_dir)
         say(f"export: merged@{fmt(alpha)} written")

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from jobspecs.confinement import open_checked
 from workers.adapter_math import ADAPTER_CONFIG, ADAPTER_WEIGHTS, scale
 from workers.weights import SINGLE, pack, read_tensors, shard_name, tensor_infos, write_index, write_streamed
 
@@ -114,7 +115,8 @@ def _set(module: torch.nn.Module, key: str, value: torch.Tensor) -> None:
         module._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)
 
 
-def write_merged(base: str | Path, merge: MergedWeights, out: Path, shard_bytes: int) -> None:
+def write_merged(base: str | Path, merge: MergedWeights, out: Path, shard_bytes: int,
+                 root: Path | None = None) -> None:
     """The merged model as a Hugging Face folder (config + safetensors shards of at most `shard_bytes` + index),
     streamed from the base's files one module at a time: a module's base tensors and their merged copies are all
     it holds."""
@@ -140,5 +142,6 @@ def write_merged(base: str | Path, merge: MergedWeights, out: Path, shard_bytes:
     if len(groups) > 1:
         write_index(out, files, sum(i.nbytes for i in infos.values()))
     for small in ("config.json", "generation_config.json"):
-        if (base / small).is_file():
-            shutil.copyfile(base / small, out / small)
+        if (base / small).is_file():  # copied byte for byte into an artifact: only a checked file
+            with open_checked(root, base / small, "model.path") as src, open(out / small, "wb") as dest:
+                shutil.copyfileobj(src, dest)

@@ -25,7 +25,7 @@ import torch
 from jobspecs.schema import JobSpec
 from workers.adalora import AdaLoraBudget, add_regulariser
 from workers.adapters import peft_config
-from workers.data import IGNORE, collate, load_tokenizer, pad_id, shard, tokenize
+from workers.data import IGNORE, check_fits, collate, load_tokenizer, pad_id, shard, tokenize
 from workers.deepspeed_config import deepspeed_config
 from workers.job_process import start_job_process
 from workers.logs import say
@@ -210,6 +210,7 @@ def setup(spec: JobSpec, corda_init: dict[str, StoredFolder] | None) -> Run:
     os.environ["DS_ACCELERATOR"] = "cuda" if cfg.use_gpu else "cpu"
     import deepspeed
     import ray.train
+    from transformers import AutoConfig
     from transformers.integrations import HfDeepSpeedConfig
 
     ctx = ray.train.get_context()
@@ -225,6 +226,10 @@ def setup(spec: JobSpec, corda_init: dict[str, StoredFolder] | None) -> Run:
     tokenizer = load_tokenizer(spec)
     train_set = tokenize(spec.data.train, tokenizer, spec.data)
     eval_set = tokenize(spec.data.eval, tokenizer, spec.data) if spec.data.eval else []
+    vocab = AutoConfig.from_pretrained(spec.model.path).vocab_size
+    check_fits(train_set, spec.data.train, vocab, ctx.get_world_size())
+    if spec.data.eval:
+        check_fits(eval_set, spec.data.eval, vocab, 1)
     total = optimizer_steps(spec, len(train_set))
     phase_done("data")
     ds_config = deepspeed_config(spec, ctx.get_world_size())

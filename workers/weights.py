@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from jobspecs.confinement import entry
 from workers.store import Store, StoredFile
 
 SINGLE = "model.safetensors"
@@ -52,7 +53,10 @@ def weight_map(folder: Path) -> dict[str, str]:
     """tensor name → file, from the index (sharded) or the single file; a clear error for anything else."""
     folder = Path(folder)
     if (folder / INDEX).is_file():
-        return dict(json.loads((folder / INDEX).read_text())["weight_map"])
+        where = dict(json.loads((folder / INDEX).read_text())["weight_map"])
+        for file in set(where.values()):  # an index may name any path: only files of this folder are read
+            entry(folder, file, str(folder / INDEX))
+        return where
     if (folder / SINGLE).is_file():
         return dict.fromkeys(header(folder / SINGLE), SINGLE)
     raise ValueError(f"{folder}: no {SINGLE} or {INDEX}; only safetensors weights can be read tensor by tensor")

@@ -190,16 +190,18 @@ def create_app(config: GatewayConfig) -> FastAPI:
 
     def validated(data: dict) -> JobSpec:
         """The spec as the gateway runs it: its storage, every path confined to the data root."""
-        if "storage" in data:  # where jobs live, and with whose credentials, is the gateway's business
-            raise spec_problems(("storage", f"set by the gateway ({config.storage.uri}); leave it out"))
-        data = {**data, "storage": storage}
+        for key, value in (("storage", config.storage.uri), ("data_root", data_root)):
+            if key in data:  # where jobs live and what they may read is the gateway's business
+                raise spec_problems((key, f"set by the gateway ({value}); leave it out"))
+        # The data root goes into the frozen spec: the driver and every process that reads re-check against it.
+        data = {**data, "storage": storage, "data_root": str(data_root)}
         try:
             spec = parse_spec(data, source="spec", base_dir=data_root, check_files=True)
         except SpecError as err:
             raise spec_problems(*err.problems) from None
         for where, value in _paths(spec.model_dump(exclude={"storage"})):
             if not value.is_relative_to(data_root):
-                raise spec_problems((where, f"{value} is outside the gateway's data root {data_root}"))
+                raise spec_problems((where, f"{value} is outside the data root {data_root}"))
         return spec
 
     def start(data: dict, user: str, job_id: str | None = None) -> dict:
@@ -225,7 +227,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
 
         def again() -> dict:
             frozen = yaml.safe_load(entry.store().get_bytes(job_key(job_id, "spec.yaml")))
-            frozen.pop("storage", None)
+            frozen.pop("storage", None), frozen.pop("data_root", None)
             return start(frozen, user, job_id)
 
         return await blocking(again)

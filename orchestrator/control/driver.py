@@ -101,7 +101,8 @@ def run_job(job_id: str, store: Store, ray_address: str | None = None) -> JobRec
         # The files are checked where they are read: a job submitted to a cluster names paths on the cluster.
         spec = spec_from_frozen(store.get_bytes(job_key(job_id, "spec.yaml")).decode(), check_files=True)
     except SpecError as err:
-        record.finish(JobState.FAILED, f"the spec's files are not all here on {socket.gethostname()}: {err}")
+        record.finish(JobState.FAILED, f"the spec's files do not all check out here on {socket.gethostname()} "
+                                       f"(missing, or leading outside its data_root): {err}")
         record.save(store)
         log.error("%s", record.error)
         return record
