@@ -27,7 +27,8 @@ from pydantic import (
     model_validator,
 )
 
-from jobspecs.confinement import Outside, check_tree, entry, inside
+from jobspecs.confinement import Outside, check_tree, entry, inside, open_checked
+from jobspecs.deepspeed_keys import refusal, refused
 
 STAGE_ORDER = ("calibrate", "decompose", "train", "export")
 """Stages a spec may list, in the only order they can run. `upload` always runs last and is not listed."""
@@ -358,6 +359,9 @@ class StorageSpec(Section):
         "Credentials come from the environment / standard AWS chain, never from the spec.",
     )
     endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, Ceph, ...); AWS when unset.")
+    public_endpoint_url: str | None = Field(
+        None, description="The endpoint presigned download URLs name, when the one the cluster uses is not reachable "
+        "by whoever downloads (an in-cluster http://minio:9000 behind a TLS ingress); default: endpoint_url.")
     region: str | None = None
     multipart_threshold_mb: int = Field(8, gt=0, description="Files larger than this upload in parts of this size.")
     max_attempts: int = Field(5, gt=0, description="Whole-operation attempts per file before the stage fails; "
@@ -377,6 +381,13 @@ class StorageSpec(Section):
                         "AWS_SECRET_ACCESS_KEY (or a profile / instance role) in the environment"
                     )
         return data
+
+    @field_validator("public_endpoint_url")
+    @classmethod
+    def _public(cls, url: str | None) -> str | None:
+        if url is not None and not url.startswith(("https://", "http://")):
+            raise ValueError(f"{url!r}: an http(s):// URL")
+        return url
 
     @field_validator("uri")
     @classmethod
@@ -561,6 +572,8 @@ def input_problems(spec: JobSpec) -> list[tuple[str, str]]:
             check_tree(root, path, where)
         except (Outside, OSError) as err:
             problems.append((where, str(err).removeprefix(f"{where}: ")))
+    if spec.train.deepspeed_config is not None and not problems:
+        problems += [("train.deepspeed_config", why) for why in deepspeed_problems(spec)]
     indexes = [("model.path", spec.model.path / "model.safetensors.index.json", "weight_map")]
     if spec.init.corda is not None and spec.init.corda.covariance_from is not None:
         indexes.append(("init.corda.covariance_from", spec.init.corda.covariance_from / "groups.json", "file"))
@@ -577,3 +590,25 @@ def input_problems(spec: JobSpec) -> list[tuple[str, str]]:
         except (ValueError, KeyError, TypeError, AttributeError):
             problems.append((where, f"{index} is not a valid {index.name}"))
     return problems
+
+
+def confined_deepspeed_config(spec: JobSpec) -> dict:
+    """The spec's DeepSpeed JSON, read through a checked descriptor; for a job with a data_root, refused (naming
+    the keys) unless every key is allow-listed. Raises ValueError."""
+    path = spec.train.deepspeed_config
+    with open_checked(spec.data_root, path, "train.deepspeed_config") as f:
+        try:
+            config = json.load(f)
+        except ValueError as err:
+            raise ValueError(f"train.deepspeed_config: {path} is not JSON: {err}") from None
+    if spec.data_root is not None and (paths := refused(config)):
+        raise ValueError(f"train.deepspeed_config: {path} {refusal(paths)}")
+    return config
+
+
+def deepspeed_problems(spec: JobSpec) -> list[str]:
+    try:
+        confined_deepspeed_config(spec)
+    except (ValueError, OSError) as err:
+        return [str(err).removeprefix("train.deepspeed_config: ")]
+    return []

@@ -124,3 +124,44 @@ def test_a_file_swapped_after_the_check_is_refused_where_it_is_read(root):
 def test_a_job_name_with_a_trailing_newline_is_refused(root):
     [(where, _)] = problems(root, {**spec_in(root), "name": "x\n"})
     assert where == "name"
+
+
+CODE_ADJACENT = {  # DeepSpeed would open these paths, or import these modules
+    "flops_profiler": {"enabled": True, "output_file": "/tmp/pwned"},
+    "torch_autocast": {"enabled": True, "lower_precision_safe_modules": ["os.system"]},
+    "zero_optimization": {"stage": 3, "offload_param": {"device": "nvme", "nvme_path": "/etc"}},
+}
+
+
+def test_a_confined_job_may_set_only_allow_listed_deepspeed_keys(root):
+    from workers.deepspeed_config import deepspeed_config
+
+    fine = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "bf16": {"enabled": False},
+            "zero_optimization": {"stage": 2, "overlap_comm": True, "offload_optimizer": {"device": "cpu"}}}
+    (root / "ds.json").write_text(json.dumps(fine))
+    spec = spec_in(root, train={"deepspeed_config": "ds.json"})
+    assert deepspeed_config(parse_spec(spec, base_dir=root), 1)["zero_optimization"]["stage"] == 2
+
+    (root / "ds.json").write_text(json.dumps({**fine, **CODE_ADJACENT}))
+    [(where, why)] = problems(root, spec)
+    assert where == "train.deepspeed_config"
+    for named in ("flops_profiler", "torch_autocast", "zero_optimization.offload_param.device='nvme'",
+                  "zero_optimization.offload_param.nvme_path"):
+        assert named in why, why
+    assert "zero_optimization.stage" not in why and "bf16" not in why
+
+    # Validated, then rewritten before the worker reads it: the worker's read is checked too.
+    (root / "ds.json").write_text(json.dumps(fine))
+    checked = parse_spec(spec, base_dir=root)
+    (root / "ds.json").write_text(json.dumps({**fine, **CODE_ADJACENT}))
+    with pytest.raises(ValueError, match="flops_profiler"):
+        deepspeed_config(checked, 1)
+
+
+def test_without_a_data_root_the_deepspeed_json_is_used_verbatim(root):
+    from workers.deepspeed_config import deepspeed_config
+
+    (root / "ds.json").write_text(json.dumps({"train_micro_batch_size_per_gpu": 2, **CODE_ADJACENT}))
+    spec = spec_in(root, train={"deepspeed_config": "ds.json"})
+    del spec["data_root"]
+    assert deepspeed_config(parse_spec(spec, base_dir=root), 1)["flops_profiler"]["output_file"] == "/tmp/pwned"

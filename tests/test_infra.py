@@ -164,3 +164,134 @@ def test_gateway_holds_the_ray_token_serves_its_config_and_reaches_the_head_and_
                                           f"{service['spec']['ports'][0]['port']}"
     (gateway_service,) = by_kind("k8s/gateway.yaml", "Service")
     assert gateway_service["spec"]["ports"][0]["port"] == config.port and config.host == "0.0.0.0"
+
+
+# --- hardening ----------------------------------------------------------------------------------------------------
+
+
+def gateway_pod() -> dict:
+    (deployment,) = by_kind("k8s/gateway.yaml", "Deployment")
+    return deployment["spec"]["template"]
+
+
+def minio_pods() -> list[dict]:
+    (deployment,) = by_kind("k8s/minio.yaml", "Deployment")
+    (job,) = by_kind("k8s/minio.yaml", "Job")
+    return [deployment["spec"]["template"], job["spec"]["template"]]
+
+
+def test_every_pod_runs_unprivileged_on_a_read_only_root_without_a_service_account_token():
+    head = cluster()["spec"]["headGroupSpec"]["template"]
+    for pod in [*all_pods(), gateway_pod(), *minio_pods()]:
+        security = pod["spec"]["securityContext"]
+        assert security["runAsNonRoot"] is True and security["runAsUser"] != 0
+        assert security["seccompProfile"] == {"type": "RuntimeDefault"}
+        # the head keeps its token: KubeRay's autoscaler beside it scales the worker group through the API
+        assert pod["spec"].get("automountServiceAccountToken") is (None if pod == head else False)
+        for container in containers(pod):
+            c = container["securityContext"]
+            assert c["allowPrivilegeEscalation"] is False and c["readOnlyRootFilesystem"] is True
+            assert c["capabilities"] == {"drop": ["ALL"]}
+            mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
+            volumes = {v["name"]: v for v in pod["spec"].get("volumes", [])}
+            if container["name"] != "submitter":  # writes nothing; every other container has a scratch /tmp
+                assert "emptyDir" in volumes[mounts["/tmp"]], container["name"]
+
+
+def test_jobs_and_the_gateway_read_the_data_volume_read_only():
+    for pod in [*all_pods()[:-1], gateway_pod()]:  # the Ray pods (jobs run there) and the gateway
+        (container,) = containers(pod)
+        (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == "/data"]
+        (volume,) = [v for v in pod["spec"]["volumes"] if v["name"] == mount["name"]]
+        assert mount["readOnly"] is True and volume["persistentVolumeClaim"]["readOnly"] is True
+
+
+def _labels() -> dict[str, dict]:
+    """Every pod kind's labels, as the manifests (or, for Ray pods, KubeRay) set them."""
+    name = cluster()["metadata"]["name"]
+    (job,) = by_kind("k8s/rayjob.yaml", "RayJob")
+    minio, setup = minio_pods()
+    return {"ray head": {"ray.io/cluster": name, "ray.io/node-type": "head"},
+            "ray worker": {"ray.io/cluster": name, "ray.io/node-type": "worker"},
+            "gateway": gateway_pod()["metadata"]["labels"], "minio": minio["metadata"]["labels"],
+            "minio setup": setup["metadata"]["labels"],
+            "submitter": job["spec"]["submitterPodTemplate"]["metadata"]["labels"],
+            "another pod": {"app": "anything-else"}}
+
+
+def _allowed(source: str, dest: str, port: int, namespace: str = "default") -> bool:
+    """Whether the NetworkPolicies let a pod of kind `source` (or, for "ingress", a pod of the ingress
+    controller's namespace) reach `port` on a pod of kind `dest`."""
+    labels = _labels()
+    src = {} if source == "ingress" else labels[source]
+    src_ns = {"kubernetes.io/metadata.name": "ingress-nginx" if source == "ingress" else namespace}
+
+    def matches(selector: dict, have: dict) -> bool:
+        return all(have.get(k) == v for k, v in selector.get("matchLabels", {}).items())
+
+    for policy in by_kind("k8s/network-policy.yaml", "NetworkPolicy"):
+        spec = policy["spec"]
+        if not matches(spec["podSelector"], labels[dest]):
+            continue
+        for rule in spec.get("ingress", []):
+            peers = rule.get("from", [])
+            ports = [p["port"] for p in rule.get("ports", [])]
+            peer_ok = any(("podSelector" in p and source != "ingress" and matches(p["podSelector"], src)) or
+                          ("namespaceSelector" in p and "podSelector" not in p and matches(p["namespaceSelector"],
+                                                                                            src_ns))
+                          for p in peers)
+            if peer_ok and (not ports or port in ports):
+                return True
+    return False
+
+
+def test_network_policies_allow_each_flow_and_nothing_else():
+    (deny,) = [p for p in by_kind("k8s/network-policy.yaml", "NetworkPolicy") if p["spec"]["podSelector"] == {}]
+    assert deny["spec"]["policyTypes"] == ["Ingress"] and "ingress" not in deny["spec"]
+    allowed = [("ray worker", "ray head", 6379), ("ray head", "ray worker", 10_002), ("ray worker", "ray head", 10001),
+               ("gateway", "ray head", 8265), ("submitter", "ray head", 8265),
+               ("ray head", "minio", 9000), ("ray worker", "minio", 9000), ("gateway", "minio", 9000),
+               ("minio setup", "minio", 9000), ("ingress", "gateway", 8000)]
+    refused = [("gateway", "ray head", 6379), ("gateway", "ray head", 10001), ("another pod", "ray head", 8265),
+               ("another pod", "ray head", 6379), ("another pod", "minio", 9000), ("submitter", "minio", 9000),
+               ("another pod", "gateway", 8000), ("ray head", "gateway", 8000), ("gateway", "ray worker", 6379),
+               ("ingress", "ray head", 8265), ("ingress", "minio", 9000)]
+    assert [f for f in allowed if not _allowed(*f)] == []
+    assert [f for f in refused if _allowed(*f)] == []
+
+
+def test_the_bucket_is_reached_with_a_least_privilege_user_and_the_root_stays_with_minio():
+    root_refs = {name for name in ("k8s/raycluster.yaml", "k8s/rayjob.yaml", "k8s/gateway.yaml", "k8s/minio.yaml")
+                 if "peftfleet-minio-root" in (INFRA / name).read_text()}
+    assert root_refs == {"k8s/minio.yaml"}
+    minio, setup = minio_pods()
+    env = {e["name"]: e["valueFrom"]["secretKeyRef"]["name"] for e in containers(minio)[0]["env"]}
+    assert env == {"MINIO_ROOT_USER": "peftfleet-minio-root", "MINIO_ROOT_PASSWORD": "peftfleet-minio-root"}
+    script = " ".join(containers(setup)[0]["args"])
+    assert 'admin user add store "$AWS_ACCESS_KEY_ID"' in script
+    assert 'admin policy attach store peftfleet-rw --user "$AWS_ACCESS_KEY_ID"' in script
+    (policy_map,) = by_kind("k8s/minio.yaml", "ConfigMap")
+    import json
+
+    statements = json.loads(policy_map["data"]["peftfleet-rw.json"])["Statement"]
+    resources = {r for s in statements for r in s["Resource"]}
+    assert resources == {"arn:aws:s3:::peftfleet", "arn:aws:s3:::peftfleet/*"}
+    assert all(s["Effect"] == "Allow" and not any(a in ("s3:*", "*") or a.startswith("admin:") for a in s["Action"])
+               for s in statements)
+    # the gateway's store is that bucket
+    (configmap,) = by_kind("k8s/gateway.yaml", "ConfigMap")
+    config = GatewayConfig.model_validate(yaml.safe_load(configmap["data"]["gateway.yaml"]))
+    assert config.storage.uri.startswith("s3://peftfleet/")
+
+
+def test_the_gateway_rolls_out_on_its_volume_and_hands_out_public_https_urls():
+    (deployment,) = by_kind("k8s/gateway.yaml", "Deployment")
+    claims = {v["persistentVolumeClaim"]["claimName"] for v in deployment["spec"]["template"]["spec"]["volumes"]
+              if "persistentVolumeClaim" in v}
+    rwo = {c["metadata"]["name"] for c in by_kind("k8s/gateway.yaml", "PersistentVolumeClaim")
+           if c["spec"]["accessModes"] == ["ReadWriteOnce"]}
+    assert claims & rwo and deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"]["type"] == "Recreate"
+    (configmap,) = by_kind("k8s/gateway.yaml", "ConfigMap")
+    config = GatewayConfig.model_validate(yaml.safe_load(configmap["data"]["gateway.yaml"]))
+    assert config.storage.public_endpoint_url.startswith("https://")
+    assert config.storage.endpoint_url.startswith("http://minio.")  # in-cluster, for the gateway's own calls

@@ -15,6 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 import requests
+import yaml
 
 from tests.helpers import cli, free_port, tiny_spec, wait_gone, write_spec
 from tests.live_cluster import call, gateway, ray_head, with_token
@@ -97,7 +98,8 @@ def gw(head, assets, s3_endpoint, tmp_path_factory):
     bucket = f"pf-gw-{secrets.token_hex(4)}"
     boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
     storage = {"uri": f"s3://{bucket}/gw", "endpoint_url": s3_endpoint, "region": "us-east-1"}
-    with gateway(head, tmp_path_factory.mktemp("gateway"), data_root=assets, storage=storage) as running:
+    with gateway(head, tmp_path_factory.mktemp("gateway"), data_root=assets, storage=storage,
+                 limits={"jobs_in_flight": 30}) as running:
         running.bucket, running.s3_endpoint, running.ray_token = bucket, s3_endpoint, head.token
         yield running
     logged = running.log.read_text()
@@ -336,7 +338,8 @@ def inside_root(assets):
     shutil.rmtree(folder)
 
 
-@pytest.mark.parametrize("attack", ["tokenizer file", "index entry", "dataset file", "deepspeed config"])
+@pytest.mark.parametrize("attack", ["tokenizer file", "index entry", "dataset file", "deepspeed config",
+                                    "deepspeed keys"])
 def test_gateway_refuses_files_inside_named_folders_that_lead_outside_its_root(gw, inside_root, attack):
     rel, spec = inside_root.name, gateway_spec()
     spec["model"] = {"path": f"{rel}/model"}
@@ -351,14 +354,20 @@ def test_gateway_refuses_files_inside_named_folders_that_lead_outside_its_root(g
         (inside_root / "ds").mkdir()
         (inside_root / "ds" / "data-00000-of-00001.arrow").symlink_to(SECRET)
         spec["data"]["train"], loc = f"{rel}/ds", ["data", "train", "path"]
-    else:
+    elif attack == "deepspeed config":
         (inside_root / "ds.json").symlink_to(SECRET)
+        spec["train"]["deepspeed_config"], loc = f"{rel}/ds.json", ["train", "deepspeed_config"]
+    else:  # DeepSpeed would write where this says
+        profiler = {"flops_profiler": {"enabled": True, "output_file": str(inside_root / "out")}}
+        (inside_root / "ds.json").write_text(json.dumps({"train_micro_batch_size_per_gpu": 8, **profiler}))
         spec["train"]["deepspeed_config"], loc = f"{rel}/ds.json", ["train", "deepspeed_config"]
     response = call(gw, "POST", "/v1/jobs", json={"spec": spec})
     assert response.status_code == 422, response.text
     [problem] = response.json()["detail"]
     assert problem["loc"] == ["body", "spec", *loc], problem
-    assert "outside the data root" in problem["msg"] or "which is not a file inside" in problem["msg"], problem
+    said = {"index entry": "which is not a file inside", "deepspeed keys": "sets flops_profiler, which a job with "
+            "a data_root (every gateway job) may not"}.get(attack, "outside the data root")
+    assert said in problem["msg"], problem
     assert "RAY_AUTH" not in response.text and SECRET not in response.text
 
 
@@ -382,3 +391,110 @@ def test_a_folder_swapped_for_a_link_after_the_gateway_checked_it_fails_the_job(
     for obj in s3.list_objects_v2(Bucket=gw.bucket, Prefix=f"gw/jobs/{job_id}/")["Contents"]:
         body = s3.get_object(Bucket=gw.bucket, Key=obj["Key"])["Body"].read()
         assert gw.ray_token.encode() not in body and b"RAY_AUTH_TOKEN_PATH" not in body, obj["Key"]
+
+
+# --- quotas -----------------------------------------------------------------------------------------------------
+
+
+def test_limits_refuse_what_a_user_may_never_have_and_what_they_hold_already_and_deadlines_cancel(
+        head, assets, tmp_path):
+    limits = {"jobs_in_flight": 2, "workers": 3, "gpus": 0, "steps": 1000, "job_hours": 0.01, "artifact_gib": 1e-5,
+              "merge_alphas": 2}
+    with gateway(head, tmp_path, data_root=assets, storage={"uri": f"file://{tmp_path / 'store'}"},
+                 limits=limits, deadline_poll_s=1) as small:
+        def post(spec: dict, user: str = "alice") -> requests.Response:
+            return call(small, "POST", "/v1/jobs", user=user, json={"spec": spec})
+
+        spec = gateway_spec(max_steps=1000)  # minutes of steps: it runs into its deadline (36 s)
+        for change, loc, says in [
+            ({"train": {**spec["train"], "num_workers": 4}}, ["train", "num_workers"], "limits.workers"),
+            ({"train": {**spec["train"], "use_gpu": True}}, ["train", "use_gpu"], "limits.gpus"),
+            ({"train": {**spec["train"], "max_steps": 1001}}, ["train", "max_steps"], "limits.steps"),
+            ({"export": {"formats": ["adapter"], "merge_alphas": [0.25, 0.5, 1.0]}}, ["export", "merge_alphas"],
+             "limits.merge_alphas"),
+            ({"export": {"formats": ["adapter", "merged"]}}, ["export", "formats"], "limits.artifact_gib")]:
+            refused = post({**spec, **change})
+            assert refused.status_code == 422, refused.text
+            [problem] = refused.json()["detail"]
+            assert problem["loc"] == ["body", "spec", *loc] and says in problem["msg"], problem
+
+        waiting = {"cluster": {"driver_cpus": 64}}  # queued in Ray for good: in flight until cancelled
+        two = {**spec, **waiting, "train": {**spec["train"], "num_workers": 2}}
+        one = {**spec, **waiting}
+        first = post(two)
+        assert first.status_code == 201, first.text
+        over = post(two)
+        assert over.status_code == 429 and "hold 2 workers; this one needs 2 more, past 3 (limits.workers)" in \
+            over.json()["detail"], over.text
+        second = post(one)
+        assert second.status_code == 201, second.text
+        third = post(one)
+        assert third.status_code == 429 and "limits.jobs_in_flight" in third.text, third.text
+        runs = post(spec, user="bob")  # alice's jobs hold nothing of bob's; his runs, until its deadline
+        assert runs.status_code == 201, runs.text
+        bobs = runs.json()["job_id"]
+        frozen = yaml.safe_load((tmp_path / "store" / "jobs" / bobs / "spec.yaml").read_text())
+        assert frozen["cluster"]["driver_cpus"] == 1.0  # raised to min_driver_cpus: drivers cannot pile up
+
+        ids = [(first.json()["job_id"], "alice"), (second.json()["job_id"], "alice"), (bobs, "bob")]
+        deadline = time.monotonic() + 180
+        while not all((job := call(small, "GET", f"/v1/jobs/{j}", user=u).json())["state"] == "CANCELLED"
+                      for j, u in ids):
+            assert time.monotonic() < deadline, job
+            time.sleep(1)
+        for j, u in ids:
+            assert "past its deadline" in call(small, "GET", f"/v1/jobs/{j}", user=u).json()["error"]
+        assert post(one).status_code == 201  # ended jobs hold nothing
+
+
+# --- the CLI against a gateway ----------------------------------------------------------------------------------
+
+
+def test_the_cli_works_through_a_gateway_with_a_token_from_the_environment_or_a_file(
+        head, assets, s3_endpoint, bucket, tmp_path, state_dir):
+    storage = {"uri": f"s3://{bucket}/cli", "endpoint_url": s3_endpoint, "region": "us-east-1"}
+    # Streams end every 4 s: `logs --follow` must carry on across them and print the log once, whole.
+    with gateway(head, tmp_path, data_root=assets, storage=storage, follow_max_s=4) as gw:
+        alice = with_token(None) | {"PEFTFLEET_TOKEN": gw.tokens["alice"]}
+
+        def peftfleet(*args, env=alice, **kwargs):
+            return cli(state_dir, "--gateway", gw.url, *args, env=env, **kwargs)
+
+        spec = write_spec(tmp_path / "job.yaml", gateway_spec(max_steps=30))
+        submitted = peftfleet("submit", spec, "--wait", timeout=400)
+        assert submitted.returncode == 0, submitted.stderr[-3000:]
+        job_id = submitted.stdout.strip()
+        assert "stage upload: done" in submitted.stderr and f"job {job_id} SUCCEEDED" in submitted.stderr
+        assert "[peftfleet gateway]" not in submitted.stderr
+        whole = peftfleet("logs", job_id, check=True).stdout
+        followed = peftfleet("logs", job_id, "--follow", check=True).stdout
+        assert followed == whole and "train: step 30/30" in whole
+        assert whole in submitted.stderr  # --wait followed it across several streams: nothing lost or repeated
+        assert "SUCCEEDED" in peftfleet("status", job_id, check=True).stdout
+        assert json.loads(peftfleet("status", job_id, "--json", check=True).stdout)["state"] == "SUCCEEDED"
+        assert job_id in peftfleet("list", check=True).stdout
+        assert "adapter_model.safetensors" in peftfleet("artifacts", job_id, check=True).stdout
+        fetched = peftfleet("fetch", job_id, tmp_path / "out", "--kind", "adapter", check=True)
+        assert "sha256 ok" in fetched.stderr and (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()
+        report = peftfleet("report", job_id, "--dest", tmp_path / "report", check=True)
+        assert Path(report.stdout.strip()).is_file()
+        assert "already SUCCEEDED" in peftfleet("cancel", job_id, check=True).stdout
+
+        # the token from a file only its owner can read; none at all; someone else's job; a bad spec
+        token_file = tmp_path / "token"
+        token_file.write_text(gw.tokens["bob"])
+        token_file.chmod(0o644)
+        bob = ["--token-file", str(token_file)]
+        loose = cli(state_dir, "--gateway", gw.url, *bob, "list", env=with_token(None))
+        assert loose.returncode == 2 and "chmod 600" in loose.stderr
+        token_file.chmod(0o600)
+        assert cli(state_dir, "--gateway", gw.url, *bob, "list", env=with_token(None), check=True).stdout.count(
+            "\n") <= 1  # bob's list: a header, no jobs
+        theirs = cli(state_dir, "--gateway", gw.url, *bob, "status", job_id, env=with_token(None))
+        assert theirs.returncode == 2 and f"no job {job_id!r}" in theirs.stderr
+        none = cli(state_dir, "--gateway", gw.url, "--token-file", str(tmp_path / "nope"), "list",
+                   env=with_token(None))
+        assert none.returncode == 2 and "PEFTFLEET_TOKEN" in none.stderr
+        bad = peftfleet("submit", write_spec(tmp_path / "bad.yaml", {**gateway_spec(), "adapter": {"r": 0}}))
+        assert bad.returncode == 2 and "adapter.r:" in bad.stderr, bad.stderr
+        assert gw.tokens["alice"] not in submitted.stderr + whole + bad.stderr

@@ -19,7 +19,7 @@ from orchestrator.storage.artifacts import (
 )
 from tests.fault_proxy import FaultProxy
 from tests.helpers import MiB, make_staging
-from workers.store import StoreError, open_store, safe_relpath
+from workers.store import S3Store, StoreError, open_store, safe_relpath
 
 
 def sha(path) -> str:
@@ -136,3 +136,18 @@ def test_upload_failing_midway_leaves_no_manifest(s3_endpoint, bucket, tmp_path)
     assert "jobs/job-6/artifacts/adapter/adapter_config.json" in direct.list("jobs/job-6")  # it did start
     with pytest.raises(IncompleteJob):
         read_manifest(direct, "job-6")
+
+
+def test_presigned_urls_name_the_public_endpoint_when_one_is_set(s3_endpoint, bucket):
+    import urllib.parse
+
+    import requests
+
+    inside = S3Store(StorageSpec(uri=f"s3://{bucket}/pub", endpoint_url=s3_endpoint, region="us-east-1"))
+    inside.put_bytes("a/b.txt", b"hello")
+    assert requests.get(inside.presigned_get("a/b.txt"), timeout=10).content == b"hello"
+    public = S3Store(StorageSpec(uri=f"s3://{bucket}/pub", endpoint_url=s3_endpoint, region="us-east-1",
+                                 public_endpoint_url="https://s3.example.com"))
+    url = urllib.parse.urlsplit(public.presigned_get("a/b.txt", 60))
+    assert (url.scheme, url.netloc, url.path) == ("https", "s3.example.com", f"/{bucket}/pub/a/b.txt")
+    assert "Signature=" in url.query

@@ -1,4 +1,5 @@
-"""The DeepSpeed config a train worker initialises with: generated from the spec, or the user's JSON verbatim.
+"""The DeepSpeed config a train worker initialises with: generated from the spec, or the user's JSON (verbatim;
+for a job with a data_root, only its allow-listed keys: jobspecs/deepspeed_keys.py).
 
 The optimizer is always the client's `torch.optim.AdamW` (`zero_allow_untested_optimizer`): DeepSpeed's own
 "AdamW" picks FusedAdam and CPU offload picks DeepSpeedCPUAdam, both compiled with g++/nvcc on first use
@@ -7,15 +8,13 @@ The optimizer is always the client's `torch.optim.AdamW` (`zero_allow_untested_o
 
 from __future__ import annotations
 
-import json
-
-from jobspecs.schema import JobSpec
+from jobspecs.schema import JobSpec, confined_deepspeed_config
 
 
 def deepspeed_config(spec: JobSpec, world_size: int) -> dict:
     train = spec.train
     if train.deepspeed_config is not None:
-        config = json.loads(train.deepspeed_config.read_text())
+        config = confined_deepspeed_config(spec)  # read here again: the file may have changed since validation
         config.setdefault("zero_allow_untested_optimizer", True)
         return config
     zero: dict = {"stage": train.zero_stage}

@@ -177,6 +177,7 @@ class S3Store(Store):
         bucket, _, prefix = storage.uri.removeprefix("s3://").partition("/")
         self.bucket, self.prefix, self.uri = bucket, prefix.strip("/"), storage.uri
         self.attempts = storage.max_attempts
+        self.public_endpoint_url, self.region = storage.public_endpoint_url, storage.region
         part = storage.multipart_threshold_mb * 1024 * 1024
         self.transfer = TransferConfig(multipart_threshold=part, multipart_chunksize=part, use_threads=True)
         self.client = boto3.client(
@@ -263,7 +264,15 @@ class S3Store(Store):
         return self._retry(f"list {self.uri}/{prefix}", op)
 
     def presigned_get(self, key: str, expires_s: int = 900) -> str:
-        return self.client.generate_presigned_url(
+        # Signing sends nothing: a client for the public endpoint signs for the host the downloader will reach.
+        client = self.client
+        if self.public_endpoint_url:
+            import boto3
+            from botocore.config import Config
+
+            client = boto3.client("s3", endpoint_url=self.public_endpoint_url, region_name=self.region,
+                                  config=Config(s3={"addressing_style": "path"}))
+        return client.generate_presigned_url(
             "get_object", Params={"Bucket": self.bucket, "Key": self._key(key)}, ExpiresIn=expires_s
         )
 

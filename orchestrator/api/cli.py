@@ -11,6 +11,7 @@ import json
 import sys
 from pathlib import Path
 
+import yaml
 from rich.console import Console
 from rich.table import Table
 
@@ -48,6 +49,21 @@ def print_table(headers: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
 
 def _index(args) -> LocalIndex:
     return LocalIndex(args.state_dir)
+
+
+def _gateway(args):
+    """The gateway this command talks to (`--gateway URL`), or None: the local index, a store, a Ray address."""
+    if not args.gateway:
+        return None
+    from orchestrator.api.gateway_client import Gateway, find_token
+
+    return Gateway(args.gateway, find_token(args.token_file))
+
+
+def _files(args):
+    """Where a finished job's files are read from: its store, or the gateway's presigned URLs."""
+    gateway = _gateway(args)
+    return gateway.files(args.job) if gateway else _index(args).get(args.job).store()
 
 
 def cmd_validate(args) -> int:
@@ -116,15 +132,35 @@ def _gib(n: int) -> str:
 
 
 def cmd_submit(args) -> int:
+    if gateway := _gateway(args):
+        if args.job_id or args.address:
+            raise JobError("--job-id/--address: a gateway names its jobs and knows its cluster; start a job that "
+                           "failed again with: peftfleet --gateway URL retry JOB", code=2)
+        # The spec's paths are the gateway's (under its data root): it validates them, not this machine.
+        data = yaml.safe_load(Path(args.spec).read_text())
+        if not isinstance(data, dict):
+            raise SpecError(args.spec, [("", "a job spec is a YAML mapping")])
+        return _started(args, gateway.submit(data))
     # A Ray job reads the spec's paths on the cluster: they need not exist here (the driver checks them there).
     spec = load_spec(args.spec, check_files=args.address is None)
-    job_id = submit(spec, _index(args), args.job_id, address=args.address)
+    return _started(args, submit(spec, _index(args), args.job_id, address=args.address))
+
+
+def cmd_retry(args) -> int:
+    if not (gateway := _gateway(args)):
+        raise JobError("retry is for gateway jobs; here, run the job again with: peftfleet submit SPEC --job-id "
+                       f"{args.job}", code=2)
+    return _started(args, gateway.retry(args.job))
+
+
+def _started(args, job_id: str) -> int:
     print(job_id, flush=True)
+    where = f"--gateway {args.gateway} " if args.gateway else ""
     if not args.wait:
-        err.print(f"submitted {job_id}; follow it with: peftfleet logs {job_id} --follow")
+        err.print(f"submitted {job_id}; follow it with: peftfleet {where}logs {job_id} --follow")
         return 0
-    record = follow(_index(args).get(job_id), sys.stderr)
-    return _final(record)
+    gateway = _gateway(args)
+    return _final(gateway.follow(job_id, sys.stderr) if gateway else follow(_index(args).get(job_id), sys.stderr))
 
 
 def _final(record: JobRecord) -> int:
@@ -135,8 +171,11 @@ def _final(record: JobRecord) -> int:
 
 
 def cmd_status(args) -> int:
-    entry = _index(args).get(args.job)
-    record = current_record(entry)
+    if gateway := _gateway(args):
+        entry, record = None, gateway.record(args.job)
+    else:
+        entry = _index(args).get(args.job)
+        record = current_record(entry)
     if args.json:
         out.print_json(json.dumps(record.to_dict()))
         return 0
@@ -148,7 +187,10 @@ def cmd_status(args) -> int:
         out.print(f"warning: {warning}", markup=False)
     print_table(("stage", "state", "started", "ended", "peak memory per process (MiB, of what it reserved)"),
                 [(s.name, s.state, s.started_at or "-", s.ended_at or "-", _peaks(s)) for s in record.stages])
-    out.print(f"store: {entry.store().url_of(job_key(record.id))}   log: {launcher_for(entry).where()}")
+    if entry is None:
+        out.print(f"gateway: {args.gateway}")
+    else:
+        out.print(f"store: {entry.store().url_of(job_key(record.id))}   log: {launcher_for(entry).where()}")
     return 0
 
 
@@ -159,6 +201,14 @@ def _peaks(stage) -> str:
 
 
 def cmd_logs(args) -> int:
+    if gateway := _gateway(args):
+        if args.verbose:
+            raise JobError("--verbose: a gateway serves the job's log only, not the libraries' output", code=2)
+        if args.follow:
+            gateway.follow(args.job, sys.stdout)
+        else:
+            sys.stdout.write(gateway.read_log(args.job)[0])
+        return 0
     entry = _index(args).get(args.job)
     if args.follow:
         follow(entry, sys.stdout, verbose=args.verbose)
@@ -170,18 +220,18 @@ def cmd_logs(args) -> int:
 
 
 def cmd_cancel(args) -> int:
-    entry = _index(args).get(args.job)
-    if (record := current_record(entry)).state.terminal:
+    gateway = _gateway(args)
+    entry = None if gateway else _index(args).get(args.job)
+    if (record := gateway.record(args.job) if gateway else current_record(entry)).state.terminal:
         out.print(f"job {record.id} already {record.state.value}")
         return 0
-    record = cancel(entry, args.timeout)
+    record = gateway.cancel(args.job) if gateway else cancel(entry, args.timeout)
     out.print(f"job {record.id} {record.state.value}" + (f": {record.error}" if record.error else ""))
     return 0 if record.state == JobState.CANCELLED else 1
 
 
 def cmd_artifacts(args) -> int:
-    entry = _index(args).get(args.job)
-    store = entry.store()
+    store = _files(args)
     manifest = read_manifest(store, args.job)
     print_table(("kind", "path", "bytes", "sha256"),
                 [(f.kind, f.path, str(f.size), f.sha256) for f in manifest.files])
@@ -191,21 +241,17 @@ def cmd_artifacts(args) -> int:
 
 
 def cmd_fetch(args) -> int:
-    entry = _index(args).get(args.job)
-
     def progress(f, i, n):
         err.print(f"fetched {i}/{n} {f.path} ({f.size:,} bytes, sha256 ok)")
 
-    written = fetch_artifacts(entry.store(), args.job, Path(args.dest), kind=args.kind, on_file=progress)
+    written = fetch_artifacts(_files(args), args.job, Path(args.dest), kind=args.kind, on_file=progress)
     out.print(f"{len(written)} file(s) verified and written under {Path(args.dest).resolve()}")
     return 0
 
 
 def cmd_report(args) -> int:
-    index = _index(args)
-    entry = index.get(args.job)
-    dest = Path(args.dest) if args.dest else index.job_dir(args.job)
-    fetch_artifacts(entry.store(), args.job, dest, kind="report")
+    dest = Path(args.dest) if args.dest else _index(args).job_dir(args.job)
+    fetch_artifacts(_files(args), args.job, dest, kind="report")
     page = (dest / "report" / "index.html").resolve()
     out.print(str(page))
     if args.open:
@@ -216,6 +262,10 @@ def cmd_report(args) -> int:
 
 
 def cmd_list(args) -> int:
+    if gateway := _gateway(args):
+        print_table(("job", "state", "stage", "created"),
+                    [(r.id, r.state.value, r.stage or "-", r.created_at) for r in gateway.jobs()])
+        return 0
     index = _index(args)
     rows = []
     for job_id in index.ids():
@@ -252,6 +302,12 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR,
                         help="where this machine remembers submitted jobs and their logs (default: %(default)s)")
+    parser.add_argument("--gateway", metavar="URL",
+                        help="work through a shared gateway (peftfleet serve) instead: submit, retry, status, "
+                             "logs, cancel, artifacts, fetch, report and list, as a user of it. Your token comes "
+                             "from PEFTFLEET_TOKEN or --token-file, never from an argument")
+    parser.add_argument("--token-file", type=Path, metavar="PATH",
+                        help="file holding your gateway token, readable by you alone (default: ~/.peftfleet/token)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, fn, help_: str) -> argparse.ArgumentParser:
@@ -275,6 +331,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait", action="store_true", help="follow the job's log until it ends; exit 1 unless it succeeds")
     p.add_argument("--job-id", help="run under this id; the id of a failed or cancelled job (same spec) runs it "
                                     "again, resuming training from its last checkpoint")
+    p = command("retry", cmd_retry, "start a gateway job that failed, was cancelled or never started again "
+                                    "(its frozen spec; training resumes from its checkpoints)")
+    p.add_argument("job")
+    p.add_argument("--wait", action="store_true", help="follow the job's log until it ends; exit 1 unless it succeeds")
     p = command("status", cmd_status, "a job's state, stages and error")
     p.add_argument("job")
     p.add_argument("--json", action="store_true", help="the job record as JSON")
@@ -297,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("job")
     p.add_argument("--dest", help="folder to fetch into (default: the job's folder under --state-dir)")
     p.add_argument("--open", action="store_true", help="also open the page in a browser")
-    command("list", cmd_list, "jobs submitted from this machine")
+    command("list", cmd_list, "jobs submitted from this machine (with --gateway: your jobs there)")
     p = command("serve", cmd_serve, "run the HTTP gateway: users submit specs with their own tokens, never Ray's")
     p.add_argument("config", type=Path, help="gateway config YAML (see orchestrator/api/gateway.py: GatewayConfig)")
     p = command("token", cmd_token, "make a gateway user token: prints it, and its users-file line on stderr")

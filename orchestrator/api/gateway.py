@@ -8,11 +8,16 @@ fetches only their own jobs. OpenAPI: /openapi.json (browsable at /docs).
 """
 
 import asyncio
+import contextlib
 import functools
 import hashlib
 import hmac
+import logging
+import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -21,15 +26,18 @@ from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from jobspecs import JobSpec, SpecError, parse_spec
+from jobspecs import JobSpec, SpecError, parse_spec, spec_from_frozen
 from jobspecs.schema import StorageSpec
 from orchestrator.api.log_streams import Followers, answers, follow
+from orchestrator.api.quotas import Limits, in_flight_problem, job_problems
 from orchestrator.control.jobs import IndexEntry, JobError, JobRecord, LocalIndex, UnknownJob
 from orchestrator.control.launchers import current_record
 from orchestrator.control.ray_jobs import RayJobsError
 from orchestrator.control.submission import NotStarted, cancel, read_log, submit
 from orchestrator.storage.artifacts import IncompleteJob, job_key, read_manifest
 from workers.store import StoreError
+
+log = logging.getLogger("peftfleet.gateway")
 
 
 class GatewayConfig(BaseModel):
@@ -57,6 +65,13 @@ class GatewayConfig(BaseModel):
     max_followers_per_job: int = Field(2, gt=0, description="Log streams one job may have open at once.")
     follow_max_s: int = Field(3600, gt=0, description="A log stream ends after this long, saying the offset to "
                                                       "follow again from.")
+    limits: Limits = Field(default_factory=Limits, description="Every user's limits (orchestrator/api/quotas.py).")
+    user_limits: dict[str, Limits] = Field(default_factory=dict, description="Limits of particular users, in "
+                                                                             "place of `limits`.")
+    min_driver_cpus: float = Field(1.0, gt=0, description="CPUs every job's driver reserves at least (a spec's "
+                                   "cluster.driver_cpus is raised to it): drivers that reserve nothing pile onto "
+                                   "the head without bound.")
+    deadline_poll_s: float = Field(15.0, gt=0, description="How often jobs past their deadline are looked for.")
 
 
 def load_config(path: Path) -> GatewayConfig:
@@ -141,6 +156,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
     calls = ThreadPoolExecutor(config.call_threads, thread_name_prefix="gateway-call")
     cancels = ThreadPoolExecutor(4, thread_name_prefix="gateway-cancel")  # a cancel waits up to 60 s
     followers = Followers(config.max_followers_per_user, config.max_followers_per_job)
+    submitting = {user: threading.Lock() for user in users}
 
     async def blocking(fn, *args, pool: ThreadPoolExecutor = calls, **kwargs):
         """Run a blocking call (store, Ray) on the gateway's own pool, never on the event loop."""
@@ -204,16 +220,64 @@ def create_app(config: GatewayConfig) -> FastAPI:
                 raise spec_problems((where, f"{value} is outside the data root {data_root}"))
         return spec
 
+    def in_flight(user: str) -> list[JobSpec]:
+        """The frozen specs of the user's jobs not yet ended."""
+        specs = []
+        for entry in (index.get(job_id) for job_id in index.ids()):
+            if entry.owner == user and not current_record(entry).state.terminal:
+                frozen = entry.store().get_bytes(job_key(entry.job_id, "spec.yaml")).decode()
+                specs.append(spec_from_frozen(frozen))
+        return specs
+
     def start(data: dict, user: str, job_id: str | None = None) -> dict:
+        limits = config.user_limits.get(user, config.limits)
+        cluster = data.get("cluster") or {}
+        if isinstance(cluster, dict) and isinstance(cluster.get("driver_cpus", 0), int | float):  # else: 422
+            data = {**data, "cluster": {**cluster, "driver_cpus": max(cluster.get("driver_cpus", 0),
+                                                                      config.min_driver_cpus)}}
         spec = validated(data)
-        try:
-            job_id = submit(spec, index, job_id=job_id, address=config.ray_address, owner=user)
-        except NotStarted as err:  # listed FAILED; the owner retries it once the cluster answers
-            raise HTTPException(503, {"job_id": err.job_id, "msg": f"{err.reason}; the job is recorded FAILED: "
-                                      f"start it again with POST /v1/jobs/{err.job_id}/retry"}) from None
-        except JobError as err:
-            raise HTTPException(409 if err.code == 2 else 503, str(err)) from None
+        if problems := job_problems(spec, limits):
+            raise spec_problems(*problems)
+        with submitting[user]:  # one count-then-submit at a time per user: concurrent submits cannot all fit
+            if refusal := in_flight_problem(spec, in_flight(user), limits):
+                raise HTTPException(429, refusal)
+            try:
+                job_id = submit(spec, index, job_id=job_id, address=config.ray_address, owner=user,
+                                deadline=time.time() + limits.job_hours * 3600)
+            except NotStarted as err:  # listed FAILED; the owner retries it once the cluster answers
+                raise HTTPException(503, {"job_id": err.job_id, "msg": f"{err.reason}; the job is recorded FAILED: "
+                                          f"start it again with POST /v1/jobs/{err.job_id}/retry"}) from None
+            except JobError as err:
+                raise HTTPException(409 if err.code == 2 else 503, str(err)) from None
         return {"job_id": job_id, "state": "PENDING"}
+
+    def cancel_overdue() -> None:
+        """Cancel every job past its deadline, and record why; a deadline is cleared once its job has ended."""
+        for entry in (index.get(job_id) for job_id in index.ids()):
+            if entry.deadline is None or entry.deadline > time.time():
+                continue
+            if not current_record(entry).state.terminal:
+                when = datetime.fromtimestamp(entry.deadline, UTC).isoformat(timespec="seconds")
+                record = cancel(entry, timeout=60, reason=f"past its deadline {when} (limits.job_hours)")
+                log.warning("job %s of %s: past its deadline, %s", entry.job_id, entry.owner, record.state.value)
+            entry.deadline = None
+            index.add(entry)
+
+    async def enforce_deadlines() -> None:
+        while True:
+            await asyncio.sleep(config.deadline_poll_s)
+            try:
+                await blocking(cancel_overdue, pool=cancels)
+            except Exception as err:  # the store or Ray did not answer: the next round tries again
+                log.warning("deadline check failed: %s", err)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        watcher = asyncio.create_task(enforce_deadlines())
+        yield
+        watcher.cancel()
+
+    app.router.lifespan_context = lifespan
 
     @app.post("/v1/jobs", status_code=201, summary="Validate a job spec and start the job")
     async def submit_job(body: SubmitRequest, user: User) -> dict:

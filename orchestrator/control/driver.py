@@ -31,17 +31,17 @@ from typing import TextIO
 
 from jobspecs import JobSpec, SpecError, spec_from_frozen
 from jobspecs.schema import StorageSpec
-from orchestrator.control.jobs import JobRecord, JobState, stage_names
+from orchestrator.control.jobs import JobRecord, JobState, cancelled_error, stage_names
 from orchestrator.stages.context import Context
 from orchestrator.stages.corda import run_calibrate, run_decompose
 from orchestrator.stages.export import run_export
 from orchestrator.stages.train import run_train
 from orchestrator.stages.upload import run_upload
 from orchestrator.stages.waits import JobCancelled, check_cancelled, request_cancel
-from orchestrator.storage.artifacts import VERBOSE_LOG, job_key
+from orchestrator.storage.artifacts import CANCEL_REASON, VERBOSE_LOG, job_key
 from workers.job_process import start_job_process
 from workers.process_memory import peak_memory_mib
-from workers.store import Store, StoreError, open_store
+from workers.store import NotInStore, Store, StoreError, open_store
 
 log = logging.getLogger("peftfleet.driver")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
@@ -133,7 +133,7 @@ def run_job(job_id: str, store: Store, ray_address: str | None = None) -> JobRec
         record.finish(JobState.SUCCEEDED)
     except JobCancelled:
         log.warning("job cancelled during stage %s", record.stage)
-        record.finish(JobState.CANCELLED, f"cancelled during stage {record.stage}")
+        record.finish(JobState.CANCELLED, cancelled_error(record.stage, _cancel_reason(store, job_id)))
     except Exception as err:
         log.error("stage %s failed:\n%s", record.stage, traceback.format_exc())
         record.finish(JobState.FAILED, _reason(err))
@@ -144,6 +144,13 @@ def run_job(job_id: str, store: Store, ray_address: str | None = None) -> JobRec
     record.save(store)
     log.info("job %s: %s%s", job_id, record.state.value, f" ({record.error})" if record.error else "")
     return record
+
+
+def _cancel_reason(store: Store, job_id: str) -> str | None:
+    try:
+        return store.get_bytes(job_key(job_id, CANCEL_REASON)).decode()
+    except (NotInStore, StoreError):  # cancelled by its owner, or the store is away: the plain record
+        return None
 
 
 class _Tee(io.TextIOBase):

@@ -118,6 +118,11 @@ def new_record(job_id: str, spec: JobSpec) -> JobRecord:
     return JobRecord(id=job_id, name=spec.name, stages=[StageRecord(n) for n in stage_names(spec)])
 
 
+def cancelled_error(stage: str, reason: str | None) -> str:
+    """A cancelled job's error: the stage it stopped in, after the canceller's reason if it gave one."""
+    return f"{reason + ': ' if reason else ''}cancelled during stage {stage}"
+
+
 class UnknownJob(Exception):
     pass
 
@@ -139,6 +144,7 @@ class IndexEntry:
     host: str = field(default_factory=socket.gethostname)
     address: str | None = None  # the Ray job API the driver was submitted to; None: a local driver process
     owner: str | None = None
+    deadline: float | None = None  # unix time past which the gateway cancels the job (its owner's limits)
 
     def store(self) -> Store:
         return open_store(StorageSpec.model_validate(self.storage))

@@ -24,12 +24,13 @@ from orchestrator.control.jobs import (
     JobState,
     LocalIndex,
     UnknownJob,
+    cancelled_error,
     new_job_id,
     new_record,
 )
 from orchestrator.control.launchers import current_record, launcher_for
 from orchestrator.control.ray_jobs import RayJobsError
-from orchestrator.storage.artifacts import job_key
+from orchestrator.storage.artifacts import CANCEL_REASON, job_key
 from workers.store import StoreError, open_store
 
 
@@ -76,7 +77,7 @@ def prepare_resubmission(spec: JobSpec, job_id: str, store, index: LocalIndex) -
 
 
 def submit(spec: JobSpec, index: LocalIndex, job_id: str | None = None, address: str | None = None,
-           owner: str | None = None) -> str:
+           owner: str | None = None, deadline: float | None = None) -> str:
     """Freeze the spec and record into the store, start the driver (here, or as a Ray job on the cluster whose job
     API is `address`), and return the job id. With the id of a job that failed, was cancelled or lost its driver,
     the job runs again and training resumes from its checkpoints."""
@@ -93,7 +94,8 @@ def submit(spec: JobSpec, index: LocalIndex, job_id: str | None = None, address:
     except StoreError as e:
         raise JobError(f"cannot write the job to {spec.storage.uri}: {e}") from None
     storage_json = spec.storage.model_dump_json()
-    entry = IndexEntry(job_id=job_id, storage=json.loads(storage_json), address=address, owner=owner)
+    entry = IndexEntry(job_id=job_id, storage=json.loads(storage_json), address=address, owner=owner,
+                       deadline=deadline)
     index.add(entry)  # first: a job whose start fails is still listed, and its owner can retry it
     try:
         launcher_for(entry).start(storage_json, index.job_dir(job_id), record.attempts, spec.cluster.driver_cpus,
@@ -132,15 +134,18 @@ def follow(entry: IndexEntry, sink: TextIO, poll_s: float = 0.5, verbose: bool =
     return current_record(entry)
 
 
-def cancel(entry: IndexEntry, timeout: float) -> JobRecord:
-    """Stop a running job and return its final record (CANCELLED unless it ended first)."""
+def cancel(entry: IndexEntry, timeout: float, reason: str | None = None) -> JobRecord:
+    """Stop a running job and return its final record (CANCELLED unless it ended first). `reason` goes into the
+    record's error, whichever of the driver or this call writes it."""
     record = current_record(entry)
     if record.state.terminal:
         return record
-    forced = launcher_for(entry).stop(timeout)
     store = entry.store()
+    if reason:  # before the stop: the driver reads it as it records its end
+        store.put_bytes(job_key(entry.job_id, CANCEL_REASON), reason.encode())
+    forced = launcher_for(entry).stop(timeout)
     record = JobRecord.load(store, entry.job_id)
     if not record.state.terminal:  # the driver died before it could record the cancel: record it for it
-        record.finish(JobState.CANCELLED, f"cancelled during stage {record.stage or 'start-up'}{forced}")
+        record.finish(JobState.CANCELLED, cancelled_error(record.stage or "start-up", reason) + forced)
         record.save(store)
     return record

@@ -59,14 +59,11 @@ def calibration_samples(spec: JobSpec) -> tuple[list[list[int]], list[list[int]]
 def run_calibrate(ctx: Context) -> None:
     import ray
 
-    from workers.reduce import Reducer
 
     spec, corda = ctx.spec, ctx.spec.init.corda_spec
     samples, held, pad_id = calibration_samples(spec)
     if corda.covariance_from is not None:
-        reducers = [ray.remote(Reducer).options(num_cpus=0, scheduling_strategy="SPREAD",
-                                                **ctx.reserve("decompose", "reducer")).remote()
-                    for _ in range(corda.num_workers)]
+        reducers = _start_reducers(ctx, corda.num_workers)
         groups, totals = load_covariance(corda.covariance_from, reducers)
         log.info("calibrate: %d input groups loaded from %s; no collection", len(groups), corda.covariance_from)
         tokens = ray.get(reducers[0].tokens.remote(totals[0]))
@@ -108,11 +105,17 @@ def _start_reducers(ctx: Context, n: int) -> list:
     wait behind the actors, and they decompose only after the actors have given their CPUs back. They start
     now, beside the actors: a process start (import torch) during collection would steal the actors' cores.
     Out of order: the fold order lives in the chain of object refs, not in the actor's queue, and an ordered
-    actor restarted with its node can stall 30 s waiting for a call sequence number that never comes."""
+    actor restarted with its node can stall 30 s waiting for a call sequence number that never comes.
+    Since they reserve no CPU, nothing else bounds their number: at most one per CPU of the cluster (groups are
+    dealt to them round-robin, so fewer reducers change no result), and each reserves its memory."""
     import ray
 
     from workers.reduce import Reducer
 
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    if n > cpus:
+        log.info("decompose: %d reducers, one per CPU of the cluster (asked for %d)", cpus, n)
+        n = cpus
     return [ray.remote(Reducer).options(num_cpus=0, scheduling_strategy="SPREAD", max_restarts=-1,
                                         max_task_retries=-1, allow_out_of_order_execution=True,
                                         **ctx.reserve("decompose", "reducer")).remote()

@@ -25,6 +25,7 @@ from workers.store import NotInStore, Store, StoredFolder, safe_relpath, sha256_
 
 MANIFEST = "manifest.json"
 VERBOSE_LOG = "verbose.log"  # the driver's library output, uploaded when it ends (not an artifact)
+CANCEL_REASON = "cancel-reason.txt"  # why whoever cancelled the job did, for the record the driver writes
 
 
 def job_key(job_id: str, rel: str = "") -> str:

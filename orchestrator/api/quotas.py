@@ -1,0 +1,106 @@
+"""Per-user limits on a shared gateway: what one job may ask for (422 when it asks for more than a user may ever
+have) and what one user may hold at once across their jobs in flight (429 while they hold it).
+
+Sizes come from the spec and the model's files alone, before anything runs: workers and GPUs are the most any
+stage of the job holds at once (stages run one after another); artifact bytes are the model's weights once per
+full-model output (each merged@α, CorDA's residual base) plus the adapters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from jobspecs import JobSpec
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+class Limits(BaseModel):
+    """What one user may use. Each field is enforced at submit, naming the field (limits.<field>)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    jobs_in_flight: int = Field(4, gt=0, description="Jobs not yet ended (queued or running) at once.")
+    workers: int = Field(8, gt=0, description="Worker processes (training workers, CorDA actors) across the "
+                                              "user's jobs in flight.")
+    gpus: int = Field(8, ge=0, description="GPUs across the user's jobs in flight.")
+    steps: int = Field(100_000, gt=0, description="train.max_steps of one job; an epochs-based job is bounded "
+                                                  "by job_hours instead.")
+    job_hours: float = Field(24.0, gt=0, description="Wall-clock deadline of a job, from its submission; a job "
+                                                     "past it is cancelled and recorded so.")
+    artifact_gib: float = Field(200.0, gt=0, description="Estimated bytes of one job's artifacts (merged models, "
+                                                         "CorDA's residual base, adapters).")
+    merge_alphas: int = Field(8, gt=0, description="export.merge_alphas of one job (each a model-sized "
+                                                   "artifact, or a model-sized merge); Wise-FT evaluations are "
+                                                   "bounded by job_hours.")
+
+
+def _stages(spec: JobSpec) -> list[tuple[str, int, bool]]:
+    """(spec section, worker processes, on GPUs) of each stage that starts workers."""
+    stages = [("train", spec.train.num_workers, spec.train.use_gpu)]
+    if spec.init.method == "corda":
+        corda = spec.init.corda_spec
+        stages.append(("init.corda", corda.num_workers, corda.use_gpu))
+    return stages
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What a job holds while in flight: its busiest stage's workers and GPUs (stages run one after another)."""
+
+    workers: int
+    gpus: int
+
+    @classmethod
+    def of(cls, spec: JobSpec) -> Usage:
+        stages = _stages(spec)
+        return cls(max(n for _, n, _ in stages), max(n if gpu else 0 for _, n, gpu in stages))
+
+
+def model_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in Path(folder).iterdir() if p.suffix in _WEIGHT_SUFFIXES and p.is_file())
+
+
+def artifact_bytes(spec: JobSpec) -> int:
+    """An upper estimate of the job's artifacts: the model once per full-model output."""
+    full = len(spec.export.merge_alphas) if "merged" in spec.export.formats else 0
+    full += 1 if spec.init.method == "corda" else 0  # the residual base
+    return full * model_bytes(spec.model.path)
+
+
+def job_problems(spec: JobSpec, limits: Limits) -> list[tuple[str, str]]:
+    """(spec field, why) for every way one job asks for more than the user may ever have: 422."""
+    out = []
+    for where, n, gpu in _stages(spec):
+        if n > limits.workers:
+            out.append((f"{where}.num_workers", f"{n} workers; you may hold at most {limits.workers} at once "
+                                                f"(limits.workers)"))
+        if gpu and n > limits.gpus:
+            out.append((f"{where}.use_gpu", f"{n} GPUs ({where}.num_workers on GPUs); you may hold at most "
+                                            f"{limits.gpus} at once (limits.gpus)"))
+    if spec.train.max_steps is not None and spec.train.max_steps > limits.steps:
+        out.append(("train.max_steps", f"{spec.train.max_steps} steps; at most {limits.steps} (limits.steps)"))
+    if len(spec.export.merge_alphas) > limits.merge_alphas:
+        out.append(("export.merge_alphas", f"{len(spec.export.merge_alphas)} values; at most {limits.merge_alphas} "
+                                           "(limits.merge_alphas)"))
+    if (size := artifact_bytes(spec)) > limits.artifact_gib * 2**30:
+        out.append(("export.formats", f"the job's artifacts would be ≈ {size / 2**30:.1f} GiB (a full model per "
+                                      f"merged α and for CorDA's residual base); at most {limits.artifact_gib:g} "
+                                      f"GiB (limits.artifact_gib)"))
+    return out
+
+
+def in_flight_problem(spec: JobSpec, held: list[JobSpec], limits: Limits) -> str | None:
+    """Why the user may not start this job now, given the specs of their jobs in flight (429); None: they may."""
+    if len(held) >= limits.jobs_in_flight:
+        return f"you have {len(held)} jobs in flight, the most you may (limits.jobs_in_flight); wait for one to end"
+    usage, holding = Usage.of(spec), [Usage.of(s) for s in held]
+    for name, unit, cap in (("workers", "workers", limits.workers), ("gpus", "GPUs", limits.gpus)):
+        now = sum(getattr(u, name) for u in holding)
+        if now + getattr(usage, name) > cap:
+            return (f"your jobs in flight hold {now} {unit}; this one needs {getattr(usage, name)} more, past "
+                    f"{cap} (limits.{name}); wait for one to end")
+    return None
