@@ -58,7 +58,8 @@ def with_token(token: str | None, home: Path | None = None) -> dict:
 
 
 @contextlib.contextmanager
-def ray_head(log_dir: Path, num_cpus: int = 4) -> Iterator[SimpleNamespace]:
+def ray_head(log_dir: Path, num_cpus: int = 4, nice: int = 0) -> Iterator[SimpleNamespace]:
+    """`nice`: run Ray (and so every job's processes) at this niceness, as if the gateway had CPUs of its own."""
     token = secrets.token_hex(32)
     temp_dir = tempfile.mkdtemp(prefix="pfray-", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
     log = log_dir / "ray-start.log"
@@ -73,7 +74,8 @@ def ray_head(log_dir: Path, num_cpus: int = 4) -> Iterator[SimpleNamespace]:
            "RAY_JOB_STOP_WAIT_TIME_S": "30"}  # let a cancelled driver record its end before Ray kills it
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [str(BIN / "ray"), "start", "--head", "--block", f"--port={free_port()}", "--dashboard-host=127.0.0.1",
+            [*(["nice", "-n", str(nice)] if nice else []), str(BIN / "ray"), "start", "--head", "--block",
+             f"--port={free_port()}", "--dashboard-host=127.0.0.1",
              f"--dashboard-port={port}", f"--num-cpus={num_cpus}", f"--object-store-memory={200 * 1024**2}",
              f"--temp-dir={temp_dir}", "--disable-usage-stats",
              # Ray's fixed default ports would collide with any other Ray on the machine (the job agent's
@@ -110,7 +112,7 @@ def gateway(head: SimpleNamespace, root: Path, data_root: Path, storage: dict,
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_http(f"{url}/readyz", lambda r: r.ok, "gateway", proc, log)
-        yield SimpleNamespace(url=url, tokens=tokens, log=log)
+        yield SimpleNamespace(url=url, tokens=tokens, log=log, pid=proc.pid)
     finally:
         _stop(proc)
 
@@ -121,3 +123,26 @@ def call(gw: SimpleNamespace, method: str, path: str, user: str | None = "alice"
     headers = {"Authorization": f"Bearer {gw.tokens[user]}"} if user else {}
     return requests.request(method, f"{gw.url}{path}", headers={**headers, **kwargs.pop("headers", {})},
                             timeout=timeout, **kwargs)
+
+
+@contextlib.contextmanager
+def moto_server() -> Iterator[str]:
+    """moto's S3 server in its own process on loopback (so the process under test does not share its interpreter);
+    yields its endpoint."""
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                requests.get(endpoint, timeout=2)
+                break
+            except requests.RequestException:
+                assert time.monotonic() < deadline and server.poll() is None, "moto's server did not come up"
+                time.sleep(0.2)
+        yield endpoint
+    finally:
+        server.terminate()
+        server.wait()

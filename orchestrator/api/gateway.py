@@ -32,7 +32,7 @@ from orchestrator.api.log_streams import Followers, answers, follow
 from orchestrator.api.quotas import Limits, in_flight_problem, job_problems
 from orchestrator.control.jobs import IndexEntry, JobError, JobRecord, LocalIndex, UnknownJob
 from orchestrator.control.launchers import current_record
-from orchestrator.control.ray_jobs import RayJobsError
+from orchestrator.control.ray_jobs import RayCluster, RayJobsError, RayStates
 from orchestrator.control.submission import NotStarted, cancel, read_log, submit
 from orchestrator.storage.artifacts import IncompleteJob, job_key, read_manifest
 from workers.store import StoreError
@@ -144,6 +144,15 @@ def _paths(value: Any, where: str = "") -> Iterator[tuple[str, Path]]:
         yield where, value
 
 
+def _pool(threads: int, name: str) -> ThreadPoolExecutor:
+    """A pool with all its threads running from the start (a pool starts them as work comes): the gateway's
+    thread count is the same idle as under load, so a leak shows."""
+    pool, barrier = ThreadPoolExecutor(threads, thread_name_prefix=name), threading.Barrier(threads)
+    for _ in range(threads):
+        pool.submit(barrier.wait)
+    return pool
+
+
 def create_app(config: GatewayConfig) -> FastAPI:
     users = load_users(config.users_file)
     index = LocalIndex(config.state_dir.expanduser())
@@ -153,8 +162,12 @@ def create_app(config: GatewayConfig) -> FastAPI:
                   description="Start, follow, cancel and fetch peftfleet jobs. Authenticate with "
                               "`Authorization: Bearer <your token>`.")
 
-    calls = ThreadPoolExecutor(config.call_threads, thread_name_prefix="gateway-call")
-    cancels = ThreadPoolExecutor(4, thread_name_prefix="gateway-cancel")  # a cancel waits up to 60 s
+    calls = _pool(config.call_threads, "gateway-call")
+    cancels = _pool(4, "gateway-cancel")  # a cancel waits up to 60 s
+    reads = _pool(8, "gateway-read")  # a listing's records, read side by side
+    polls = _pool(8, "gateway-poll")  # log streams' polls: reading a log waits on Ray, listings must not
+    finished: dict[str, JobRecord] = {}  # ended jobs' records never change (a retry drops its job's)
+    ray_states = RayStates(RayCluster(config.ray_address), every_s=1.0)
     followers = Followers(config.max_followers_per_user, config.max_followers_per_job)
     submitting = {user: threading.Lock() for user in users}
 
@@ -220,17 +233,26 @@ def create_app(config: GatewayConfig) -> FastAPI:
                 raise spec_problems((where, f"{value} is outside the data root {data_root}"))
         return spec
 
+    def records(user: str) -> list[tuple[IndexEntry, JobRecord]]:
+        """The user's jobs and their current records: ended ones from memory, the others read from the store
+        side by side, with Ray asked about all of them in one request."""
+        entries = [e for e in (index.get(job_id) for job_id in index.ids()) if e.owner == user]
+        todo = [e for e in entries if e.job_id not in finished]
+        states = ray_states() if todo else {}
+        current = dict(zip([e.job_id for e in todo], reads.map(lambda e: current_record(e, states), todo),
+                           strict=True))
+        finished.update({job_id: r for job_id, r in current.items() if r.state.terminal})
+        return [(e, finished.get(e.job_id) or current[e.job_id]) for e in entries]
+
     def in_flight(user: str) -> list[JobSpec]:
         """The frozen specs of the user's jobs not yet ended."""
-        specs = []
-        for entry in (index.get(job_id) for job_id in index.ids()):
-            if entry.owner == user and not current_record(entry).state.terminal:
-                frozen = entry.store().get_bytes(job_key(entry.job_id, "spec.yaml")).decode()
-                specs.append(spec_from_frozen(frozen))
-        return specs
+        return [spec_from_frozen(entry.store().get_bytes(job_key(entry.job_id, "spec.yaml")).decode())
+                for entry, record in records(user) if not record.state.terminal]
 
     def start(data: dict, user: str, job_id: str | None = None) -> dict:
         limits = config.user_limits.get(user, config.limits)
+        if job_id is not None:  # a retry: its record is about to change
+            finished.pop(job_id, None)
         cluster = data.get("cluster") or {}
         if isinstance(cluster, dict) and isinstance(cluster.get("driver_cpus", 0), int | float):  # else: 422
             data = {**data, "cluster": {**cluster, "driver_cpus": max(cluster.get("driver_cpus", 0),
@@ -298,11 +320,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
 
     @app.get("/v1/jobs", summary="Your jobs")
     async def list_jobs(user: User) -> list[dict]:
-        def mine() -> list[dict]:
-            entries = [index.get(job_id) for job_id in index.ids()]
-            return [view(current_record(e)) for e in entries if e.owner == user]
-
-        return await blocking(mine)
+        return [view(record) for _, record in await blocking(records, user)]
 
     @app.get("/v1/jobs/{job_id}", summary="A job's state, stages and error")
     async def get_job(job_id: str, user: User) -> dict:
@@ -315,7 +333,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
                    follow_log: Annotated[bool, Query(alias="follow")] = False):
         entry = await own(job_id, user)
         if follow_log:
-            stream = follow(entry, offset, request, user, followers, calls, max_s=config.follow_max_s)
+            stream = follow(entry, offset, request, user, followers, polls, ray_states, max_s=config.follow_max_s)
             return StreamingResponse(stream, media_type="text/plain")
         text, position = await blocking(read_log, entry, offset)
         return PlainTextResponse(text, headers={"X-Next-Offset": str(position)})

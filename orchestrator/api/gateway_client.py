@@ -93,22 +93,26 @@ class Gateway:
         line says where the next one starts)."""
         offset = 0
         while True:
+            tail, quiet = "", False
             with self._call("GET", f"/v1/jobs/{job_id}/logs", params={"offset": offset, "follow": "true"},
                             stream=True) as response:
-                tail = ""
-                for chunk in response.iter_content(chunk_size=None, decode_unicode=True):
-                    text = tail + chunk
-                    tail = text[-200:]  # held back until the next chunk: it may be the resume line
-                    if text[:-200]:
-                        yield text[:-200]
+                try:
+                    for chunk in response.iter_content(chunk_size=None, decode_unicode=True):
+                        text = tail + chunk
+                        tail = text[-200:]  # held back until the next chunk: it may be the resume line
+                        if text[:-200]:
+                            offset += len(text[:-200])
+                            yield text[:-200]
+                except requests.ConnectionError:  # no byte for timeout_s (a quiet log), or a dropped connection
+                    quiet = True
             resume = _RESUME.search(tail)
-            if resume is None:
-                if tail:
-                    yield tail
+            if resume is not None:
+                tail, offset = tail[: resume.start()], int(resume.group(1)) - len(tail[: resume.start()])
+            if tail:
+                offset += len(tail)
+                yield tail
+            if resume is None and not quiet:
                 return
-            if tail[: resume.start()]:
-                yield tail[: resume.start()]
-            offset = int(resume.group(1))
 
     def follow(self, job_id: str, sink: TextIO) -> JobRecord:
         for chunk in self.tail(job_id):

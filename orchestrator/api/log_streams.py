@@ -20,6 +20,7 @@ from fastapi import HTTPException, Request
 
 from orchestrator.control.jobs import IndexEntry
 from orchestrator.control.launchers import current_record
+from orchestrator.control.ray_jobs import RayStates
 from orchestrator.control.submission import read_log
 
 
@@ -63,19 +64,19 @@ class Followers:
             return sum(self._users.values())
 
 
-def _read_once(entry: IndexEntry, position: int) -> tuple[bool, str, int]:
-    ended = current_record(entry).state.terminal  # before the read: what it wrote before ending is read too
+def _read_once(entry: IndexEntry, position: int, ray_states: RayStates) -> tuple[bool, str, int]:
+    ended = current_record(entry, ray_states()).state.terminal  # before the read: what it wrote before ending too
     chunk, position = read_log(entry, position)
     return ended, chunk, position
 
 
-async def _stream(entry: IndexEntry, position: int, request: Request, pool: Executor, max_s: float,
-                  poll_s: float, release: Callable[[], None]) -> AsyncIterator[str]:
+async def _stream(entry: IndexEntry, position: int, request: Request, pool: Executor, ray_states: RayStates,
+                  max_s: float, poll_s: float, release: Callable[[], None]) -> AsyncIterator[str]:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + max_s
     try:
         while not await request.is_disconnected():
-            ended, chunk, position = await loop.run_in_executor(pool, _read_once, entry, position)
+            ended, chunk, position = await loop.run_in_executor(pool, _read_once, entry, position, ray_states)
             if chunk:
                 yield chunk
             if ended:
@@ -90,10 +91,10 @@ async def _stream(entry: IndexEntry, position: int, request: Request, pool: Exec
 
 
 def follow(entry: IndexEntry, position: int, request: Request, user: str, followers: Followers,
-           pool: Executor, max_s: float, poll_s: float = 1.0) -> AsyncIterator[str]:
+           pool: Executor, ray_states: RayStates, max_s: float, poll_s: float = 1.0) -> AsyncIterator[str]:
     """The job's log from `position` as it grows, until the job ends, the client leaves or `max_s` is up."""
     release = followers.take(user, entry.job_id)
-    stream = _stream(entry, position, request, pool, max_s, poll_s, release)
+    stream = _stream(entry, position, request, pool, ray_states, max_s, poll_s, release)
     weakref.finalize(stream, release)  # a stream never iterated never reaches its `finally`
     return stream
 

@@ -8,11 +8,13 @@ dead driver) or a Ray job on a cluster (the cluster's job API address; Ray keeps
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
 import secrets
 import socket
+import threading
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -147,7 +149,17 @@ class IndexEntry:
     deadline: float | None = None  # unix time past which the gateway cancels the job (its owner's limits)
 
     def store(self) -> Store:
-        return open_store(StorageSpec.model_validate(self.storage))
+        with _stores_lock:  # boto3 makes clients from its default session, which is not thread-safe
+            return _store(json.dumps(self.storage, sort_keys=True))
+
+
+_stores_lock = threading.Lock()
+
+
+@functools.lru_cache(maxsize=64)
+def _store(storage_json: str) -> Store:
+    # One store per storage: an S3 client costs tens of ms to make, and a listing asks one per job.
+    return open_store(StorageSpec.model_validate_json(storage_json))
 
 
 class LocalIndex:

@@ -65,8 +65,9 @@ class Launcher(ABC):
         """Ask the driver to stop (SIGTERM) and wait up to `timeout`; returns a note if it had to be forced."""
 
     @abstractmethod
-    def ended(self) -> tuple[JobState, str] | None:
-        """How the job ends if its driver is gone without a final state; None while it runs (or can't be asked)."""
+    def ended(self, ray_states: dict[str, tuple[str, str]] | None = None) -> tuple[JobState, str] | None:
+        """How the job ends if its driver is gone without a final state; None while it runs (or can't be asked).
+        `ray_states`: Ray's (status, message) of every job, when the caller asked for them at once."""
 
     @abstractmethod
     def where(self) -> str:
@@ -123,7 +124,7 @@ class LocalProcess(Launcher):
         os.killpg(entry.pid, signal.SIGKILL)  # it did not wind down in time: its whole session, embedded Ray too
         return f" (driver killed after {timeout:.0f}s)"
 
-    def ended(self) -> tuple[JobState, str] | None:
+    def ended(self, ray_states: dict[str, tuple[str, str]] | None = None) -> tuple[JobState, str] | None:
         if self.entry.pid is not None and not self.alive():
             return JobState.FAILED, (f"driver process {self.entry.pid} exited without a final state (killed or "
                                      f"crashed); see {self.entry.log}")
@@ -161,11 +162,16 @@ class RayJob(Launcher):
             time.sleep(0.2)
         return ""
 
-    def ended(self) -> tuple[JobState, str] | None:
-        try:
-            ray_state, message = self.cluster().status(self.entry.job_id)
-        except RayJobsError:  # the cluster is gone or unreachable: the stored record is all there is
-            return None
+    def ended(self, ray_states: dict[str, tuple[str, str]] | None = None) -> tuple[JobState, str] | None:
+        if ray_states is not None:
+            if self.entry.job_id not in ray_states:  # not submitted yet (indexed first), or already forgotten
+                return None
+            ray_state, message = ray_states[self.entry.job_id]
+        else:
+            try:
+                ray_state, message = self.cluster().status(self.entry.job_id)
+            except RayJobsError:  # the cluster is gone or unreachable: the stored record is all there is
+                return None
         if ray_state not in RAY_TERMINAL:
             return None
         if ray_state == "STOPPED":
@@ -181,15 +187,15 @@ def launcher_for(entry: IndexEntry) -> Launcher:
     return RayJob(entry) if entry.address else LocalProcess(entry)
 
 
-def current_record(entry: IndexEntry) -> JobRecord:
+def current_record(entry: IndexEntry, ray_states: dict[str, tuple[str, str]] | None = None) -> JobRecord:
     """The job's record, from the store; corrected when its driver (local process or Ray job) ended without
-    writing a final state."""
+    writing a final state (`ray_states`: see Launcher.ended)."""
     store = entry.store()
     try:
         record = JobRecord.load(store, entry.job_id)
     except NotInStore:
         raise UnknownJob(f"job {entry.job_id}: no record in {store.uri}") from None
-    if not record.state.terminal and (end := launcher_for(entry).ended()):
+    if not record.state.terminal and (end := launcher_for(entry).ended(ray_states)):
         # Re-read once: the driver may have written its final state between our read and its exit.
         record = JobRecord.load(store, entry.job_id)
         if not record.state.terminal:

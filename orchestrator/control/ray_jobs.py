@@ -11,6 +11,7 @@ import contextlib
 import functools
 import os
 import shlex
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,6 +92,11 @@ class RayCluster:
         info = self._call("get_job_info", job_id)
         return str(info.status), info.message or ""
 
+    def states(self) -> dict[str, tuple[str, str]]:
+        """(Ray's job status, its message) of every job on the cluster, in one request."""
+        return {job.submission_id: (str(job.status), job.message or "") for job in self._call("list_jobs")
+                if job.submission_id}
+
     def logs(self, job_id: str) -> str:
         return self._call("get_job_logs", job_id)
 
@@ -101,3 +107,28 @@ class RayCluster:
         """Delete a finished Ray job's entry, if the cluster still has it."""
         with contextlib.suppress(RayJobsError):
             self._call("delete_job", job_id)
+
+
+class RayStates:
+    """Ray's view of every job, refreshed by a thread of its own every `every_s`: callers (every listing, every
+    log stream's poll) take the latest view at once instead of waiting on Ray's job API — one process, which a
+    busy cluster answers slowly. A job newer than the view is not in it, and counts as still running."""
+
+    def __init__(self, cluster: RayCluster, every_s: float):
+        self.cluster, self.every_s = cluster, every_s
+        self.fresh = threading.Event()
+        self.states: dict[str, tuple[str, str]] = {}
+        threading.Thread(target=self._refresh, daemon=True, name="ray-states").start()
+
+    def _refresh(self) -> None:
+        while True:
+            try:
+                self.states = self.cluster.states()
+            except RayJobsError:  # the cluster does not answer: the stored records are all there is
+                self.states = {}
+            self.fresh.set()
+            time.sleep(self.every_s)
+
+    def __call__(self) -> dict[str, tuple[str, str]]:
+        self.fresh.wait()  # the first view only
+        return self.states

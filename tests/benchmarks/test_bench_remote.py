@@ -13,8 +13,6 @@ from __future__ import annotations
 import os
 import re
 import secrets
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -25,8 +23,8 @@ from jobspecs.schema import StorageSpec
 from orchestrator.storage.artifacts import upload_artifacts
 from tests.benchmarks.small_llama import build_model, token_samples
 from tests.benchmarks.train_job import INTERMEDIATE, LAYERS, SEQ, VOCAB, spec_dict, submit_to_first_step
-from tests.helpers import cli, free_port, write_spec
-from tests.live_cluster import call, gateway, ray_head, with_token
+from tests.helpers import cli, write_spec
+from tests.live_cluster import call, gateway, moto_server, ray_head, with_token
 from workers.store import S3Store
 
 HIDDEN = 256  # the latency is orchestration, not compute: a smaller model than the training benchmark's
@@ -84,12 +82,7 @@ def upload_throughput(tmp: Path, rounds: int = 3) -> dict[str, float]:
         (staging / rel).parent.mkdir(parents=True, exist_ok=True)
         (staging / rel).write_bytes(os.urandom(int(mib * 1024 * 1024)))
     total_mib = sum(files.values())
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    try:
-        _wait_ended(lambda: _answers(endpoint), timeout=60)
+    with moto_server() as endpoint:
         client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
         client.create_bucket(Bucket="bench")
         store = S3Store(StorageSpec(uri="s3://bench/ours", endpoint_url=endpoint, region="us-east-1"))
@@ -102,19 +95,8 @@ def upload_throughput(tmp: Path, rounds: int = 3) -> dict[str, float]:
             t0 = time.perf_counter()
             upload_artifacts(store, f"job-{r}-{secrets.token_hex(2)}", staging)
             best["store"] = min(best["store"], time.perf_counter() - t0)
-    finally:
-        server.terminate()
-        server.wait()
     return {name: total_mib / seconds for name, seconds in best.items()} | {"total_mib": total_mib,
                                                                            "files": len(files)}
-
-
-def _answers(endpoint: str) -> bool:
-    try:
-        requests.get(endpoint, timeout=2)
-        return True
-    except requests.RequestException:
-        return False
 
 
 @pytest.mark.benchmark
