@@ -3,6 +3,7 @@ stopped by its PID), reached with `peftfleet submit --address` and through the g
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
@@ -498,3 +499,28 @@ def test_the_cli_works_through_a_gateway_with_a_token_from_the_environment_or_a_
         bad = peftfleet("submit", write_spec(tmp_path / "bad.yaml", {**gateway_spec(), "adapter": {"r": 0}}))
         assert bad.returncode == 2 and "adapter.r:" in bad.stderr, bad.stderr
         assert gw.tokens["alice"] not in submitted.stderr + whole + bad.stderr
+
+
+def test_readiness_says_so_while_the_call_pool_is_wedged(head, assets, s3_endpoint, bucket, tmp_path):
+    from tests.fault_proxy import FaultProxy
+
+    # Every GET to the store hangs for 15 s (a hung server), and the gateway has one call thread.
+    proxy = FaultProxy(int(s3_endpoint.rsplit(":", 1)[1]), fault="stall", match="GET /", stall_s=15)
+    storage = {"uri": f"s3://{bucket}/wedge", "endpoint_url": proxy.endpoint, "region": "us-east-1",
+               "max_attempts": 1}
+    with contextlib.closing(proxy), gateway(head, tmp_path, data_root=assets, storage=storage,
+                                            call_threads=1) as gw:
+        assert call(gw, "GET", "/readyz", user=None).status_code == 200
+        entry = {"job_id": "wedged", "storage": storage, "address": head.address, "owner": "alice"}
+        (tmp_path / "state" / "jobs").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "state" / "jobs" / "wedged.json").write_text(json.dumps(entry))
+        with ThreadPoolExecutor(1) as pool:
+            stuck = pool.submit(call, gw, "GET", "/v1/jobs/wedged")  # its store read holds the only thread
+            deadline = time.monotonic() + 10
+            while (ready := call(gw, "GET", "/readyz", user=None, timeout=10)).status_code == 200:
+                assert time.monotonic() < deadline, "readiness stayed green with the call pool wedged"
+                time.sleep(0.2)
+            assert ready.status_code == 503 and "call pool" in ready.json()["detail"]
+            assert stuck.result().status_code == 503  # the store did not answer, and the job says so
+        proxy.fault = None
+        assert call(gw, "GET", "/readyz", user=None).status_code == 200
