@@ -100,7 +100,7 @@ def gw(head, assets, s3_endpoint, tmp_path_factory):
     boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
     storage = {"uri": f"s3://{bucket}/gw", "endpoint_url": s3_endpoint, "region": "us-east-1"}
     with gateway(head, tmp_path_factory.mktemp("gateway"), data_root=assets, storage=storage,
-                 limits={"jobs_in_flight": 30}) as running:
+                 limits={"jobs_in_flight": 30, "workers": 30}) as running:
         running.bucket, running.s3_endpoint, running.ray_token = bucket, s3_endpoint, head.token
         yield running
     logged = running.log.read_text()
