@@ -8,10 +8,10 @@ floor (Python + torch + transformers + Ray worker, measured ~0.4 GiB on CPU).
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from jobspecs.remote import Location, read_json
 from jobspecs.schema import JobSpec
 
 GIB = 2**30
@@ -38,10 +38,10 @@ class Shape:
     tied: bool
 
     @classmethod
-    def from_config(cls, folder: Path) -> Shape:
-        file = Path(folder) / "config.json"
+    def from_config(cls, folder: Location) -> Shape:
+        file = f"{folder}/config.json"
         try:
-            c = json.loads(file.read_text())
+            c = read_json(folder, "config.json")
             heads = c["num_attention_heads"]
             return cls(c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], heads,
                        c.get("num_key_value_heads") or heads, c.get("head_dim") or c["hidden_size"] // heads,
@@ -183,7 +183,7 @@ def eval_records(spec: JobSpec) -> int | None:
         return 0
     if source.limit:
         return source.limit
-    if source.path.suffix == ".jsonl" and source.path.is_file():
+    if isinstance(source.path, Path) and source.path.suffix == ".jsonl" and source.path.is_file():
         with source.path.open("rb") as f:
             return sum(1 for line in f if line.strip())
     return None

@@ -22,6 +22,8 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PlainSerializer,
+    PlainValidator,
     ValidationInfo,
     field_validator,
     model_validator,
@@ -29,6 +31,16 @@ from pydantic import (
 
 from jobspecs.confinement import Outside, check_tree, entry, inside, open_checked
 from jobspecs.deepspeed_keys import refusal, refused
+from jobspecs.remote import (
+    Location,
+    S3Uri,
+    covariance_problem,
+    data_problem,
+    is_remote,
+    model_problem,
+    read_json,
+    top_files,
+)
 
 STAGE_ORDER = ("calibrate", "decompose", "train", "export")
 """Stages a spec may list, in the only order they can run. `upload` always runs last and is not listed."""
@@ -64,12 +76,33 @@ ExistingPath = Annotated[Path, AfterValidator(_existing)]
 """A local path that must exist when the spec is validated (relative to the spec's folder)."""
 
 
-def tokenizer_problem(folder: Path) -> str | None:
+def _input(value: object, info: ValidationInfo) -> Location:
+    if isinstance(value, S3Uri):
+        return value
+    if is_remote(value):
+        return S3Uri.parse(value)
+    if not isinstance(value, str | Path):
+        raise ValueError(f"a path or an s3://bucket/prefix URI, not {type(value).__name__}")
+    return _existing(Path(value), info)
+
+
+InputPath = Annotated[Path | S3Uri, PlainValidator(_input), PlainSerializer(str, when_used="json")]
+"""An input: a local path that must exist (as ExistingPath), or `s3://bucket/prefix`, read with the AWS chain's
+endpoint and credentials and fetched once per node (workers/inputs.py); its objects are checked where the spec
+is validated with files (the validators below)."""
+
+
+def _checks_files(info: ValidationInfo) -> bool:
+    return (info.context or {}).get("check_files", True)
+
+
+def tokenizer_problem(folder: Location) -> str | None:
     """Why transformers cannot build a tokenizer from `folder` with the packages installed here (None: it can).
     A `tokenizers` file needs nothing else; a SentencePiece/tiktoken model needs its package to be converted."""
-    if (folder / "tokenizer.json").is_file():
+    files = top_files(folder)
+    if "tokenizer.json" in files:
         return None
-    if (folder / "tokenizer.model").is_file():
+    if "tokenizer.model" in files:
         if importlib.util.find_spec("sentencepiece") or importlib.util.find_spec("tiktoken"):
             return None
         return ("holds only tokenizer.model, which transformers converts with the sentencepiece (or tiktoken) "
@@ -77,9 +110,9 @@ def tokenizer_problem(folder: Path) -> str | None:
     return "has no tokenizer (no tokenizer.json or tokenizer.model)"
 
 
-def config_pad_id(model_folder: Path) -> int | None:
+def config_pad_id(model_folder: Location) -> int | None:
     """The pad id a model's config.json names (else its eos id), for pre-tokenized data without a tokenizer."""
-    config = json.loads((model_folder / "config.json").read_text())
+    config = read_json(model_folder, "config.json")
     for key in ("pad_token_id", "eos_token_id"):
         value = config.get(key)
         value = value[0] if isinstance(value, list) and value else value
@@ -93,21 +126,28 @@ class Section(BaseModel):
 
 
 class ModelSpec(Section):
-    path: ExistingPath = Field(description="Folder of a Hugging Face causal LM (`save_pretrained` layout).")
-    tokenizer: ExistingPath | None = Field(None, description="Tokenizer folder; defaults to the model folder.")
+    path: InputPath = Field(description="Folder of a Hugging Face causal LM (`save_pretrained` layout), or "
+                            "s3://bucket/prefix holding one (safetensors weights; fetched once per node).")
+    tokenizer: InputPath | None = Field(None, description="Tokenizer folder (or s3:// prefix); defaults to the model "
+                                        "folder.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="dtype the frozen base weights are loaded in."
     )
 
     @field_validator("path")
     @classmethod
-    def _is_model_folder(cls, path: Path, info: ValidationInfo) -> Path:
-        if (info.context or {}).get("check_files", True) and not (path / "config.json").is_file():
+    def _is_model_folder(cls, path: Location, info: ValidationInfo) -> Location:
+        if not _checks_files(info):
+            return path
+        if isinstance(path, S3Uri):
+            if problem := model_problem(path):
+                raise ValueError(problem)
+        elif not (path / "config.json").is_file():
             raise ValueError(f"{path} is not a Hugging Face model folder (no config.json)")
         return path
 
     @property
-    def tokenizer_path(self) -> Path:
+    def tokenizer_path(self) -> Location:
         return self.tokenizer or self.path
 
 
@@ -116,16 +156,17 @@ def _source_shorthand(value: object) -> object:
 
 
 class DataSource(Section):
-    path: ExistingPath = Field(
-        description="A .jsonl/.json/.parquet/.arrow file, or a folder written by `datasets.Dataset.save_to_disk`."
+    path: InputPath = Field(
+        description="A .jsonl/.json/.parquet/.arrow file, a folder written by `datasets.Dataset.save_to_disk`, or a "
+        "folder of data files of one type (read in name order); local, or s3://bucket/key of any of these."
     )
     limit: int | None = Field(None, gt=0, description="Use only the first `limit` records.")
 
     @field_validator("path")
     @classmethod
-    def _known_format(cls, path: Path) -> Path:
-        if path.is_file() and path.suffix not in DATA_SUFFIXES:
-            raise ValueError(f"unsupported data file type {path.suffix!r}; use one of {', '.join(DATA_SUFFIXES)}")
+    def _known_format(cls, path: Location, info: ValidationInfo) -> Location:
+        if _checks_files(info) and (problem := data_problem(path, DATA_SUFFIXES)):
+            raise ValueError(problem)
         return path
 
 
@@ -270,10 +311,18 @@ class CordaSpec(Section):
     save_covariance: bool = Field(
         False, description="Also export the reduced statistics (artifact `covariance`, safetensors per input group)."
     )
-    covariance_from: ExistingPath | None = Field(
-        None, description="A `covariance` artifact folder of an earlier job on the same model and calibration data: "
-        "calibrate loads it instead of collecting, so another rank or mode costs only the decomposition."
+    covariance_from: InputPath | None = Field(
+        None, description="A `covariance` artifact folder (or its s3:// prefix) of an earlier job on the same model "
+        "and calibration data: calibrate loads it instead of collecting, so another rank or mode costs only the "
+        "decomposition."
     )
+
+    @field_validator("covariance_from")
+    @classmethod
+    def _is_covariance(cls, path: Location | None, info: ValidationInfo) -> Location | None:
+        if isinstance(path, S3Uri) and _checks_files(info) and (problem := covariance_problem(path)):
+            raise ValueError(problem)
+        return path
 
 
 class InitSpec(Section):
@@ -432,6 +481,11 @@ class ClusterSpec(Section):
         None, description="Folder on each node where stage outputs read from the store (residual_base, corda_init) "
         "are cached, fetched once per node and shared by its processes; default: peftfleet-cache in the system "
         "temp folder. Put it on the node's local disk, not a shared filesystem."
+    )
+    node_cache_max_gib: float | None = Field(
+        None, gt=0, description="Size limit of each node's cache (GiB): past it, the least recently used files are "
+        "evicted after each download (never one being fetched). Unset: no limit. Inputs from a bucket (s3:// model, "
+        "tokenizer, data) are cached there too, so size it for the model plus the stage outputs."
     )
 
 

@@ -116,7 +116,7 @@ def test_a_dataset_smaller_than_the_workers_or_past_the_vocabulary_is_refused_na
     from jobspecs.schema import DataSource
     from workers.data import check_fits
 
-    source = DataSource(path=tmp_path)
+    source = DataSource.model_validate({"path": tmp_path}, context={"check_files": False})
     with pytest.raises(ValueError, match="1 record\\(s\\) for 2 training workers"):
         check_fits([{"input_ids": [1]}], source, vocab_size=10, workers=2)
     with pytest.raises(ValueError, match="record 1 has token id 10, past the model's vocabulary"):

@@ -20,6 +20,7 @@ from torch import nn
 from jobspecs.memory import WALK_HIDDEN_BYTES
 from workers.covariance import batches
 from workers.data import collate
+from workers.inputs import fetch_all
 from workers.loss import label_loss_sum, mean_token_loss
 from workers.merged_weights import MergedWeights
 from workers.weights import read_tensors, tensor_infos
@@ -190,7 +191,7 @@ def whole_model_loss(model: Model, examples: list[dict], batch_size: int, pad_id
     from transformers import AutoModelForCausalLM
 
     folder, merge = model
-    whole = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
+    whole = AutoModelForCausalLM.from_pretrained(fetch_all(folder), dtype=dtype).to(device).eval()
     if merge:
         whole.load_state_dict(merge.apply(whole.state_dict()))
     return mean_token_loss(whole, examples, batch_size, pad_id, device)

@@ -21,7 +21,9 @@ import torch
 from torch import nn
 
 from workers.data import collate
+from workers.inputs import fetch_all, local
 from workers.job_process import start_job_process
+from workers.node_cache import NodeCache
 from workers.process_memory import peak_memory_mib
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -174,11 +176,13 @@ def batches(samples: Sequence[Sequence[int]], batch_size: int, pad_id: int) -> I
 class CovarianceWorker:
     """One model replica that turns calibration shards into per-group statistics. Runs as a Ray actor."""
 
-    def __init__(self, model_path: str, dtype: str, covariance_dtype: str, scale: str, device: str = "cpu"):
+    def __init__(self, model_path: str, dtype: str, covariance_dtype: str, scale: str, device: str,
+                 cache: NodeCache):
         from transformers import AutoModelForCausalLM
 
         start_job_process()
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype)).to(device).eval()
+        folder = fetch_all(local(model_path, cache))  # a replica reads every weight file (from a bucket: fetched)
+        self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype)).to(device).eval()
         self.device = device
         self.acc_dtype = DTYPES[covariance_dtype]
         self.scale = scale

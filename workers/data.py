@@ -3,6 +3,7 @@ response (assistant turns) is learned: every label before it is -100."""
 
 from __future__ import annotations
 
+import json
 import random
 import tempfile
 from collections.abc import Sequence
@@ -12,7 +13,16 @@ from typing import Any
 import torch
 
 from jobspecs.confinement import copy_small_files
-from jobspecs.schema import DataFields, DataSource, DataSpec, JobSpec, config_pad_id, tokenizer_problem
+from jobspecs.schema import (
+    DATA_SUFFIXES,
+    DataFields,
+    DataSource,
+    DataSpec,
+    JobSpec,
+    config_pad_id,
+    tokenizer_problem,
+)
+from workers.inputs import confinement_root, fetch_all, listed_files, present
 
 IGNORE = -100
 
@@ -24,11 +34,12 @@ def load_tokenizer(spec: JobSpec):
     folder = spec.model.tokenizer_path
     if not spec.needs_tokenizer and tokenizer_problem(folder):
         return None
-    if spec.data_root is None:
+    root = confinement_root(spec.data_root, folder)
+    if root is None:
         return AutoTokenizer.from_pretrained(folder)
     # Read from a checked copy: what save_pretrained later writes into an artifact is what was checked.
     with tempfile.TemporaryDirectory(prefix="peftfleet-tokenizer-") as copy:
-        return AutoTokenizer.from_pretrained(copy_small_files(spec.data_root, folder, Path(copy), "model.tokenizer"))
+        return AutoTokenizer.from_pretrained(copy_small_files(root, folder, Path(copy), "model.tokenizer"))
 
 
 def pad_id(spec: JobSpec, tokenizer) -> int:
@@ -40,16 +51,28 @@ def pad_id(spec: JobSpec, tokenizer) -> int:
     return config_pad_id(spec.model.path)
 
 
+def data_files(folder: Path) -> list[Path]:
+    """A folder source's data files, in name order: a save_to_disk folder's .arrow files, or the files of the one
+    data type the folder holds (a bucket mirror's not yet fetched ones included)."""
+    names = listed_files(folder)
+    if "state.json" in names:
+        state = json.loads(present(folder / "state.json").read_text())
+        return [folder / f["filename"] for f in state["_data_files"]]
+    return [folder / n for n in names if n.endswith(DATA_SUFFIXES)]
+
+
 def load_records(source: DataSource):
-    """A `datasets.Dataset` from a jsonl/json/parquet/arrow file or a `save_to_disk` folder."""
+    """A `datasets.Dataset` from a jsonl/json/parquet/arrow file, a `save_to_disk` folder or a folder of data files
+    of one type (a bucket mirror's files are fetched first)."""
     import datasets
 
-    path = source.path
-    if path.is_dir():
-        ds = datasets.load_from_disk(str(path))
+    path = Path(source.path)
+    if path.is_dir() and "state.json" in listed_files(path):
+        ds = datasets.load_from_disk(str(fetch_all(path)))
     else:
-        builder = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}[path.suffix]
-        ds = datasets.load_dataset(builder, data_files=str(path), split="train")
+        files = [present(f) for f in data_files(path)] if path.is_dir() else [present(path)]
+        builder = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}[files[0].suffix]
+        ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train")
     if source.limit is not None:
         ds = ds.select(range(min(source.limit, len(ds))))
     return ds

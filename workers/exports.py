@@ -22,6 +22,7 @@ from jobspecs.schema import JobSpec
 from workers import adapter_math
 from workers.block_walk import eval_loss, logit_gap, merged
 from workers.data import load_tokenizer, pad_id, tokenize
+from workers.inputs import confinement_root, on_node
 from workers.job_process import start_job_process
 from workers.logs import say
 from workers.merged_weights import MergedWeights, write_merged
@@ -41,12 +42,14 @@ def export_formats(spec: JobSpec, adapter_files: dict[str, bytes], corda_init: d
     store, out = open_store(spec.storage), {"conversion": None, "wise_ft": []}
     with tempfile.TemporaryDirectory(prefix="peftfleet-export-") as tmp:
         staging, work = Path(tmp) / "staging", Path(tmp) / "work"
-        kinds = write_formats(spec, adapter_files, corda_init, samples, staging, work, out)
+        kinds = write_formats(spec, on_node(spec), adapter_files, corda_init, samples, staging, work, out)
         return out, [store.publish_folder(f"{prefix}/{kind}", staging / kind) for kind in kinds]
 
 
-def write_formats(spec: JobSpec, adapter_files: dict[str, bytes], corda_init: dict[str, StoredFolder] | None,
-                  samples: list[list[int]], staging: Path, work: Path, out: dict) -> list[str]:
+def write_formats(spec: JobSpec, inputs: JobSpec, adapter_files: dict[str, bytes],
+                  corda_init: dict[str, StoredFolder] | None, samples: list[list[int]], staging: Path, work: Path,
+                  out: dict) -> list[str]:
+    """`inputs`: the spec with its inputs on this node (workers/inputs.py); `spec` names them for the artifacts."""
     formats, method = spec.export.formats, spec.adapter.method
     kinds: list[str] = []
 
@@ -60,15 +63,15 @@ def write_formats(spec: JobSpec, adapter_files: dict[str, bytes], corda_init: di
     adapter = folder("adapter", "adapter" in formats)
     for name, data in adapter_files.items():
         (adapter / name).write_bytes(data)
-    tokenizer = load_tokenizer(spec)
-    original_base = str(spec.model.path)
+    tokenizer = load_tokenizer(inputs)
+    original_base, base_name = inputs.model.path, str(spec.model.path)
 
     # A CorDA adapter lives on the residual base; everything after this works on the original base.
     on_original = adapter
     if corda_init:
         on_original = folder("adapter_on_original_base", "adapter_on_original_base" in formats)
         initial, residual = local_folder(spec, corda_init["adapter"]), local_folder(spec, corda_init["residual_base"])
-        adapter_math.to_original_base(adapter, initial, original_base, on_original)
+        adapter_math.to_original_base(adapter, initial, base_name, on_original)
         # block by block (one block of each model at a time), in fp32, like the init-fidelity check
         gap = logit_gap(merged(residual, adapter), merged(original_base, on_original), samples, torch.float32)
         out["conversion"] = {"max_abs_logit_diff": gap, "tolerance": spec.export.conversion_tolerance,
@@ -80,7 +83,7 @@ def write_formats(spec: JobSpec, adapter_files: dict[str, bytes], corda_init: di
                                f"by max |Δlogits| {gap:.3e} > export.conversion_tolerance "
                                f"{spec.export.conversion_tolerance:g}")
     if method not in ("prefix", "prompt") and spec.export.wise_ft_alphas and spec.data.eval:
-        examples, pad = tokenize(spec.data.eval, tokenizer, spec.data), pad_id(spec, tokenizer)
+        examples, pad = tokenize(inputs.data.eval, tokenizer, spec.data), pad_id(inputs, tokenizer)
         for alpha in spec.export.wise_ft_alphas:  # one walk of the model per α
             loss = eval_loss(merged(original_base, on_original, alpha), examples, spec.train.micro_batch_size, pad,
                              torch.float32)
@@ -90,7 +93,7 @@ def write_formats(spec: JobSpec, adapter_files: dict[str, bytes], corda_init: di
     for alpha in spec.export.merge_alphas if "merged" in formats else []:
         merged_dir = folder(f"merged@{fmt(alpha)}", True)
         write_merged(original_base, MergedWeights(original_base, on_original, alpha), merged_dir, SHARD_BYTES,
-                     root=spec.data_root)
+                     root=confinement_root(spec.data_root, original_base))
         if tokenizer is not None:
             tokenizer.save_pretrained(merged_dir)
         say(f"export: merged@{fmt(alpha)} written")

@@ -9,8 +9,9 @@ import torch
 
 from jobspecs.schema import JobSpec
 from workers.block_walk import logit_gap, merged
+from workers.inputs import local
 from workers.job_process import start_job_process
-from workers.node_cache import local_folder
+from workers.node_cache import local_folder, node_cache
 from workers.store import StoredFolder
 
 
@@ -18,4 +19,5 @@ def init_fidelity(spec: JobSpec, residual: StoredFolder, adapter: StoredFolder, 
     """max |logits(residual base + CorDA adapter) − logits(base)| over `samples`."""
     start_job_process()
     residual_dir, adapter_dir = local_folder(spec, residual), local_folder(spec, adapter)
-    return logit_gap(merged(residual_dir, adapter_dir), merged(spec.model.path, None), samples, torch.float32)
+    base = local(spec.model.path, node_cache(spec))
+    return logit_gap(merged(residual_dir, adapter_dir), merged(base, None), samples, torch.float32)

@@ -26,6 +26,7 @@ import torch
 
 from workers.block_walk import Batch, BlockWalk
 from workers.covariance import DTYPES, Accumulator, InputGroup, group_by_input, target_linears
+from workers.inputs import local
 from workers.job_process import start_job_process
 from workers.node_cache import NodeCache
 from workers.process_memory import peak_memory_mib
@@ -47,18 +48,19 @@ class LayerwiseWorker:
     """A Ray actor: the hidden states of its own shards, walked through the decoder blocks one at a time."""
 
     def __init__(self, model_path: str, dtype: str, covariance_dtype: str, scale: str, device: str,
-                 shards: dict[int, list[list[int]]], batch_size: int, pad_id: int, node_cache_dir: str | None,
+                 shards: dict[int, list[list[int]]], batch_size: int, pad_id: int, cache: NodeCache,
                  spill_name: str, spill: bool = False):
         start_job_process()
         self.dtype, self.device = getattr(torch, dtype), device
         self.acc_dtype, self.scale = DTYPES[covariance_dtype], scale
         self.shards, self.batch_size, self.pad_id = shards, batch_size, pad_id
         # resolved here, on the actor's node (the driver's temp folder may not be this node's)
-        self.spill = NodeCache(node_cache_dir).root / "layerwise" / spill_name
+        self.spill = cache.root / "layerwise" / spill_name
         self.spill.mkdir(parents=True, exist_ok=True)
         self.spilling = spill
         try:
-            self.walk = BlockWalk(model_path, self.dtype, device)
+            # a model in a bucket is mirrored: its weight files are fetched as the walk first reads them
+            self.walk = BlockWalk(local(model_path, cache), self.dtype, device)
         except ValueError as e:
             raise ValueError(f"init.corda.strategy layerwise: {e}; use strategy: replica") from None
         self.skeleton, self.blocks, self.prefix = self.walk.skeleton, self.walk.blocks, self.walk.prefix

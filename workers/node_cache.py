@@ -7,42 +7,66 @@ fetch the same object), checks its size and sha256 against what the producer rec
 the others wait for the lock and find it there. A verified file is stamped with its size and mtime, so a later
 reader trusts it without re-hashing gigabytes, while a file replaced or truncated since is fetched again.
 
+The job's inputs in a bucket (workers/inputs.py) come through the same cache: their StoredFile has the server's
+ETag instead of a sha256 (a single-part upload's ETag is the MD5 of its bytes; a multipart one's is not a content
+hash, and only the size is checked). A download cut off (an outage, a killed process) leaves its `.part` file,
+and the next fetch resumes from where it ends. With a size limit (cluster.node_cache_max_gib), the least recently
+used files are evicted after each fetch, never one a process is fetching.
+
     <cache_dir>/<store id>/<store key>            the file, under its own key
-    <cache_dir>/<store id>/.../.<name>.verified   {"sha256", "size", "mtime_ns"} once it checked out
+    <cache_dir>/<store id>/.../.<name>.part       a download in progress (or cut off: resumed)
+    <cache_dir>/<store id>/.../.<name>.verified   {"sha256", "etag", "size", "mtime_ns"} once it checked out;
+                                                  its mtime is the file's last use, for eviction
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from jobspecs.schema import JobSpec
 from workers.store import Store, StoredFile, StoredFolder, StoreError, open_store, safe_relpath, sha256_file
 
 DEFAULT_DIR = "peftfleet-cache"  # under the system temp folder when the spec names none
+_SMALL = 1 << 20  # never evicted
 
 
 class NodeCache:
-    def __init__(self, root: Path | str | None = None):
-        self.root = Path(root) if root else Path(tempfile.gettempdir()) / DEFAULT_DIR
+    """Picklable (a folder and a size limit): the driver hands one to the processes it starts. Without a folder,
+    the root is the system temp folder of the process using it (resolved there: each node has its own)."""
+
+    def __init__(self, root: Path | str | None = None, max_bytes: int | None = None):
+        self.configured = Path(root) if root else None
+        self.max_bytes = max_bytes
+
+    @property
+    def root(self) -> Path:
+        return self.configured or Path(tempfile.gettempdir()) / DEFAULT_DIR
+
+    def store_dir(self, store: Store) -> Path:
+        return self.root / hashlib.sha256(store.uri.encode()).hexdigest()[:16]
 
     def path(self, store: Store, key: str) -> Path:
-        store_id = hashlib.sha256(store.uri.encode()).hexdigest()[:16]
-        return self.root / store_id / safe_relpath(key)
+        return self.store_dir(store) / safe_relpath(key)
 
     def file(self, store: Store, entry: StoredFile) -> Path:
         """The local copy of `entry`, downloaded and verified if this node has no good copy yet."""
         local = self.path(store, entry.key)
         local.parent.mkdir(parents=True, exist_ok=True)
         stamp = local.with_name(f".{local.name}.verified")
-        with open(local.with_name(f".{local.name}.lock"), "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
-            if not _verified(local, stamp, entry):
-                self._fetch(store, entry, local, stamp)
+        with _locked(local, blocking=True):
+            if _verified(local, stamp, entry):
+                os.utime(stamp)  # used now: the last to be evicted
+                return local
+            self._fetch(store, entry, local, stamp)
+        if self.max_bytes is not None:
+            self.evict(keep=local)
         return local
 
     def folder(self, store: Store, folder: StoredFolder) -> Path:
@@ -53,25 +77,97 @@ class NodeCache:
             self.file(store, entry)
         return self.path(store, folder.prefix)
 
+    def evict(self, keep: Path) -> None:
+        """Least recently used files out until the cache fits max_bytes; `keep` (just fetched), files being
+        fetched and small files (configs, tokenizers, indexes: read by path long after they were fetched) stay.
+        A process still reading an evicted file keeps reading it (Linux frees it at the last close); the next
+        reader fetches it again."""
+        stamps = sorted(self.root.rglob(".*.verified"), key=_mtime)
+        files = [(s, s.with_name(s.name[1 : -len(".verified")])) for s in stamps]
+        total = sum(_size(f) for _, f in files)
+        for stamp, local in files:
+            if total <= self.max_bytes:
+                return
+            if local == keep or _size(local) < _SMALL:
+                continue
+            with _locked(local, blocking=False) as free:
+                if free:
+                    total -= _size(local)
+                    local.unlink(missing_ok=True)
+                    stamp.unlink(missing_ok=True)
 
     @staticmethod
     def _fetch(store: Store, entry: StoredFile, local: Path, stamp: Path) -> None:
         stamp.unlink(missing_ok=True)
-        tmp = local.with_name(f".{local.name}.{os.getpid()}.part")
-        try:
-            for attempt in (1, 2):  # a bad copy is fetched once more before the stage fails with the key
-                store.download(entry.key, tmp)
-                size, digest = tmp.stat().st_size, sha256_file(tmp)
-                if (size, digest) == (entry.size, entry.sha256):
-                    break
-                if attempt == 2:
-                    raise StoreError(f"{store.url_of(entry.key)}: fetched {size} bytes with sha256 {digest[:16]}…, "
-                                     f"but {entry.size} bytes with sha256 {entry.sha256[:16]}… were written")
-            os.replace(tmp, local)
-        finally:
-            tmp.unlink(missing_ok=True)
+        part = local.with_name(f".{local.name}.part")  # one writer: this process holds the file's lock
+        for attempt in (1, 2):  # a bad copy is fetched once more before the stage fails with the key
+            if part.exists() and part.stat().st_size > entry.size:
+                part.unlink()
+            if not part.exists() or part.stat().st_size < entry.size:
+                store.download_rest(entry.key, part)  # resumes a part an earlier fetch left (an error leaves it)
+            problem = _mismatch(part, entry)
+            if problem is None:
+                break
+            part.unlink()
+            if attempt == 2:
+                raise StoreError(f"{store.url_of(entry.key)}: {problem}")
+        os.replace(part, local)
         st = local.stat()
-        stamp.write_text(json.dumps({"sha256": entry.sha256, "size": st.st_size, "mtime_ns": st.st_mtime_ns}))
+        stamp.write_text(json.dumps({"sha256": entry.sha256, "etag": entry.etag, "size": st.st_size,
+                                     "mtime_ns": st.st_mtime_ns}))
+
+
+@contextlib.contextmanager
+def _locked(local: Path, blocking: bool) -> Iterator[bool]:
+    """The file's lock (released when closed, also if this process dies); yields False if `blocking` is off and
+    another process holds it."""
+    with open(local.with_name(f".{local.name}.lock"), "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+
+
+def _mismatch(path: Path, entry: StoredFile) -> str | None:
+    """Why the downloaded bytes are not what was written (None: they are)."""
+    size = path.stat().st_size
+    if entry.sha256:
+        digest = sha256_file(path)
+        if (size, digest) != (entry.size, entry.sha256):
+            return (f"fetched {size} bytes with sha256 {digest[:16]}…, but {entry.size} bytes with sha256 "
+                    f"{entry.sha256[:16]}… were written")
+        return None
+    if size != entry.size:
+        return f"fetched {size} bytes, but the server lists {entry.size}"
+    if entry.etag and "-" not in entry.etag:
+        digest = _md5_file(path)
+        if digest != entry.etag:
+            return f"fetched {size} bytes with MD5 {digest}, but the server's ETag is {entry.etag}"
+    return None
+
+
+def _md5_file(path: Path) -> str:
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _mtime(path: Path) -> int:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return 0
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 def _verified(local: Path, stamp: Path, entry: StoredFile) -> bool:
@@ -80,9 +176,16 @@ def _verified(local: Path, stamp: Path, entry: StoredFile) -> bool:
         st = local.stat()
     except (OSError, ValueError):
         return False
-    return seen == {"sha256": entry.sha256, "size": entry.size, "mtime_ns": st.st_mtime_ns} and st.st_size == entry.size
+    want = {"sha256": entry.sha256, "etag": entry.etag, "size": entry.size, "mtime_ns": st.st_mtime_ns}
+    return seen == want and st.st_size == entry.size
+
+
+def node_cache(spec: JobSpec) -> NodeCache:
+    """This node's cache as the spec configures it."""
+    limit = spec.cluster.node_cache_max_gib
+    return NodeCache(spec.cluster.node_cache_dir, None if limit is None else int(limit * 2**30))
 
 
 def local_folder(spec: JobSpec, folder: StoredFolder) -> Path:
     """`folder` of the job's store on this node's disk, through this node's cache (the spec names both)."""
-    return NodeCache(spec.cluster.node_cache_dir).folder(open_store(spec.storage), folder)
+    return node_cache(spec).folder(open_store(spec.storage), folder)

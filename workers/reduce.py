@@ -13,11 +13,11 @@ the small A, B factors, the diagnostics and what it wrote.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from jobspecs.schema import StorageSpec
 from workers.covariance import GroupStats, add_stats
 from workers.decompose import GroupInit, decompose_group
+from workers.inputs import local, present
+from workers.node_cache import NodeCache
 from workers.process_memory import bound_process_memory, peak_memory_mib
 from workers.store import StoredFile, open_store
 from workers.weights import publish_shard, read_tensors
@@ -45,12 +45,12 @@ class Reducer:
         return add_stats([total, part])
 
     def decompose(self, total: GroupStats, group: str, modules: tuple[str, ...], model_path: str, r: int,
-                  mode: str, scaling: float, damping: float | str, dtype: str, storage: StorageSpec, key: str
-                  ) -> tuple[GroupInit, StoredFile]:
+                  mode: str, scaling: float, damping: float | str, dtype: str, storage: StorageSpec, key: str,
+                  cache: NodeCache) -> tuple[GroupInit, StoredFile]:
         """Decompose one group and write its residual weights (in `dtype`) as the residual_base shard `key`."""
         import torch
 
-        weights = read_tensors(Path(model_path), [f"{m}.weight" for m in modules])
+        weights = read_tensors(local(model_path, cache), [f"{m}.weight" for m in modules])
         result = decompose_group(total, group, modules, {m: weights[f"{m}.weight"] for m in modules}, r, mode,
                                  scaling, damping)
         residual = {f"{layer.name}.weight": layer.residual.to(getattr(torch, dtype)) for layer in result.layers}
@@ -58,22 +58,24 @@ class Reducer:
             layer.residual = None
         return result, publish_shard(open_store(storage), key, residual)
 
-    def copy_tensors(self, model_path: str, names: list[str], dtype: str, storage: StorageSpec, key: str
-                     ) -> StoredFile:
+    def copy_tensors(self, model_path: str, names: list[str], dtype: str, storage: StorageSpec, key: str,
+                     cache: NodeCache) -> StoredFile:
         """Tensors the decomposition leaves unchanged, copied (cast to `dtype`) into the residual_base shard `key`."""
         import torch
 
-        return publish_shard(open_store(storage), key, read_tensors(Path(model_path), names, getattr(torch, dtype)))
+        tensors = read_tensors(local(model_path, cache), names, getattr(torch, dtype))
+        return publish_shard(open_store(storage), key, tensors)
 
     def save_stats(self, total: GroupStats, storage: StorageSpec, key: str) -> StoredFile:
         """A reduced sum exactly as decomposed, for the `covariance` artifact."""
         return publish_shard(open_store(storage), key, {"xtx": total.xtx},
                              {"samples": str(total.samples), "tokens": str(total.tokens)})
 
-    def load_stats(self, file: str) -> GroupStats:
-        """A sum saved by save_stats, read where it will be decomposed (init.corda.covariance_from)."""
+    def load_stats(self, file: str, cache: NodeCache) -> GroupStats:
+        """A sum saved by save_stats, read where it will be decomposed (init.corda.covariance_from: a file, or an
+        object of a bucket)."""
         from safetensors import safe_open
 
-        with safe_open(file, framework="pt") as f:
+        with safe_open(present(local(file, cache)), framework="pt") as f:
             meta = f.metadata()
             return GroupStats(f.get_tensor("xtx"), int(meta["samples"]), int(meta["tokens"]))

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from jobspecs.remote import configured_endpoint
 from jobspecs.schema import StorageSpec
 
 T = TypeVar("T")
@@ -55,7 +56,8 @@ class StoredFile:
 
     key: str
     size: int
-    sha256: str
+    sha256: str  # "" for an input the job did not write: then the server's ETag is what there is to check
+    etag: str = ""  # unquoted; a single-part upload's is the MD5 of its bytes, a multipart one's ends in "-<parts>"
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,15 @@ class Store(ABC):
 
     @abstractmethod
     def download(self, key: str, dest: Path) -> None: ...
+
+    @abstractmethod
+    def download_rest(self, key: str, dest: Path) -> None:
+        """Append the object's bytes past `dest`'s current size to it (all of them when `dest` does not exist): a
+        download cut off resumes where it stopped, on every retry too."""
+
+    @abstractmethod
+    def get_range(self, key: str, start: int, count: int) -> bytes:
+        """Bytes [start, start + count) of the object (fewer at its end)."""
 
     @abstractmethod
     def list(self, prefix: str) -> list[str]:
@@ -153,6 +164,23 @@ class LocalStore(Store):
         except FileNotFoundError:
             raise NotInStore(f"{self.url_of(key)} does not exist") from None
 
+    def download_rest(self, key: str, dest: Path) -> None:
+        have = dest.stat().st_size if dest.exists() else 0
+        try:
+            with open(self._path(key), "rb") as src, open(dest, "ab") as out:
+                src.seek(have)
+                shutil.copyfileobj(src, out, _CHUNK)
+        except FileNotFoundError:
+            raise NotInStore(f"{self.url_of(key)} does not exist") from None
+
+    def get_range(self, key: str, start: int, count: int) -> bytes:
+        try:
+            with open(self._path(key), "rb") as f:
+                f.seek(start)
+                return f.read(count)
+        except FileNotFoundError:
+            raise NotInStore(f"{self.url_of(key)} does not exist") from None
+
     def presigned_get(self, key: str, expires_s: int = 900) -> str:
         """A folder has no signed URLs: its file:// URL, readable wherever the filesystem is shared."""
         return f"file://{self._path(key)}"
@@ -188,7 +216,7 @@ class S3Store(Store):
                 retries={"max_attempts": storage.max_attempts, "mode": "standard"},
                 connect_timeout=min(storage.timeout_s, 10),
                 read_timeout=storage.timeout_s,  # a stalled server times out and the request is retried
-                s3={"addressing_style": "path"} if storage.endpoint_url else None,
+                s3={"addressing_style": "path"} if storage.endpoint_url or configured_endpoint() else None,
             ),
         )
 
@@ -251,6 +279,27 @@ class S3Store(Store):
         self._retry(
             f"download {self.url_of(key)}",
             lambda: self.client.download_file(self.bucket, self._key(key), str(dest), Config=self.transfer),
+        )
+
+    def download_rest(self, key: str, dest: Path) -> None:
+        """One streamed GET (ranged from where `dest` ends), not boto3's parallel parts: a part file of a parallel
+        download has holes, so a cut-off one cannot be resumed."""
+
+        def op() -> None:
+            have = dest.stat().st_size if dest.exists() else 0
+            ranged = {"Range": f"bytes={have}-"} if have else {}
+            body = self.client.get_object(Bucket=self.bucket, Key=self._key(key), **ranged)["Body"]
+            with open(dest, "ab") as out:
+                for chunk in body.iter_chunks(_CHUNK):
+                    out.write(chunk)
+
+        self._retry(f"download {self.url_of(key)}", op)
+
+    def get_range(self, key: str, start: int, count: int) -> bytes:
+        return self._retry(
+            f"read {self.url_of(key)}",
+            lambda: self.client.get_object(Bucket=self.bucket, Key=self._key(key),
+                                           Range=f"bytes={start}-{start + count - 1}")["Body"].read(),
         )
 
     def list(self, prefix: str) -> list[str]:

@@ -27,6 +27,7 @@ from workers.adalora import AdaLoraBudget, add_regulariser
 from workers.adapters import peft_config
 from workers.data import IGNORE, check_fits, collate, load_tokenizer, pad_id, shard, tokenize
 from workers.deepspeed_config import deepspeed_config
+from workers.inputs import fetch_all, on_node
 from workers.job_process import start_job_process
 from workers.logs import say
 from workers.loss import mean_token_loss, token_loss_sum
@@ -117,9 +118,11 @@ def evaluate(engine, examples: list[dict], batch_size: int, pad_id: int, device)
     return loss
 
 
-def build_model(spec: JobSpec, corda_init: dict[str, StoredFolder] | None, total_steps: int, zero3: bool):
+def build_model(spec: JobSpec, corda_init: dict[str, StoredFolder] | None, total_steps: int, zero3: bool,
+                base_name: str):
     """The peft model: CorDA's adapter on the residual base (both read from the job's store through this node's
-    cache), or the method's own init on the base.
+    cache), or the method's own init on the base (`spec`'s inputs are on this node; `base_name` is where the user
+    keeps the base, which the adapter's config names).
 
     Under ZeRO-3 (an `HfDeepSpeedConfig` alive, see setup) the base is built inside `deepspeed.zero.Init` and each
     rank reads only its 1/world slice of every weight from the files (workers/partitioned_load.py), so no worker
@@ -133,7 +136,9 @@ def build_model(spec: JobSpec, corda_init: dict[str, StoredFolder] | None, total
     dtype = getattr(torch, spec.model.dtype)
 
     def load(folder):
-        return partitioned_model(folder, dtype) if zero3 else AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+        if zero3:
+            return partitioned_model(folder, dtype)
+        return AutoModelForCausalLM.from_pretrained(fetch_all(folder), dtype=dtype)
 
     if corda_init:
         residual, adapter = local_folder(spec, corda_init["residual_base"]), local_folder(spec, corda_init["adapter"])
@@ -142,6 +147,7 @@ def build_model(spec: JobSpec, corda_init: dict[str, StoredFolder] | None, total
     else:
         base = load(spec.model.path)
         model = get_peft_model(base, peft_config(spec.adapter, total_steps, spec.model.tokenizer_path))
+        model.peft_config[model.active_adapter].base_model_name_or_path = base_name
     if spec.train.gradient_checkpointing:
         # non-reentrant: gradients reach the adapter although the checkpointed inputs of a frozen base need none
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -223,6 +229,7 @@ def setup(spec: JobSpec, corda_init: dict[str, StoredFolder] | None) -> Run:
         skip_cpu_shm_build()
     torch.manual_seed(cfg.seed)
     phase_done("imports")
+    base_name, spec = str(spec.model.path), on_node(spec)  # inputs in a bucket: fetched once per node
     tokenizer = load_tokenizer(spec)
     train_set = tokenize(spec.data.train, tokenizer, spec.data)
     eval_set = tokenize(spec.data.eval, tokenizer, spec.data) if spec.data.eval else []
@@ -238,7 +245,7 @@ def setup(spec: JobSpec, corda_init: dict[str, StoredFolder] | None) -> Run:
     zero3 = HfDeepSpeedConfig(ds_config) if ds_config.get("zero_optimization", {}).get("stage") == 3 else None
     if zero3 is not None:  # zero.Init inside from_pretrained sizes the batch by DeepSpeed's world: join it first
         deepspeed.init_distributed(dist_backend="nccl" if cfg.use_gpu else "gloo")
-    model = build_model(spec, corda_init, total, zero3 is not None)
+    model = build_model(spec, corda_init, total, zero3 is not None, base_name)
     partitioned = any(hasattr(p, "ds_id") for p in model.parameters() if not p.requires_grad)
     phase_done("model")
     if spec.adapter.method == "adalora":

@@ -21,10 +21,12 @@ from pathlib import Path
 import torch
 
 from jobspecs.confinement import entry
+from workers.inputs import available, present, read_head
 from workers.store import Store, StoredFile
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
+_HEAD = 1 << 18  # holds the header of a shard of a few hundred tensors
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
@@ -57,16 +59,17 @@ def weight_map(folder: Path) -> dict[str, str]:
         for file in set(where.values()):  # an index may name any path: only files of this folder are read
             entry(folder, file, str(folder / INDEX))
         return where
-    if (folder / SINGLE).is_file():
+    if available(folder / SINGLE):
         return dict.fromkeys(header(folder / SINGLE), SINGLE)
     raise ValueError(f"{folder}: no {SINGLE} or {INDEX}; only safetensors weights can be read tensor by tensor")
 
 
 def header(path: Path) -> dict[str, TensorInfo]:
     """A safetensors file's tensors, from its header alone: 8 bytes of header length, the JSON header, the data."""
-    with open(path, "rb") as f:
-        size = int.from_bytes(f.read(8), "little")
-        entries = json.loads(f.read(size))
+    first = read_head(path, 0, _HEAD)  # one read (one ranged GET from a bucket) for most headers
+    size = int.from_bytes(first[:8], "little")
+    raw = first[8 : 8 + size] if 8 + size <= len(first) else read_head(path, 8, size)
+    entries = json.loads(raw)
     entries.pop("__metadata__", None)
     return {name: TensorInfo(path.name, e["dtype"], tuple(e["shape"]), 8 + size + e["data_offsets"][0])
             for name, e in entries.items()}
@@ -86,7 +89,7 @@ def read_range(folder: Path, info: TensorInfo, start: int, count: int) -> torch.
     """Elements [start, start + count) of a tensor, flattened, read with a plain positional read: no memory map,
     so only these bytes pass through the process (the page cache is the kernel's, not ours)."""
     itemsize = DTYPE_BYTES[info.dtype]
-    data, path = bytearray(count * itemsize), Path(folder) / info.file
+    data, path = bytearray(count * itemsize), present(Path(folder) / info.file)
     view, at = memoryview(data), info.offset + start * itemsize
     with open(path, "rb") as f:
         while view:  # one read returns at most ≈ 2 GiB
@@ -109,7 +112,7 @@ def read_tensors(folder: Path, names: Iterable[str], dtype: torch.dtype | None =
         by_file.setdefault(where[name], []).append(name)
     out = {}
     for file, wanted in by_file.items():
-        with safe_open(folder / file, framework="pt") as f:
+        with safe_open(present(folder / file), framework="pt") as f:
             for name in wanted:
                 tensor = f.get_tensor(name)
                 out[name] = tensor.to(dtype) if dtype is not None else tensor

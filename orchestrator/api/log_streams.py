@@ -19,9 +19,8 @@ from concurrent.futures import Executor
 from fastapi import HTTPException, Request
 
 from orchestrator.control.jobs import IndexEntry
-from orchestrator.control.launchers import current_record
 from orchestrator.control.ray_jobs import RayStates
-from orchestrator.control.submission import read_log
+from orchestrator.control.submission import poll_log
 
 
 class Followers:
@@ -64,19 +63,14 @@ class Followers:
             return sum(self._users.values())
 
 
-def _read_once(entry: IndexEntry, position: int, ray_states: RayStates) -> tuple[bool, str, int]:
-    ended = current_record(entry, ray_states()).state.terminal  # before the read: what it wrote before ending too
-    chunk, position = read_log(entry, position)
-    return ended, chunk, position
-
-
 async def _stream(entry: IndexEntry, position: int, request: Request, pool: Executor, ray_states: RayStates,
                   max_s: float, poll_s: float, release: Callable[[], None]) -> AsyncIterator[str]:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + max_s
     try:
         while not await request.is_disconnected():
-            ended, chunk, position = await loop.run_in_executor(pool, _read_once, entry, position, ray_states)
+            ended, chunk, position = await loop.run_in_executor(
+                pool, lambda at=position: poll_log(entry, at, ray_states=ray_states()))
             if chunk:
                 yield chunk
             if ended:

@@ -9,11 +9,11 @@ full-model output (each merged@α, CorDA's residual base) plus the adapters.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from jobspecs import JobSpec
+from jobspecs.remote import Location, top_files
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
@@ -60,8 +60,8 @@ class Usage:
         return cls(max(n for _, n, _ in stages), max(n if gpu else 0 for _, n, gpu in stages))
 
 
-def model_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in Path(folder).iterdir() if p.suffix in _WEIGHT_SUFFIXES and p.is_file())
+def model_bytes(folder: Location) -> int:
+    return sum(size for name, size in top_files(folder).items() if name.endswith(_WEIGHT_SUFFIXES))
 
 
 def artifact_bytes(spec: JobSpec) -> int:

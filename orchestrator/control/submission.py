@@ -114,11 +114,18 @@ def read_log(entry: IndexEntry, position: int = 0, verbose: bool = False) -> tup
     return launcher.read_verbose(position) if verbose else launcher.read_log(position)
 
 
+def poll_log(entry: IndexEntry, position: int, verbose: bool = False,
+             ray_states: dict[str, tuple[str, str]] | None = None) -> tuple[bool, str, int]:
+    """One look at a followed log: whether the job had ended, the log from `position`, and the position after."""
+    ended = current_record(entry, ray_states).state.terminal  # before the read: what it wrote before ending too
+    chunk, position = read_log(entry, position, verbose)
+    return ended, chunk, position
+
+
 def tail(entry: IndexEntry, position: int = 0, poll_s: float = 0.5, verbose: bool = False) -> Iterator[str]:
     """The job's log as it grows, from `position`, until the job has ended (its last lines included)."""
     while True:
-        ended = current_record(entry).state.terminal  # before the read: what it wrote before ending is read too
-        chunk, position = read_log(entry, position, verbose)
+        ended, chunk, position = poll_log(entry, position, verbose)
         if chunk:
             yield chunk
         if ended:

@@ -76,6 +76,19 @@ class Context:
     peaks: dict[str, dict[str, float]] = field(default_factory=dict)  # stage → process kind → peak RSS (MiB)
     reserved: dict[str, dict[str, float]] = field(default_factory=dict)  # stage → process kind → Ray memory (MiB)
     _plan: dict[tuple[str, str], int] | None = field(default=None, repr=False)
+    _inputs: JobSpec | None = field(default=None, repr=False)
+
+    @property
+    def inputs(self) -> JobSpec:
+        """The spec with its inputs on the driver's node, for what the driver itself reads (the tokenizer, the
+        calibration records, config.json, safetensors headers): inputs in a bucket are listed, their small files
+        fetched into the node cache, their weights never (workers/inputs.py). Other processes are handed `spec`
+        and localize on their own node."""
+        if self._inputs is None:
+            from workers.inputs import on_node
+
+            self._inputs = on_node(self.spec)
+        return self._inputs
 
     def reserve(self, stage: str, process: str, requested: float | None = None) -> dict:
         """Ray options reserving host memory for one kind of process: `requested` bytes where the spec asks for

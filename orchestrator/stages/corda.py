@@ -28,10 +28,12 @@ from pathlib import Path
 from typing import Any
 
 from jobspecs.memory import SHARD_BYTES, choose_corda_strategy, layerwise_spills, replica_bytes
+from jobspecs.remote import Location, read_json
 from jobspecs.schema import JobSpec
 from orchestrator.stages.context import Calibration, Context, CordaInit, Early
 from orchestrator.stages.waits import model_task, wait_all
 from orchestrator.storage.artifacts import job_key
+from workers.node_cache import NodeCache, node_cache
 from workers.store import StoredFolder
 
 log = logging.getLogger("peftfleet.corda")
@@ -61,10 +63,10 @@ def run_calibrate(ctx: Context) -> None:
 
 
     spec, corda = ctx.spec, ctx.spec.init.corda_spec
-    samples, held, pad_id = calibration_samples(spec)
+    samples, held, pad_id = calibration_samples(ctx.inputs)
     if corda.covariance_from is not None:
         reducers = _start_reducers(ctx, corda.num_workers)
-        groups, totals = load_covariance(corda.covariance_from, reducers)
+        groups, totals = load_covariance(corda.covariance_from, reducers, node_cache(spec))
         log.info("calibrate: %d input groups loaded from %s; no collection", len(groups), corda.covariance_from)
         tokens = ray.get(reducers[0].tokens.remote(totals[0]))
         ctx.calibration = Calibration(groups=groups, totals=totals, reducers=reducers, held=held, tokens=tokens,
@@ -142,7 +144,8 @@ def _decompose(ctx: Context, g: int, group, total, reducers: list, layout: Resid
     key = f"{job_key(ctx.job_id, RESIDUAL_PREFIX)}/{layout.files[g]}"
     return reducers[g % len(reducers)].decompose.remote(total, group.name, group.modules, str(spec.model.path),
                                                         spec.adapter.r, corda.mode, spec.adapter.alpha / spec.adapter.r,
-                                                        corda.damping, spec.model.dtype, spec.storage, key)
+                                                        corda.damping, spec.model.dtype, spec.storage, key,
+                                                        node_cache(spec))
 
 
 def _save_stats(ctx: Context, g: int, group, total, reducers: list):
@@ -161,7 +164,7 @@ def collect_replica(ctx: Context, shards: list, pad_id: int) -> tuple:
     Actor = ray.remote(CovarianceWorker).options(**_actor_options(ctx, "replica"))
     device = "cuda" if corda.use_gpu else "cpu"
     actors = [Actor.remote(str(spec.model.path), spec.model.dtype, corda.covariance_dtype, corda.activation_scale,
-                           device) for _ in range(min(corda.num_workers, len(shards)))]
+                           device, node_cache(spec)) for _ in range(min(corda.num_workers, len(shards)))]
     reducers = _start_reducers(ctx, len(actors))
     placement = _placed(actors, reducers)
     groups = ray.get(actors[0].groups.remote(spec.adapter.target_modules, shards[0][0]))
@@ -209,13 +212,12 @@ def collect_layerwise(ctx: Context, shards: list, pad_id: int) -> tuple:
     owned = [{i: shards[i] for i in range(a, len(shards), n)} for a in range(n)]
     Actor = ray.remote(LayerwiseWorker).options(**_actor_options(ctx, "layerwise"))
     device = "cuda" if corda.use_gpu else "cpu"
-    cache = str(spec.cluster.node_cache_dir) if spec.cluster.node_cache_dir else None
     spill = layerwise_spills(spec)
     if spill:
         log.info("calibrate: the actors' hidden states exceed init.corda.actor_memory_gib %g: each keeps only the "
                  "shard at work in memory, the others on its node's disk", corda.actor_memory_gib)
     actors = [Actor.remote(str(spec.model.path), spec.model.dtype, corda.covariance_dtype, corda.activation_scale,
-                           device, own, corda.batch_size, pad_id, cache, f"{ctx.job_id}/actor-{a}", spill)
+                           device, own, corda.batch_size, pad_id, node_cache(spec), f"{ctx.job_id}/actor-{a}", spill)
               for a, own in enumerate(owned)]
     reducers = _start_reducers(ctx, n)
     placement = _placed(actors, reducers)
@@ -228,7 +230,7 @@ def collect_layerwise(ctx: Context, shards: list, pad_id: int) -> tuple:
     totals: list[Any] = [None] * len(groups)
     bounds = [sum(map(len, per_block[:k])) for k in range(len(per_block) + 1)]  # block k's groups: bounds[k:k+2]
     early = Early()
-    layout = residual_layout(spec, groups) if "decompose" in spec.effective_stages else None
+    layout = residual_layout(ctx.inputs, groups) if "decompose" in spec.effective_stages else None
     start = time.perf_counter()
 
     def folded(k: int) -> None:  # wait for block k's sums (cancellable), then decompose them while k+1.. collect
@@ -278,7 +280,7 @@ def run_decompose(ctx: Context) -> None:
     state: Calibration = ctx.needs("calibration")
     groups, totals, reducers, early = state.groups, state.totals, state.reducers, state.early
     residual_prefix = job_key(ctx.job_id, RESIDUAL_PREFIX)
-    layout = residual_layout(spec, groups)
+    layout = residual_layout(ctx.inputs, groups)
     model, dtype, storage = str(spec.model.path), spec.model.dtype, spec.storage
     # Each group is decomposed by the reducer that produced its sum, i.e. where the covariance already is, and its
     # residual weights are written from there into the store; the unchanged tensors are copied by the same pool.
@@ -287,7 +289,8 @@ def run_decompose(ctx: Context) -> None:
     refs = [started[g] if g in started else _decompose(ctx, g, group, totals[g], reducers, layout)
             for g, group in enumerate(groups)]
     copies = [reducers[j % len(reducers)].copy_tensors.remote(model, names, dtype, storage,
-                                                              f"{residual_prefix}/{layout.files[len(groups) + j]}")
+                                                              f"{residual_prefix}/{layout.files[len(groups) + j]}",
+                                                              node_cache(spec))
               for j, names in enumerate(layout.copied)]
     start = time.perf_counter()
     wait_all(refs + copies, fetch=True,
@@ -367,7 +370,7 @@ def write_residual_config(ctx: Context, layout: ResidualLayout, prefix: str) -> 
     from workers.data import load_tokenizer
     from workers.weights import write_index
 
-    spec = ctx.spec
+    spec = ctx.inputs
     with tempfile.TemporaryDirectory(prefix="peftfleet-residual-") as tmp:
         config = AutoConfig.from_pretrained(spec.model.path)
         config.dtype = spec.model.dtype
@@ -417,23 +420,28 @@ def _save_covariance(ctx: Context, groups, totals, reducers, early: Early) -> St
         return StoredFolder(prefix, (*stored, *ctx.store.publish_folder(prefix, Path(tmp)).files))
 
 
-def load_covariance(folder: Path, reducers) -> tuple[list, list]:
+def load_covariance(folder: Location, reducers, cache: NodeCache) -> tuple[list, list]:
     """Inverse of _save_covariance: (input groups, a reference to each group's sum), in the saved order; each sum
-    is read by the reducer that will decompose it."""
+    is read by the reducer that will decompose it (a folder of a bucket: fetched on the reducer's node)."""
     from workers.covariance import InputGroup
 
-    folder = Path(folder).resolve()
-    index_file = folder / "groups.json"
-    if not index_file.is_file():
-        raise ValueError(f"init.corda.covariance_from: {folder} is not a `covariance` artifact (no groups.json)")
+    if isinstance(folder, Path):
+        folder = folder.resolve()
+    try:
+        rows = read_json(folder, "groups.json")
+    except OSError:
+        raise ValueError(f"init.corda.covariance_from: {folder} is not a `covariance` artifact (no groups.json)"
+                         ) from None
     groups, totals = [], []
-    for i, row in enumerate(json.loads(index_file.read_text())):
-        file = (folder / row["file"]).resolve()
-        if not file.is_relative_to(folder) or not file.is_file():
-            raise ValueError(f"init.corda.covariance_from: {index_file} names {row['file']!r}, which is not a file "
-                             f"inside {folder}")
+    for i, row in enumerate(rows):
+        name = row["file"]
+        plain = isinstance(name, str) and "/" not in name and name not in ("", ".", "..")
+        file = (folder / name).resolve() if plain and isinstance(folder, Path) else folder / name if plain else None
+        if file is None or not file.is_relative_to(folder) or (isinstance(file, Path) and not file.is_file()):
+            raise ValueError(f"init.corda.covariance_from: {folder}/groups.json names {row['file']!r}, which is "
+                             f"not a file inside {folder}")
         groups.append(InputGroup(row["group"], tuple(row["modules"]), row["dim"]))
-        totals.append(reducers[i % len(reducers)].load_stats.remote(str(file)))
+        totals.append(reducers[i % len(reducers)].load_stats.remote(str(file), cache))
     return groups, totals
 
 
