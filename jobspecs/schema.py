@@ -194,6 +194,12 @@ class DataSpec(Section):
     eval: Source | None = Field(None, description="Held-out records for eval loss and best-checkpoint selection.")
     calibration: Source | None = Field(None, description="Records whose activations CorDA's covariance is built from.")
     max_seq_len: int = Field(512, gt=0, description="Sequences are truncated to this many tokens.")
+    streaming: bool = Field(
+        False, description="Stream data.train instead of tokenizing it whole in every worker: the source is cut "
+        "into units (a folder's files; a parquet file's row groups), each epoch deals a seeded shuffle of them to "
+        "the workers, and a worker reads one unit at a time (from a bucket: fetching only its own). Needs "
+        "train.max_steps (a stream has no length to count epochs by) and at least one unit per worker."
+    )
     fields: DataFields = Field(default_factory=DataFields)
     pad_token_id: int | None = Field(
         None, ge=0, description="Id given to padding positions (they are masked out, so any valid id works). "
@@ -588,6 +594,12 @@ class JobSpec(Section):
         if self.adapter.method == "dora" and "scaled_adapter" in export.formats:
             raise ValueError("export.formats: a DoRA adapter cannot be scaled (its magnitude vector renormalises the "
                              "weights, so α·adapter ≠ α·ΔW); use merged, which interpolates the merged weights")
+        if self.data.streaming and self.train.max_steps is None:
+            raise ValueError("train.max_steps: needed with data.streaming (a stream is not counted up front, so "
+                             "epochs cannot say how many steps there are)")
+        if self.data.streaming and self.data.train.limit is not None:
+            raise ValueError("data.train.limit: not with data.streaming (there is no first N of a shuffled stream "
+                             "of units); cut the source instead")
         if self.train.precision == "fp16" and not self.train.use_gpu:
             raise ValueError("train.precision: fp16 needs a GPU (DeepSpeed's CPU accelerator has no fp16); use bf16")
         return self

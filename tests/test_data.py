@@ -8,7 +8,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from jobspecs.schema import DataSource, DataSpec
-from workers.data import IGNORE, chat_example, collate, instruction_example, shard, tokenize
+from workers.data import IGNORE, chat_example, collate, instruction_example, tokenize
+from workers.stream import InMemory
 
 
 @pytest.fixture(scope="module")
@@ -54,9 +55,13 @@ def test_collate_pads_with_ignored_labels(tokenizer):
 
 def test_shards_are_disjoint_and_deterministic():
     items = [{"i": i} for i in range(10)]
-    a, b = shard(items, 0, 2, seed=7), shard(items, 1, 2, seed=7)
+
+    def shard(rank, seed):
+        return InMemory(items, rank, 2, seed).take(5)
+
+    a, b = shard(0, seed=7), shard(1, seed=7)
     assert sorted(x["i"] for x in a + b) == list(range(10))
-    assert a == shard(items, 0, 2, seed=7) and a != shard(items, 0, 2, seed=8)
+    assert a == shard(0, seed=7) and a != shard(0, seed=8)
 
 
 def test_missing_field_names_field_and_record(tmp_path, tokenizer):
@@ -114,11 +119,13 @@ def test_bad_token_rows_say_what_is_wrong_with_the_row(tmp_path, row, says):
 
 def test_a_dataset_smaller_than_the_workers_or_past_the_vocabulary_is_refused_naming_it(tmp_path):
     from jobspecs.schema import DataSource
-    from workers.data import check_fits
+    from workers.data import check_count, tokenize_records
 
     source = DataSource.model_validate({"path": tmp_path}, context={"check_files": False})
     with pytest.raises(ValueError, match="1 record\\(s\\) for 2 training workers"):
-        check_fits([{"input_ids": [1]}], source, vocab_size=10, workers=2)
-    with pytest.raises(ValueError, match="record 1 has token id 10, past the model's vocabulary"):
-        check_fits([{"input_ids": [1]}, {"input_ids": [10]}], source, vocab_size=10, workers=1)
-    check_fits([{"input_ids": [9]}], source, vocab_size=10, workers=1)
+        check_count([{"input_ids": [1]}], source, workers=2)
+    check_count([{"input_ids": [9]}], source, workers=1)
+    data = DataSpec.model_validate({"format": "tokens", "train": source}, context={"check_files": False})
+    with pytest.raises(ValueError, match=r"part-3\.parquet: record 1 has token id 10, past the model.s vocabulary"):
+        tokenize_records([{"input_ids": [1]}, {"input_ids": [10]}], "part-3.parquet", None, data, vocab_size=10)
+    assert tokenize_records([{"input_ids": [9]}], "x", None, data, vocab_size=10)[0]["input_ids"] == [9]

@@ -4,9 +4,8 @@ response (assistant turns) is learned: every label before it is -100."""
 from __future__ import annotations
 
 import json
-import random
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -164,37 +163,38 @@ def _id_list(value: Any, name: str, allowed: int | None = None) -> list[int]:
     return ids
 
 
-def check_fits(examples: Sequence[dict], source: DataSource, vocab_size: int, workers: int) -> None:
-    """What the model and the workers need of a dataset, said before any tensor is built from it."""
+def check_count(examples: Sequence[dict], source: DataSource, workers: int) -> None:
+    """Every worker needs a record of its own, said before any tensor is built from the dataset."""
     if len(examples) < workers:
         raise ValueError(f"{source.path}: {len(examples)} record(s) for {workers} training workers; each worker "
                          f"needs at least one: add records or lower train.num_workers")
-    for row, ex in enumerate(examples):
-        if (top := max(ex["input_ids"], default=0)) >= vocab_size:
-            raise ValueError(f"{source.path}: record {row} has token id {top}, past the model's vocabulary "
-                             f"(vocab_size {vocab_size})")
 
 
-def tokenize(source: DataSource, tokenizer, data: DataSpec, max_len: int | None = None) -> list[dict[str, list[int]]]:
-    """Every record of `source` as {input_ids, labels}; a record missing its field names the field and row."""
+def tokenize(source: DataSource, tokenizer, data: DataSpec, max_len: int | None = None,
+             vocab_size: int | None = None) -> list[dict[str, list[int]]]:
+    """Every record of `source` as {input_ids, labels}; a bad record names the field or token and the row."""
+    return tokenize_records(load_records(source), str(source.path), tokenizer, data, max_len, vocab_size)
+
+
+def tokenize_records(records: Iterable[dict[str, Any]], where: str, tokenizer, data: DataSpec,
+                     max_len: int | None = None, vocab_size: int | None = None) -> list[dict[str, list[int]]]:
+    """Records as {input_ids, labels}; errors name `where` (the file or unit), the row and what is wrong with it
+    (a missing field; with `vocab_size`, a token id past the vocabulary)."""
     max_len = max_len or data.max_seq_len
     examples = []
-    for row, record in enumerate(load_records(source)):
+    for row, record in enumerate(records):
         try:
-            examples.append(to_example(record, tokenizer, data.format, data.fields, max_len))
+            example = to_example(record, tokenizer, data.format, data.fields, max_len)
         except KeyError as err:
-            raise ValueError(f"{source.path}: record {row} has no field {err} needed by data.format "
+            raise ValueError(f"{where}: record {row} has no field {err} needed by data.format "
                              f"{data.format!r} (see data.fields)") from None
         except ValueError as err:
-            raise ValueError(f"{source.path}: record {row} {err}") from None
+            raise ValueError(f"{where}: record {row} {err}") from None
+        if vocab_size is not None and (top := max(example["input_ids"], default=0)) >= vocab_size:
+            raise ValueError(f"{where}: record {row} has token id {top}, past the model's vocabulary "
+                             f"(vocab_size {vocab_size})")
+        examples.append(example)
     return examples
-
-
-def shard(examples: Sequence[dict], rank: int, world: int, seed: int, epoch: int = 0) -> list[dict]:
-    """This worker's share of a seeded shuffle: disjoint across ranks, identical for a given (seed, epoch)."""
-    order = list(range(len(examples)))
-    random.Random(seed * 1_000_003 + epoch).shuffle(order)
-    return [examples[i] for i in order[rank::world]]
 
 
 def collate(batch: Sequence[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:

@@ -16,6 +16,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ import torch
 from jobspecs.schema import JobSpec
 from workers.adalora import AdaLoraBudget, add_regulariser
 from workers.adapters import peft_config
-from workers.data import IGNORE, check_fits, collate, load_tokenizer, pad_id, shard, tokenize
+from workers.data import IGNORE, check_count, collate, load_tokenizer, pad_id, tokenize, tokenize_records
 from workers.deepspeed_config import deepspeed_config
 from workers.inputs import fetch_all, on_node
 from workers.job_process import start_job_process
@@ -34,6 +35,7 @@ from workers.loss import mean_token_loss, token_loss_sum
 from workers.node_cache import local_folder
 from workers.process_memory import peak_memory_mib
 from workers.store import StoredFolder
+from workers.stream import InMemory, Streamed, Unit, units
 
 CKPT_TAG = "ds"
 
@@ -43,8 +45,8 @@ class TrainState:
     """Where a run is and what it has seen: a checkpoint's state.json, and what the export reads back."""
 
     step: int = 0
-    epoch: int = 0
-    cursor: int = 0  # position in this epoch's shard of the data
+    epoch: int = 0  # rank 0's
+    positions: list[dict] = field(default_factory=list)  # per rank, where it is in its data (workers/stream.py)
     tokens: int = 0
     elapsed: float = 0.0
     metrics: list[dict] = field(default_factory=list)  # one row per optimizer step
@@ -59,7 +61,15 @@ class TrainState:
 
     @classmethod
     def load(cls, folder: Path) -> TrainState:
-        return cls(**json.loads((Path(folder) / "state.json").read_text()))
+        raw = json.loads((Path(folder) / "state.json").read_text())
+        if "cursor" in raw:  # written before positions were per rank: one position, every rank's
+            raw["positions"] = [{"epoch": raw["epoch"], "cursor": raw.pop("cursor")}]
+        return cls(**raw)
+
+    def position(self, rank: int, world: int) -> dict | None:
+        if len(self.positions) == world:
+            return self.positions[rank]
+        return self.positions[0] if self.positions else None
 
 
 @dataclass
@@ -185,7 +195,8 @@ class Run:
     world: int
     device: torch.device
     pad: int
-    train_set: list[dict]
+    train_set: list[dict] | list[Unit]  # tokenized examples, or the units of a streamed source
+    tokenize_unit: Callable[[list[dict], str], list[dict]]  # a streamed unit's records → examples (checked)
     eval_set: list[dict]
     total: int  # optimizer steps
     engine: Any
@@ -231,12 +242,17 @@ def setup(spec: JobSpec, corda_init: dict[str, StoredFolder] | None) -> Run:
     phase_done("imports")
     base_name, spec = str(spec.model.path), on_node(spec)  # inputs in a bucket: fetched once per node
     tokenizer = load_tokenizer(spec)
-    train_set = tokenize(spec.data.train, tokenizer, spec.data)
-    eval_set = tokenize(spec.data.eval, tokenizer, spec.data) if spec.data.eval else []
     vocab = AutoConfig.from_pretrained(spec.model.path).vocab_size
-    check_fits(train_set, spec.data.train, vocab, ctx.get_world_size())
-    if spec.data.eval:
-        check_fits(eval_set, spec.data.eval, vocab, 1)
+
+    def tokenize_unit(records: list[dict], where: str) -> list[dict]:
+        return tokenize_records(records, where, tokenizer, spec.data, vocab_size=vocab)
+
+    if spec.data.streaming:  # read unit by unit as training draws them (workers/stream.py)
+        train_set = units(spec.data.train.path)
+    else:
+        train_set = tokenize(spec.data.train, tokenizer, spec.data, vocab_size=vocab)
+        check_count(train_set, spec.data.train, ctx.get_world_size())
+    eval_set = tokenize(spec.data.eval, tokenizer, spec.data, vocab_size=vocab) if spec.data.eval else []
     total = optimizer_steps(spec, len(train_set))
     phase_done("data")
     ds_config = deepspeed_config(spec, ctx.get_world_size())
@@ -257,7 +273,8 @@ def setup(spec: JobSpec, corda_init: dict[str, StoredFolder] | None) -> Run:
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
     budget = AdaLoraBudget(engine, ds_config) if spec.adapter.method == "adalora" else None
     run = Run(spec=spec, rank=ctx.get_world_rank(), world=ctx.get_world_size(), device=device,
-              pad=pad_id(spec, tokenizer), train_set=train_set, eval_set=eval_set, total=total, engine=engine,
+              pad=pad_id(spec, tokenizer), train_set=train_set, tokenize_unit=tokenize_unit, eval_set=eval_set,
+              total=total, engine=engine,
               scheduler=scheduler, budget=budget, nodes=all_gather(ray.get_runtime_context().get_node_id()),
               zero3_config=zero3, partitioned_load=partitioned)
     phase_done("engine")
@@ -265,7 +282,9 @@ def setup(spec: JobSpec, corda_init: dict[str, StoredFolder] | None) -> Run:
         if budget and budget.config.tinit + budget.config.tfinal >= budget.config.total_step:
             say(f"train: warning: adapter.adalora tinit {budget.config.tinit} + tfinal {budget.config.tfinal} leave "
                 f"no step of the {budget.config.total_step} for rank reallocation; ranks will not change")
-        say(f"train: {len(train_set)} examples, {total} optimizer steps, {run.world} worker(s) on "
+        data = (f"{len(train_set)} streamed units (files, row groups)" if spec.data.streaming else
+                f"{len(train_set)} examples")
+        say(f"train: {data}, {total} optimizer steps, {run.world} worker(s) on "
             f"{len(set(run.nodes))} node(s) × micro-batch {run.micro} × accumulation {run.gas}, "
             f"ZeRO-{engine.zero_optimization_stage()}, {sum(p.numel() for p in params):,} trainable parameters "
             f"({spec.adapter.method}); worker start-up {sum(phases.values()):.1f}s "
@@ -294,17 +313,22 @@ def resume(run: Run) -> TrainState:
     return state
 
 
-def draw_batches(run: Run, state: TrainState, order: list[dict]) -> tuple[list[dict], list[dict]]:
-    """This step's micro-batches from this rank's shard (a new epoch reshuffles it); returns them and the shard."""
+def training_data(run: Run, state: TrainState) -> InMemory | Streamed:
+    """This rank's examples from where its checkpointed position left them (the start, in a new run)."""
+    position, seed = state.position(run.rank, run.world), run.spec.train.seed
+    if run.spec.data.streaming:
+        return Streamed(run.train_set, run.tokenize_unit, run.rank, run.world, seed, position)
+    return InMemory(run.train_set, run.rank, run.world, seed, position)
+
+
+def draw_batches(run: Run, state: TrainState, data: InMemory | Streamed) -> list[dict]:
+    """This step's micro-batches from this rank's data (a new epoch reshuffles it)."""
     batches = []
     for _ in range(run.gas):
-        if state.cursor + run.micro > len(order):
-            state.epoch, state.cursor = state.epoch + 1, 0
-            order = shard(run.train_set, run.rank, run.world, run.spec.train.seed, state.epoch)
-        batch = collate(order[state.cursor : state.cursor + run.micro], run.pad)
+        batch = collate(data.take(run.micro), run.pad)
         batches.append({k: v.to(run.device) for k, v in batch.items()})
-        state.cursor += run.micro
-    return batches, order
+    state.epoch = data.epoch
+    return batches
 
 
 def micro_step(run: Run, batch: dict, scale: float, allocate: bool, step: int) -> float:
@@ -324,11 +348,11 @@ def micro_step(run: Run, batch: dict, scale: float, allocate: bool, step: int) -
     return float(loss_sum.detach())
 
 
-def optimizer_step(run: Run, state: TrainState, order: list[dict], start: float) -> tuple[dict, list[dict]]:
+def optimizer_step(run: Run, state: TrainState, data: InMemory | Streamed, start: float) -> dict:
     """One optimizer step, the loss normalised by the step's global label-token count (so its micro-batches are
-    drawn first); returns its metrics row and this rank's shard (reshuffled if a new epoch began)."""
+    drawn first); returns its metrics row."""
     step_start, engine, budget = time.perf_counter(), run.engine, run.budget
-    batches, order = draw_batches(run, state, order)
+    batches = draw_batches(run, state, data)
     local_tokens = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
     global_tokens, seen = all_sum([local_tokens, sum(int(b["attention_mask"].sum()) for b in batches)])
     step_loss = 0.0
@@ -346,7 +370,7 @@ def optimizer_step(run: Run, state: TrainState, order: list[dict], start: float)
            "tokens_per_s": state.tokens / (time.perf_counter() - start)}
     if budget:
         row["ranks"] = budget.ranks()
-    return row, order
+    return row
 
 
 def progress_line(run: Run, row: dict, elapsed: float) -> str:
@@ -360,12 +384,14 @@ def progress_line(run: Run, row: dict, elapsed: float) -> str:
             f"eta {elapsed / done * (total - done):.0f}s")
 
 
-def save_checkpoint(run: Run, state: TrainState, score: dict) -> None:
-    """DeepSpeed's shards (each rank its own), the gathered adapter and state.json, reported to Ray Train."""
+def save_checkpoint(run: Run, state: TrainState, data: InMemory | Streamed, score: dict) -> None:
+    """DeepSpeed's shards (each rank its own), the gathered adapter and state.json (with every rank's data
+    position), reported to Ray Train."""
     import ray.train
     from ray.train import Checkpoint
 
     state.peak_memory_mib = [float(m) for m in all_gather(peak_memory_mib())]
+    state.positions = all_gather(data.position())
     with tempfile.TemporaryDirectory() as tmp:
         run.engine.save_checkpoint(tmp, tag=CKPT_TAG, exclude_frozen_parameters=True)
         save_adapter(run.engine, Path(tmp) / "adapter", run.rank == 0)
@@ -379,7 +405,7 @@ def save_checkpoint(run: Run, state: TrainState, score: dict) -> None:
 def train_worker(config: dict) -> None:
     run = setup(config["spec"], config.get("corda_init"))
     cfg, state = run.spec.train, resume(run)
-    order = shard(run.train_set, run.rank, run.world, cfg.seed, state.epoch)
+    data = training_data(run, state)
     score_key = "eval_loss" if run.eval_set else "loss"
     ckpt_every = cfg.checkpoint_every or cfg.eval_every or run.total
     if run.eval_set and state.eval_loss_at_start is None:  # once per job: a resumed run has it from its checkpoint
@@ -389,7 +415,7 @@ def train_worker(config: dict) -> None:
     start = time.perf_counter() - state.elapsed
     run.engine.train()
     while state.step < run.total:
-        row, order = optimizer_step(run, state, order, start)
+        row = optimizer_step(run, state, data, start)
         done = state.step
         last = done == run.total
         checkpoint_now = last or done % ckpt_every == 0
@@ -400,7 +426,7 @@ def train_worker(config: dict) -> None:
             say(progress_line(run, row, time.perf_counter() - start))
         if checkpoint_now:
             state.elapsed = time.perf_counter() - start
-            save_checkpoint(run, state, {score_key: row.get(score_key, row["loss"])})
+            save_checkpoint(run, state, data, {score_key: row.get(score_key, row["loss"])})
 
 
 def read_result(best_dir: Path, latest_dir: Path, score_key: str) -> TrainResult:

@@ -17,7 +17,7 @@ import pytest
 import ray
 
 from tests.train_helpers import ADAPTER_REL_TOL, LOSS_REL_TOL, adapter_gaps, adapter_tensors, train
-from workers.data import shard
+from workers.stream import epoch_order
 
 REORDERINGS = 3
 MICRO = 8  # the tests' global batch
@@ -27,7 +27,7 @@ def reordered_copy(train_file: Path, out: Path, seed: int) -> Path:
     """The training file with the examples inside each global batch (of the seeded order `shard` draws, epoch 0)
     permuted: every step sees the same examples, in another order."""
     records = train_file.read_text().splitlines()
-    order = shard(list(range(len(records))), 0, 1, seed=0)  # the spec's train.seed is 0
+    order = epoch_order(len(records), seed=0, epoch=0)  # one worker's draw order; the spec's train.seed is 0
     rng, permuted = random.Random(seed), list(records)
     for start in range(0, len(order), MICRO):
         slots = order[start : start + MICRO]
