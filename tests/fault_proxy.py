@@ -8,7 +8,11 @@ Two ways to break them:
     "drop"   read half of the request body, then reset the connection (a gateway that crashes mid-upload);
     "500"    answer `500 InternalError` with S3's XML error body, then close;
     "503"    answer `503 SlowDown` (S3's throttling reply), then close;
-    "stall"  read the whole request, answer nothing for `stall_s` seconds, then close (a hung server).
+    "stall"  read the whole request, answer nothing for `stall_s` seconds, then close (a hung server);
+    "cut"    forward the request, pass on the first `cut_bytes` of the response, then reset the connection (a
+             download cut off mid-body); with `down_after_cut`, the proxy then refuses everything (an outage).
+
+`requests` records every request line with its Range header, so a test can count GETs per object.
 
 It parses just enough HTTP/1.1 (request head, Content-Length body) to find request boundaries on kept-alive
 connections; responses stream back untouched. Everything runs in daemon threads on 127.0.0.1.
@@ -21,7 +25,8 @@ import socket
 import struct
 import threading
 
-FAULTS = ("drop", "500", "503", "stall")
+REQUEST_FAULTS = ("drop", "500", "503", "stall")  # what happens to a request (an upload's, say)
+FAULTS = (*REQUEST_FAULTS, "cut")
 _ERRORS = {
     "500": ("500 Internal Server Error", "InternalError", "We encountered an internal error. Please try again."),
     "503": ("503 Slow Down", "SlowDown", "Please reduce your request rate."),
@@ -39,12 +44,16 @@ class FaultProxy:
         times: int | None = None,
         match: str = "",
         stall_s: float = 30.0,
+        cut_bytes: int = 0,
+        down_after_cut: bool = False,
     ):
         if fault is not None and fault not in FAULTS:
             raise ValueError(f"fault must be one of {FAULTS}, not {fault!r}")
         self.upstream = ("127.0.0.1", upstream_port)
         self.break_after = break_after_bytes
         self.fault, self.times, self.match, self.stall_s = fault, times, match, stall_s
+        self.cut_bytes, self.down_after_cut = cut_bytes, down_after_cut
+        self.requests: list[tuple[str, str | None]] = []  # (request line, Range header) of every request
         self.sent = 0  # bytes received from clients
         self.injected: list[str] = []  # request lines of the requests a fault was injected into
         self.broken = threading.Event()
@@ -71,23 +80,35 @@ class FaultProxy:
             upstream = socket.create_connection(self.upstream)
             with self._lock:
                 self._conns += [client, upstream]
-            threading.Thread(target=self._requests, args=(client, upstream), daemon=True).start()
-            threading.Thread(target=self._responses, args=(upstream, client), daemon=True).start()
+            cut: list[int | None] = [None]  # bytes of the current response still to pass on, when it is to be cut
+            threading.Thread(target=self._requests, args=(client, upstream, cut), daemon=True).start()
+            threading.Thread(target=self._responses, args=(upstream, client, cut), daemon=True).start()
 
-    def _responses(self, upstream: socket.socket, client: socket.socket) -> None:
+    def _responses(self, upstream: socket.socket, client: socket.socket, cut: list) -> None:
         try:
             while data := upstream.recv(65536):
+                if cut[0] is not None:
+                    data, cut[0] = data[: cut[0]], cut[0] - len(data[: cut[0]])
+                    client.sendall(data)
+                    if cut[0] == 0:
+                        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                        if self.down_after_cut:
+                            self.break_all()
+                        return
+                    continue
                 client.sendall(data)
         except OSError:
             pass
         finally:
             _shut(upstream, client)
 
-    def _requests(self, client: socket.socket, upstream: socket.socket) -> None:
+    def _requests(self, client: socket.socket, upstream: socket.socket, cut: list) -> None:
         """Client to server, one request at a time (clients wait for each response before the next request)."""
         reader = client.makefile("rb")
         try:
             while head := self._read_head(reader):
+                with self._lock:
+                    self.requests.append((head.split(b"\r\n", 1)[0].decode("latin-1"), _header(head, "range")))
                 length, expects_continue = _body_of(head)
                 if length is None:  # a chunked body: no boundaries to find, so pass the rest through untouched
                     upstream.sendall(head)
@@ -95,6 +116,9 @@ class FaultProxy:
                         upstream.sendall(data)
                     return
                 fault = self._take_fault(head)
+                if fault == "cut":
+                    cut[0] = self.cut_bytes
+                    fault = None
                 if fault is None:
                     upstream.sendall(head)  # the server's own `100 Continue`, if asked for, flows back via _responses
                     self._copy_body(reader, length, upstream)
@@ -186,6 +210,14 @@ class FaultProxy:
         self._closed.set()
         self.break_all()
         self._listener.close()
+
+
+def _header(head: bytes, wanted: str) -> str | None:
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.decode("latin-1").partition(":")
+        if name.strip().lower() == wanted:
+            return value.strip()
+    return None
 
 
 def _body_of(head: bytes) -> tuple[int | None, bool]:

@@ -122,3 +122,10 @@ def ray_processes(title: str) -> list[Proc]:
         except (OSError, ValueError, IndexError):  # gone while being read
             pass
     return sorted(found, key=lambda proc: proc.started, reverse=True)
+
+
+def upload_folder(client, bucket: str, prefix: str, folder: Path) -> None:
+    """Every file under `folder` as an object under `prefix` (a model or dataset kept in a bucket)."""
+    for path in sorted(Path(folder).rglob("*")):
+        if path.is_file():
+            client.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(folder).as_posix()}")

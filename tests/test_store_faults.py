@@ -12,7 +12,7 @@ import pytest
 
 from jobspecs.schema import StorageSpec
 from orchestrator.storage.artifacts import IncompleteJob, fetch_artifacts, read_manifest, upload_artifacts
-from tests.fault_proxy import FAULTS, FaultProxy
+from tests.fault_proxy import REQUEST_FAULTS, FaultProxy
 from tests.helpers import make_staging
 from workers.store import StoreError, open_store
 
@@ -57,7 +57,7 @@ def open_uploads(s3_endpoint: str, bucket: str) -> list[dict]:
 
 
 @pytest.mark.parametrize("target", TARGETS)
-@pytest.mark.parametrize("fault", FAULTS)
+@pytest.mark.parametrize("fault", REQUEST_FAULTS)
 def test_transient_fault_is_retried_and_the_upload_completes(fault, target, faulty, s3_endpoint, bucket, tmp_path):
     staging = make_staging(tmp_path / "staging", big_mib=11)
     # As many faults in a row as botocore tries a request: its own retries run out, S3Store's retry finishes.
@@ -77,7 +77,7 @@ def test_transient_fault_is_retried_and_the_upload_completes(fault, target, faul
     assert open_uploads(s3_endpoint, bucket) == []  # the multipart upload that failed was aborted, not left behind
 
 
-@pytest.mark.parametrize("fault", FAULTS)
+@pytest.mark.parametrize("fault", REQUEST_FAULTS)
 def test_permanent_fault_fails_the_upload_and_writes_no_manifest(fault, faulty, s3_endpoint, bucket, tmp_path):
     staging = make_staging(tmp_path / "staging", big_mib=11)
     proxy = faulty(fault, times=None, match=TARGETS["part"])

@@ -28,12 +28,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import tempfile
 from functools import cache
 from pathlib import Path
 
 from jobspecs.remote import S3Uri, is_remote, listing
 from jobspecs.schema import DATA_SUFFIXES, JobSpec, StorageSpec
-from workers.node_cache import NodeCache, node_cache
+from workers.node_cache import NodeCache, locked, node_cache
 from workers.store import NotInStore, S3Store, StoredFile
 
 LISTING = ".peftfleet-listing.json"  # a mirrored folder's objects
@@ -44,11 +45,15 @@ SKIPPED = (".bin", ".pth", ".pt", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx") 
 _ARTIFACT = re.compile(r"^(?P<root>(?:.+/)?)jobs/(?P<job>[^/]+)/(?P<rel>artifacts/.+)$")
 
 
-@cache
-def input_store(bucket: str) -> S3Store:
+def input_store(bucket: str, cache_: NodeCache) -> S3Store:
     """The bucket through the artifact store's client (retries, ranged and resumable reads), configured by the
-    AWS chain alone: the spec names no endpoint or credentials for inputs."""
-    return S3Store(StorageSpec(uri=f"s3://{bucket}"))
+    AWS chain alone (the spec names no endpoint or credentials for inputs), as persistent as the spec's storage."""
+    return _store(bucket, cache_.attempts, cache_.timeout_s)
+
+
+@cache
+def _store(bucket: str, attempts: int, timeout_s: float) -> S3Store:
+    return S3Store(StorageSpec(uri=f"s3://{bucket}", max_attempts=attempts, timeout_s=timeout_s))
 
 
 def local(location: str | Path | None, cache_: NodeCache) -> Path | None:
@@ -57,14 +62,14 @@ def local(location: str | Path | None, cache_: NodeCache) -> Path | None:
     if location is None or not is_remote(location):
         return None if location is None else Path(location)
     uri = S3Uri.parse(str(location))
-    store = input_store(uri.bucket)
+    store = input_store(uri.bucket, cache_)
     try:
         found = listing(uri)
     except ValueError as err:
         raise NotInStore(str(err)) from None
     if not found:
         raise NotInStore(f"{uri}: no such object or prefix")
-    digests = _manifest_digests(uri)
+    digests = _manifest_digests(uri, store)
     if "" in found:  # an object: its own listing, beside it
         path = cache_.path(store, uri.key)
         info = found[""]
@@ -82,20 +87,26 @@ def local(location: str | Path | None, cache_: NodeCache) -> Path | None:
 
 
 def _write_listing(path: Path, uri: S3Uri, cache_: NodeCache, files: dict[str, list]) -> None:
+    _replace(path, json.dumps({"uri": str(uri), "cache": cache_.settings(), "files": files}).encode())
+
+
+def _replace(path: Path, data: bytes) -> None:
+    """Write `path` whole or not at all: readers on the node (other processes, other threads) see either."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}")
-    tmp.write_text(json.dumps({"uri": str(uri), "cache": [str(cache_.root), cache_.max_bytes], "files": files}))
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
     os.replace(tmp, path)
 
 
-def _manifest_digests(uri: S3Uri) -> dict[str, str]:
+def _manifest_digests(uri: S3Uri, store: S3Store) -> dict[str, str]:
     """For an earlier job's artifact in a bucket (`.../jobs/<id>/artifacts/<kind>[/file]`): the sha256 of each file
     its manifest records, by name relative to `uri` ({} for anything else, or a job without a manifest)."""
     match = _ARTIFACT.match(uri.key)
     if not match:
         return {}
     try:
-        raw = input_store(uri.bucket).get_bytes(f"{match['root']}jobs/{match['job']}/manifest.json")
+        raw = store.get_bytes(f"{match['root']}jobs/{match['job']}/manifest.json")
         files = json.loads(raw)["files"]
     except (NotInStore, ValueError, KeyError, TypeError):
         return {}
@@ -150,7 +161,8 @@ def _listed(path: Path) -> tuple[NodeCache, S3Store, StoredFile] | None:
         return None
     uri = S3Uri.parse(mirror["uri"]).child(path.name)
     size, etag, sha256 = mirror["files"][path.name]
-    return NodeCache(*mirror["cache"]), input_store(uri.bucket), StoredFile(uri.key, size, sha256, etag)
+    cache_ = NodeCache(*mirror["cache"])
+    return cache_, input_store(uri.bucket, cache_), StoredFile(uri.key, size, sha256, etag)
 
 
 def present(path: Path) -> Path:
@@ -198,15 +210,14 @@ def read_head(path: Path, start: int, count: int) -> bytes:
     if not path.exists() and (behind := _listed(path)) is not None:
         _, store, entry = behind
         head = path.with_name(f".{path.name}.{entry.etag or entry.size}.head")
-        try:
-            cached = head.read_bytes()
-        except OSError:
-            cached = b""
-        if start + count > len(cached) and len(cached) < entry.size:
-            cached = store.get_range(entry.key, 0, start + count)
-            tmp = head.with_name(f"{head.name}.{os.getpid()}")
-            tmp.write_bytes(cached)
-            os.replace(tmp, head)
+        with locked(head):  # one GET for the node's readers
+            try:
+                cached = head.read_bytes()
+            except OSError:
+                cached = b""
+            if start + count > len(cached) and len(cached) < entry.size:
+                cached = store.get_range(entry.key, 0, start + count)
+                _replace(head, cached)
         return cached[start : start + count]
     with open(path, "rb") as f:
         f.seek(start)

@@ -38,12 +38,19 @@ _SMALL = 1 << 20  # never evicted
 
 
 class NodeCache:
-    """Picklable (a folder and a size limit): the driver hands one to the processes it starts. Without a folder,
-    the root is the system temp folder of the process using it (resolved there: each node has its own)."""
+    """Picklable (a folder, a size limit, how hard to try a bucket): the driver hands one to the processes it
+    starts. Without a folder, the root is the system temp folder of the process using it (resolved there: each
+    node has its own). `attempts` and `timeout_s` are the spec's storage settings, which inputs read from a
+    bucket follow too (workers/inputs.py)."""
 
-    def __init__(self, root: Path | str | None = None, max_bytes: int | None = None):
+    def __init__(self, root: Path | str | None = None, max_bytes: int | None = None, attempts: int = 5,
+                 timeout_s: float = 60):
         self.configured = Path(root) if root else None
-        self.max_bytes = max_bytes
+        self.max_bytes, self.attempts, self.timeout_s = max_bytes, attempts, timeout_s
+
+    def settings(self) -> list:
+        """What rebuilds this cache elsewhere on the node: NodeCache(*settings)."""
+        return [str(self.root), self.max_bytes, self.attempts, self.timeout_s]
 
     @property
     def root(self) -> Path:
@@ -60,7 +67,7 @@ class NodeCache:
         local = self.path(store, entry.key)
         local.parent.mkdir(parents=True, exist_ok=True)
         stamp = local.with_name(f".{local.name}.verified")
-        with _locked(local, blocking=True):
+        with locked(local, blocking=True):
             if _verified(local, stamp, entry):
                 os.utime(stamp)  # used now: the last to be evicted
                 return local
@@ -90,7 +97,7 @@ class NodeCache:
                 return
             if local == keep or _size(local) < _SMALL:
                 continue
-            with _locked(local, blocking=False) as free:
+            with locked(local, blocking=False) as free:
                 if free:
                     total -= _size(local)
                     local.unlink(missing_ok=True)
@@ -118,9 +125,9 @@ class NodeCache:
 
 
 @contextlib.contextmanager
-def _locked(local: Path, blocking: bool) -> Iterator[bool]:
-    """The file's lock (released when closed, also if this process dies); yields False if `blocking` is off and
-    another process holds it."""
+def locked(local: Path, blocking: bool = True) -> Iterator[bool]:
+    """The file's lock for this node's processes (released when closed, also if this process dies); yields False
+    if `blocking` is off and another process holds it."""
     with open(local.with_name(f".{local.name}.lock"), "a") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -183,7 +190,8 @@ def _verified(local: Path, stamp: Path, entry: StoredFile) -> bool:
 def node_cache(spec: JobSpec) -> NodeCache:
     """This node's cache as the spec configures it."""
     limit = spec.cluster.node_cache_max_gib
-    return NodeCache(spec.cluster.node_cache_dir, None if limit is None else int(limit * 2**30))
+    return NodeCache(spec.cluster.node_cache_dir, None if limit is None else int(limit * 2**30),
+                     spec.storage.max_attempts, spec.storage.timeout_s)
 
 
 def local_folder(spec: JobSpec, folder: StoredFolder) -> Path:
