@@ -9,7 +9,7 @@ Two ways to break them:
     "500"    answer `500 InternalError` with S3's XML error body, then close;
     "503"    answer `503 SlowDown` (S3's throttling reply), then close;
     "stall"  read the whole request, answer nothing for `stall_s` seconds, then close (a hung server);
-    "cut"    forward the request, pass on the first `cut_bytes` of the response, then reset the connection (a
+    "cut"    forward the request, pass on the first `cut_bytes` of the response, then close the connection (a
              download cut off mid-body); with `down_after_cut`, the proxy then refuses everything (an outage).
 
 `requests` records every request line with its Range header, so a test can count GETs per object.
@@ -90,8 +90,7 @@ class FaultProxy:
                 if cut[0] is not None:
                     data, cut[0] = data[: cut[0]], cut[0] - len(data[: cut[0]])
                     client.sendall(data)
-                    if cut[0] == 0:
-                        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    if cut[0] == 0:  # closed (FIN, not a reset: a reset may drop what the client has not read)
                         if self.down_after_cut:
                             self.break_all()
                         return

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import boto3
 import pytest
+import torch
 
 from jobspecs import SpecError, parse_spec
 from tests.fault_proxy import FaultProxy
@@ -155,3 +156,18 @@ def test_a_cut_off_download_resumes_and_an_outage_fails_naming_the_key(remote, a
         assert 0 < part.stat().st_size < size and not (Path(model) / SAFETENSORS).exists()  # kept to resume
     finally:
         down.close()
+
+
+def test_a_layer_wise_walk_fetches_only_the_shards_of_the_blocks_it_reads(remote, assets, tmp_path):
+    from tests.test_inputs_cluster import sharded_model
+    from workers.block_walk import BlockWalk
+
+    bucket, client, proxy = remote
+    upload_folder(client, bucket, "models/sharded", sharded_model(assets, tmp_path / "sharded"))
+    walk = BlockWalk(local(f"s3://{bucket}/models/sharded", NodeCache(tmp_path / "node")), torch.float32, "cpu")
+    where = {name: info.file for name, info in tensor_infos(walk.path).items()}
+    block = [n for n in where if n.startswith(f"{walk.prefix}.1.")]
+    walk.read(block, None, None)
+    fetched = sorted(p.name for p in walk.path.glob("*.safetensors"))
+    assert fetched == sorted({where[n] for n in block}) and len(set(where.values())) > len(fetched)
+    assert all(rng is None for line, rng in proxy.requests if any(f in line for f in fetched) and rng is None)
