@@ -609,9 +609,9 @@ class JobSpec(Section):
 _OUTPUTS = {"data_root", "cluster.node_cache_dir"}  # paths the job writes, not reads
 
 
-def input_paths(spec: JobSpec) -> list[tuple[str, Path]]:
-    """(field, path) of every file or folder the job reads."""
-    found: list[tuple[str, Path]] = []
+def input_paths(spec: JobSpec, kind: type = Path) -> list[tuple[str, Path]]:
+    """(field, path) of every local file or folder the job reads (`kind` S3Uri: every input in a bucket)."""
+    found: list = []
 
     def walk(value: object, where: str) -> None:
         if isinstance(value, dict):
@@ -620,7 +620,7 @@ def input_paths(spec: JobSpec) -> list[tuple[str, Path]]:
         elif isinstance(value, list):
             for i, item in enumerate(value):
                 walk(item, f"{where}.{i}")
-        elif isinstance(value, Path) and where not in _OUTPUTS:
+        elif isinstance(value, kind) and where not in _OUTPUTS:
             found.append((where, value))
 
     walk(spec.model_dump(), "")

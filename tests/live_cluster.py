@@ -96,8 +96,10 @@ def ray_head(log_dir: Path, num_cpus: int = 4, nice: int = 0) -> Iterator[Simple
 
 @contextlib.contextmanager
 def gateway(head: SimpleNamespace, root: Path, data_root: Path, storage: dict,
-            users: tuple[str, ...] = ("alice", "bob"), **settings) -> Iterator[SimpleNamespace]:
-    """`peftfleet serve` with a fresh token per user; `settings`: more GatewayConfig fields."""
+            users: tuple[str, ...] = ("alice", "bob"), env: dict | None = None,
+            **settings) -> Iterator[SimpleNamespace]:
+    """`peftfleet serve` with a fresh token per user (`env`: more of its environment); `settings`: more
+    GatewayConfig fields."""
     tokens = {user: secrets.token_urlsafe(32) for user in users}
     (root / "users.yaml").write_text(yaml.safe_dump({"users": {u: hash_token(t) for u, t in tokens.items()}}))
     port = free_port()
@@ -107,7 +109,7 @@ def gateway(head: SimpleNamespace, root: Path, data_root: Path, storage: dict,
     log = root / "gateway.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "orchestrator.api.cli", "serve", str(root / "gateway.yaml")],
-                                env=with_token(head.token), stdout=out, stderr=subprocess.STDOUT,
+                                env={**with_token(head.token), **(env or {})}, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:

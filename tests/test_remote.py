@@ -99,8 +99,11 @@ def gw(head, assets, s3_endpoint, tmp_path_factory):
     bucket = f"pf-gw-{secrets.token_hex(4)}"
     boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
     storage = {"uri": f"s3://{bucket}/gw", "endpoint_url": s3_endpoint, "region": "us-east-1"}
+    # alice may read inputs under s3://<bucket>/inputs; bob (his own limits) from no bucket
+    limits = {"jobs_in_flight": 30, "workers": 30}
     with gateway(head, tmp_path_factory.mktemp("gateway"), data_root=assets, storage=storage,
-                 limits={"jobs_in_flight": 30, "workers": 30}) as running:
+                 limits={**limits, "input_prefixes": [f"s3://{bucket}/inputs"]}, user_limits={"bob": limits},
+                 env={"AWS_ENDPOINT_URL_S3": s3_endpoint}) as running:
         running.bucket, running.s3_endpoint, running.ray_token = bucket, s3_endpoint, head.token
         yield running
     logged = running.log.read_text()
@@ -208,6 +211,21 @@ def test_gateway_data_root_confines_paths(gw, assets, tmp_path):
     response = call(gw, "POST", "/v1/jobs", json={"spec": {**gateway_spec(), "model": {"path": str(outside)}}})
     assert response.status_code == 422 and "outside the data root" in response.text
     assert response.json()["detail"][0]["loc"] == ["body", "spec", "model", "path"]
+
+
+def test_gateway_reads_bucket_inputs_only_under_a_users_prefixes_and_checks_them_after(gw):
+    """The cluster reads inputs with its own credentials: a bucket outside the user's limits.input_prefixes is
+    refused before anything lists it (no such bucket exists here: a listing would have said so), one inside is
+    listed and its missing keys named."""
+    elsewhere = {**gateway_spec(), "model": {"path": "s3://someone-elses-bucket/llama"}}
+    response = call(gw, "POST", "/v1/jobs", json={"spec": elsewhere})
+    assert response.status_code == 422 and response.json()["detail"][0]["loc"] == ["body", "spec", "model", "path"]
+    assert "is not under a prefix you may read inputs from (limits.input_prefixes: " \
+           f"s3://{gw.bucket}/inputs)" in response.text, response.text
+    inside = {**gateway_spec(), "model": {"path": f"s3://{gw.bucket}/inputs/llama"}}
+    assert "limits.input_prefixes: none" in call(gw, "POST", "/v1/jobs", user="bob", json={"spec": inside}).text
+    response = call(gw, "POST", "/v1/jobs", json={"spec": inside})
+    assert response.status_code == 422 and f"no objects under s3://{gw.bucket}/inputs/llama/" in response.text
 
 
 def test_twenty_concurrent_submissions_are_all_recorded(gw):

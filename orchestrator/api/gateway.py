@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from jobspecs import JobSpec, SpecError, parse_spec, spec_from_frozen
 from jobspecs.schema import StorageSpec
 from orchestrator.api.log_streams import Followers, answers, follow
-from orchestrator.api.quotas import Limits, in_flight_problem, job_problems
+from orchestrator.api.quotas import Limits, bucket_problems, in_flight_problem, job_problems
 from orchestrator.control.jobs import IndexEntry, JobError, JobRecord, LocalIndex, UnknownJob
 from orchestrator.control.launchers import current_record
 from orchestrator.control.ray_jobs import RayCluster, RayJobsError, RayStates
@@ -217,14 +217,18 @@ def create_app(config: GatewayConfig) -> FastAPI:
     async def store_unavailable(request: Request, err: StoreError):
         return JSONResponse({"detail": f"the job store did not answer: {err}"}, status_code=503)
 
-    def validated(data: dict) -> JobSpec:
-        """The spec as the gateway runs it: its storage, every path confined to the data root."""
+    def validated(data: dict, limits: Limits) -> JobSpec:
+        """The spec as the gateway runs it: its storage, every path confined to the data root, every bucket input
+        under the user's input prefixes (before the bucket is listed)."""
         for key, value in (("storage", config.storage.uri), ("data_root", data_root)):
             if key in data:  # where jobs live and what they may read is the gateway's business
                 raise spec_problems((key, f"set by the gateway ({value}); leave it out"))
         # The data root goes into the frozen spec: the driver and every process that reads re-check against it.
         data = {**data, "storage": storage, "data_root": str(data_root)}
         try:
+            unchecked = parse_spec(data, source="spec", base_dir=data_root, check_files=False)
+            if problems := bucket_problems(unchecked, limits):
+                raise spec_problems(*problems)
             spec = parse_spec(data, source="spec", base_dir=data_root, check_files=True)
         except SpecError as err:
             raise spec_problems(*err.problems) from None
@@ -257,7 +261,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
         if isinstance(cluster, dict) and isinstance(cluster.get("driver_cpus", 0), int | float):  # else: 422
             data = {**data, "cluster": {**cluster, "driver_cpus": max(cluster.get("driver_cpus", 0),
                                                                       config.min_driver_cpus)}}
-        spec = validated(data)
+        spec = validated(data, limits)
         if problems := job_problems(spec, limits):
             raise spec_problems(*problems)
         with submitting[user]:  # one count-then-submit at a time per user: concurrent submits cannot all fit

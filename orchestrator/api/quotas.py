@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from jobspecs import JobSpec
-from jobspecs.remote import Location, top_files
+from jobspecs.remote import Location, S3Uri, is_remote, top_files
+from jobspecs.schema import input_paths
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
@@ -36,6 +37,15 @@ class Limits(BaseModel):
     merge_alphas: int = Field(8, gt=0, description="export.merge_alphas of one job (each a model-sized "
                                                    "artifact, or a model-sized merge); Wise-FT evaluations are "
                                                    "bounded by job_hours.")
+    input_prefixes: list[str] = Field(default_factory=list, description="s3://bucket/prefix under which the "
+                                      "user's specs may name inputs (model, tokenizer, data, covariance_from): the "
+                                      "cluster reads them with its own credentials, so a bucket no one listed here "
+                                      "is refused before it is even listed. Default: none.")
+
+    @field_validator("input_prefixes")
+    @classmethod
+    def _prefixes(cls, prefixes: list[str]) -> list[str]:
+        return [S3Uri.parse(p) if is_remote(p) else _not_s3(p) for p in prefixes]
 
 
 def _stages(spec: JobSpec) -> list[tuple[str, int, bool]]:
@@ -69,6 +79,19 @@ def artifact_bytes(spec: JobSpec) -> int:
     full = len(spec.export.merge_alphas) if "merged" in spec.export.formats else 0
     full += 1 if spec.init.method == "corda" else 0  # the residual base
     return full * model_bytes(spec.model.path)
+
+
+def _not_s3(prefix: str) -> str:
+    raise ValueError(f"{prefix!r}: an s3://bucket/prefix")
+
+
+def bucket_problems(spec: JobSpec, limits: Limits) -> list[tuple[str, str]]:
+    """(field, why) for each input in a bucket outside the user's limits.input_prefixes (checked before anything
+    lists the bucket: the answer says nothing about what is there)."""
+    allowed = limits.input_prefixes
+    return [(where, f"{uri} is not under a prefix you may read inputs from (limits.input_prefixes: "
+                    f"{', '.join(allowed) or 'none'})")
+            for where, uri in input_paths(spec, S3Uri) if not any(uri.is_relative_to(p) for p in allowed)]
 
 
 def job_problems(spec: JobSpec, limits: Limits) -> list[tuple[str, str]]:
