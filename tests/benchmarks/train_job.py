@@ -54,7 +54,7 @@ def plain_loop(model_path: str, data_path: str, threads: int) -> dict:
             "peak_memory_mib": peak_memory_mib()}
 
 
-def spec_dict(model_path: Path, data_path: Path, store: Path, workers: int, steps: int) -> dict:
+def spec_dict(model_path: Path | str, data_path: Path | str, store: Path, workers: int, steps: int) -> dict:
     return {
         "name": "bench-train",
         "model": {"path": str(model_path)},
@@ -67,13 +67,17 @@ def spec_dict(model_path: Path, data_path: Path, store: Path, workers: int, step
     }
 
 
-def submit_to_first_step(tmp: Path, model_path: Path, data_path: Path) -> tuple[float, float]:
-    """Seconds from running `peftfleet submit` until the train stage starts, and until step 1 is logged."""
+def submit_to_first_step(tmp: Path, model_path: Path | str, data_path: Path | str, env: dict | None = None,
+                         **cluster) -> tuple[float, float]:
+    """Seconds from running `peftfleet submit` (in `env`) until the train stage starts, and until step 1 is
+    logged; `cluster`: more of the spec's cluster section."""
     tmp.mkdir(parents=True, exist_ok=True)
-    spec = write_spec(tmp / "job.yaml", spec_dict(model_path, data_path, tmp / "store", 1, 3))
+    raw = spec_dict(model_path, data_path, tmp / "store", 1, 3)
+    raw["cluster"].update(cluster)
+    spec = write_spec(tmp / "job.yaml", raw)
     state = tmp / "state"
     t0 = time.perf_counter()
-    job_id = cli(state, "submit", spec, check=True).stdout.strip()
+    job_id = cli(state, "submit", spec, check=True, env=env).stdout.strip()
     log = state / "jobs" / job_id / "driver.log"
     stage_at = None
     while time.perf_counter() - t0 < 300:
@@ -86,6 +90,7 @@ def submit_to_first_step(tmp: Path, model_path: Path, data_path: Path) -> tuple[
         time.sleep(0.05)
     else:
         raise AssertionError(f"no first step within 300 s:\n{text}")
-    while json.loads(cli(state, "status", job_id, "--json", check=True).stdout)["state"] in ("PENDING", "RUNNING"):
+    while json.loads(cli(state, "status", job_id, "--json", check=True, env=env).stdout)["state"] in ("PENDING",
+                                                                                                     "RUNNING"):
         time.sleep(0.5)
     return stage_at, first
