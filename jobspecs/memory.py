@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from jobspecs.remote import Location, read_json
-from jobspecs.schema import JobSpec
+from jobspecs.schema import VIRTUAL_TOKEN_METHODS, JobSpec
 
 GIB = 2**30
 SHARD_BYTES = 2 * GIB  # the shards we write: residual_base's copied tensors, merged@α (workers/exports.py)
@@ -194,7 +194,7 @@ def export_process(spec: JobSpec, shape: Shape) -> Process:
     the Wise-FT sweep walk the models block by block, the merges stream one shard at a time; the adapter alone
     loads nothing."""
     width, export = DTYPE_BYTES[spec.model.dtype], spec.export
-    delta = spec.adapter.method not in ("prefix", "prompt")
+    delta = spec.adapter.method not in VIRTUAL_TOKEN_METHODS
     steps = [{"runtime": RUNTIME_BYTES}]
     if spec.init.method == "corda":
         steps.append(walked_check(spec, shape))

@@ -149,6 +149,30 @@ def read_small(location: Location, name: str) -> bytes:
     return (Path(location) / name).read_bytes()
 
 
+def read_head(location: Location, name: str, count: int) -> bytes:
+    """The first `count` bytes of a file of a folder, local or in a bucket (one ranged GET)."""
+    if isinstance(location, S3Uri):
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        uri = location.child(name)
+        try:
+            return client().get_object(Bucket=uri.bucket, Key=uri.key, Range=f"bytes=0-{count - 1}")["Body"].read()
+        except (ClientError, BotoCoreError) as err:
+            raise ValueError(f"cannot read {uri}: {err}") from None
+    with open(Path(location) / name, "rb") as f:
+        return f.read(count)
+
+
+def tensor_names(location: Location) -> list[str]:
+    """The tensors of a model folder's safetensors weights, from its index or its file's header (no tensor read).
+    Raises OSError or ValueError."""
+    if "model.safetensors.index.json" in top_files(location):
+        return sorted(read_json(location, "model.safetensors.index.json")["weight_map"])
+    size = int.from_bytes(read_head(location, "model.safetensors", 8), "little")
+    header = json.loads(read_head(location, "model.safetensors", 8 + size)[8:])
+    return sorted(k for k in header if k != "__metadata__")
+
+
 def read_json(location: Location, name: str) -> object:
     try:
         return json.loads(read_small(location, name))

@@ -39,6 +39,7 @@ from jobspecs.remote import (
     is_remote,
     model_problem,
     read_json,
+    tensor_names,
     top_files,
 )
 
@@ -227,23 +228,54 @@ class IA3Spec(Section):
     )
 
 
-class VirtualTokensSpec(Section):
-    num_virtual_tokens: int = Field(16, gt=0, description="Learned virtual tokens prepended to every sequence.")
-    init_text: str | None = Field(None, description="Prompt tuning only: initialise the tokens from this text.")
+_VIRTUAL_TOKENS = Field(16, gt=0, description="Learned virtual tokens prepended to every sequence (the prefix "
+                        "tuning paper's range: 10-20).")
+
+
+class PromptSpec(Section):
+    num_virtual_tokens: int = _VIRTUAL_TOKENS
+    init_text: str | None = Field(None, description="Initialise the tokens from the embeddings of this text.")
+
+
+class PrefixSpec(Section):
+    num_virtual_tokens: int = _VIRTUAL_TOKENS
+    projection: bool = Field(
+        False, description="Re-parameterise the prefix through a two-layer MLP (the paper's setup, key to stable "
+        "training); the exported adapter holds the projected prefix, so it loads as a plain prefix.")
+    encoder_hidden_size: int | None = Field(
+        None, gt=0, description="Width of the projection's hidden layer; default: the model's hidden size.")
+
+
+class PTuningSpec(Section):
+    num_virtual_tokens: int = _VIRTUAL_TOKENS
+    encoder: Literal["mlp", "lstm"] = Field(
+        "mlp", description="How peft's PromptEncoder re-parameterises the virtual tokens: an MLP, or a "
+        "bidirectional LSTM followed by an MLP (the P-tuning paper's).")
+    encoder_hidden_size: int | None = Field(
+        None, gt=0, description="Width of the encoder; default: the model's hidden size.")
+    encoder_num_layers: int = Field(2, gt=0, description="LSTM layers (encoder lstm).")
+    encoder_dropout: float = Field(0.0, ge=0, lt=1)
+
+
+VIRTUAL_TOKEN_METHODS = ("prefix", "prompt", "p_tuning")  # they add tokens, not a weight delta: nothing to merge
 
 
 class AdapterSpec(Section):
-    method: Literal["lora", "dora", "adalora", "ia3", "prefix", "prompt"] = "lora"
+    method: Literal["lora", "dora", "adalora", "ia3", "prefix", "prompt", "p_tuning", "bitfit"] = Field(
+        "lora", description="lora, dora, adalora, ia3, prefix (prefix tuning), prompt (prompt tuning), p_tuning "
+        "(peft's PromptEncoder) or bitfit (train the bias terms of target_modules only).")
     r: int = Field(8, gt=0, description="LoRA rank (AdaLoRA: the average rank the budget ends at).")
     alpha: float = Field(16.0, gt=0, description="LoRA scaling numerator: scaling = alpha / r.")
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: list[str] | Literal["all-linear"] = Field(
-        default_factory=lambda: ["q_proj", "v_proj"], description="Module names (suffixes) to adapt."
+        default_factory=lambda: ["q_proj", "v_proj"], description="Module names (suffixes) to adapt. BitFit: the "
+        "modules whose biases are trained; all-linear: every bias of the model."
     )
     adalora: AdaLoraSpec | None = None
     ia3: IA3Spec | None = None
-    prefix: VirtualTokensSpec | None = None
-    prompt: VirtualTokensSpec | None = None
+    prefix: PrefixSpec | None = None
+    prompt: PromptSpec | None = None
+    p_tuning: PTuningSpec | None = None
 
     @field_validator("target_modules")
     @classmethod
@@ -254,11 +286,9 @@ class AdapterSpec(Section):
 
     @model_validator(mode="after")
     def _method_blocks(self) -> AdapterSpec:
-        for block in ("adalora", "ia3", "prefix", "prompt"):
+        for block in ("adalora", "ia3", "prefix", "prompt", "p_tuning"):
             if getattr(self, block) is not None and block != self.method:
                 raise ValueError(f"adapter.{block}: only valid when adapter.method is {block!r}")
-        if self.method == "prefix" and self.prefix and self.prefix.init_text is not None:
-            raise ValueError("adapter.prefix.init_text: only prompt tuning can be initialised from text")
         if self.method == "adalora" and self.adalora and self.adalora.init_r < self.r:
             raise ValueError(f"adapter.adalora.init_r: must be >= adapter.r ({self.adalora.init_r} < {self.r})")
         if self.method == "ia3" and self.ia3 and isinstance(self.target_modules, list):
@@ -269,7 +299,8 @@ class AdapterSpec(Section):
 
     def block(self) -> BaseModel | None:
         """The method-specific block, with its defaults when the spec omitted it."""
-        defaults = {"adalora": AdaLoraSpec, "ia3": IA3Spec, "prefix": VirtualTokensSpec, "prompt": VirtualTokensSpec}
+        defaults = {"adalora": AdaLoraSpec, "ia3": IA3Spec, "prefix": PrefixSpec, "prompt": PromptSpec,
+                    "p_tuning": PTuningSpec}
         if self.method not in defaults:
             return None
         return getattr(self, self.method) or defaults[self.method]()
@@ -396,7 +427,7 @@ class ExportSpec(Section):
     wise_ft_alphas: list[Alpha] = Field(
         default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0],
         description="α values whose W_base + α·ΔW is evaluated on data.eval (the Wise-FT table and plot in the "
-        "report); skipped without data.eval or for prefix/prompt tuning. [] skips the sweep.")
+        "report); skipped without data.eval or for the virtual-token methods. [] skips the sweep.")
     merge_alphas: list[Alpha] = Field(default_factory=lambda: [1.0],
                                       description="α of each merged@α / adapter@α artifact.")
     conversion_tolerance: float = Field(
@@ -556,6 +587,23 @@ class JobSpec(Section):
         return self
 
     @model_validator(mode="after")
+    def _biases(self, info: ValidationInfo) -> JobSpec:
+        if self.adapter.method != "bitfit" or not _checks_files(info):
+            return self
+        try:
+            names = tensor_names(self.model.path)
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"adapter.method: bitfit trains the model's bias terms, and the tensors of "
+                             f"{self.model.path} cannot be listed from its safetensors ({err})") from None
+        if not bias_names(names, self.adapter.target_modules):
+            which = ("has no bias terms at all" if not bias_names(names, "all-linear") else
+                     f"has no bias in adapter.target_modules {self.adapter.target_modules}")
+            raise ValueError(f"adapter.method: bitfit trains bias terms only, and {self.model.path} {which} "
+                             "(Llama-family models have none: attention_bias and mlp_bias are off). Use a model "
+                             "family with biases, e.g. Qwen2 (q/k/v projections), or another adapter method")
+        return self
+
+    @model_validator(mode="after")
     def _combinations(self) -> JobSpec:
         stages = self.effective_stages
         if len(set(stages)) != len(stages):
@@ -588,9 +636,12 @@ class JobSpec(Section):
         if "adapter_on_original_base" in export.formats and self.init.method != "corda":
             raise ValueError("export.formats: adapter_on_original_base converts an adapter trained on a residual "
                              "base (init.method: corda); this adapter already applies to the original base")
-        if self.adapter.method in ("prefix", "prompt") and {"merged", "scaled_adapter"} & set(export.formats):
+        if self.adapter.method in VIRTUAL_TOKEN_METHODS and {"merged", "scaled_adapter"} & set(export.formats):
             raise ValueError(f"export.formats: {self.adapter.method} tuning adds virtual tokens, not a weight "
                              "delta: there is no W + α·ΔW to merge or scale")
+        if self.adapter.method == "bitfit" and "scaled_adapter" in export.formats:
+            raise ValueError("export.formats: a BitFit adapter holds the trained biases themselves, not a delta to "
+                             "scale; use merged, which interpolates W_base + α·Δbias")
         if self.adapter.method == "dora" and "scaled_adapter" in export.formats:
             raise ValueError("export.formats: a DoRA adapter cannot be scaled (its magnitude vector renormalises the "
                              "weights, so α·adapter ≠ α·ΔW); use merged, which interpolates the merged weights")
@@ -604,6 +655,14 @@ class JobSpec(Section):
             raise ValueError("train.precision: fp16 needs a GPU (DeepSpeed's CPU accelerator has no fp16); use bf16")
         return self
 
+
+
+def bias_names(tensors: list[str], targets: list[str] | str) -> list[str]:
+    """The bias tensors BitFit trains: those of the target modules (by name suffix), or all of them."""
+    biases = [n for n in tensors if n.endswith(".bias")]
+    if targets == "all-linear":
+        return biases
+    return [n for n in biases if n.removesuffix(".bias").rsplit(".", 1)[-1] in targets]
 
 
 _OUTPUTS = {"data_root", "cluster.node_cache_dir"}  # paths the job writes, not reads

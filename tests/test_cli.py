@@ -191,41 +191,64 @@ def test_help_everywhere(state_dir):
         assert cli(state_dir, command, "--help", check=True).stdout.startswith("usage: peftfleet " + command)
 
 
-METHODS = {
-    "dora": {"target_modules": ["q_proj", "v_proj"]},
-    "adalora": {"r": 2, "target_modules": ["q_proj", "v_proj"], "adalora": {"init_r": 4, "tinit": 1}},
-    "ia3": {"target_modules": ["k_proj", "v_proj", "down_proj"], "ia3": {"feedforward_modules": ["down_proj"]}},
-    "prefix": {"prefix": {"num_virtual_tokens": 4}},
-    "prompt": {"prompt": {"num_virtual_tokens": 4, "init_text": "reverse upper repeat add"}},
+METHODS = {  # job label → the adapter section (and, for BitFit, a model with biases and the merged export)
+    "dora": {"method": "dora", "target_modules": ["q_proj", "v_proj"]},
+    "adalora": {"method": "adalora", "r": 2, "target_modules": ["q_proj", "v_proj"],
+                "adalora": {"init_r": 4, "tinit": 1}},
+    "ia3": {"method": "ia3", "target_modules": ["k_proj", "v_proj", "down_proj"],
+            "ia3": {"feedforward_modules": ["down_proj"]}},
+    "prefix": {"method": "prefix", "prefix": {"num_virtual_tokens": 4}},
+    "prefix-projection": {"method": "prefix", "prefix": {"num_virtual_tokens": 4, "projection": True,
+                                                         "encoder_hidden_size": 32}},
+    "prompt": {"method": "prompt", "prompt": {"num_virtual_tokens": 4, "init_text": "reverse upper repeat add"}},
+    "p-tuning-lstm": {"method": "p_tuning", "p_tuning": {"num_virtual_tokens": 4, "encoder": "lstm"}},
+    "bitfit": {"method": "bitfit", "target_modules": "all-linear"},
 }
+PEFT_TYPES = {"dora": "LORA", "adalora": "ADALORA", "ia3": "IA3", "prefix": "PREFIX_TUNING",
+              "prompt": "PROMPT_TUNING", "p_tuning": "P_TUNING"}
 
 
 @pytest.mark.slow
 def test_each_adapter_method_trains_through_the_cli_on_a_running_cluster(tmp_path, state_dir, assets, local_ray):
-    """Five jobs at once, submitted to an already running Ray (`cluster.address`), as on a shared cluster."""
+    """Every method's job at once, submitted to an already running Ray (`cluster.address`), as on a shared
+    cluster; each adapter loads as the README says (stock peft; BitFit's biases into the base)."""
     import ray
     from peft import PeftModel
+    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     address = ray.get_runtime_context().gcs_address
     jobs = {}
-    for method, adapter in METHODS.items():
-        spec = tiny_spec(assets, f"file://{tmp_path / 'store'}", adapter={"method": method, **adapter},
+    for label, adapter in METHODS.items():
+        bitfit = adapter["method"] == "bitfit"
+        spec = tiny_spec(assets, f"file://{tmp_path / 'store'}", adapter=adapter,
                          train={"max_steps": 3, "eval_every": 3, "learning_rate": 0.01},
+                         export={"formats": ["adapter", "merged"] if bitfit else ["adapter"], "wise_ft_alphas": []},
+                         model={"path": str(assets / ("tiny-qwen2" if bitfit else "tiny-llama"))},
                          cluster={"address": address})
-        jobs[method] = cli(state_dir, "submit", write_spec(tmp_path / f"{method}.yaml", spec),
-                           check=True).stdout.strip()
-    for method, job_id in jobs.items():
+        jobs[label] = cli(state_dir, "submit", write_spec(tmp_path / f"{label}.yaml", spec),
+                          check=True).stdout.strip()
+    ids = torch.tensor([[1, 40, 41, 42]])
+    for label, job_id in jobs.items():
         assert _final_state(state_dir, job_id) == "SUCCEEDED", cli(state_dir, "logs", job_id).stdout[-3000:]
-        out = tmp_path / "out" / method
-        cli(state_dir, "fetch", job_id, out, "--kind", "adapter", check=True)
+        out, method = tmp_path / "out" / label, METHODS[label]["method"]
+        cli(state_dir, "fetch", job_id, out, check=True)
+        if method == "bitfit":
+            base = AutoModelForCausalLM.from_pretrained(assets / "tiny-qwen2")
+            biases = load_file(out / "adapter" / "bitfit_model.safetensors")
+            assert sorted(biases) == sorted(n for n, _ in base.named_parameters() if n.endswith(".bias"))
+            assert any(not torch.equal(v, base.state_dict()[k]) for k, v in biases.items())  # they trained
+            _, unexpected = base.load_state_dict(biases, strict=False)
+            assert not unexpected
+            merged = AutoModelForCausalLM.from_pretrained(out / "merged@1")
+            with torch.no_grad():
+                assert torch.equal(merged(input_ids=ids).logits, base(input_ids=ids).logits)
+            continue
         config = json.loads((out / "adapter" / "adapter_config.json").read_text())
-        assert config["peft_type"] == {"dora": "LORA", "adalora": "ADALORA", "ia3": "IA3",
-                                       "prefix": "PREFIX_TUNING", "prompt": "PROMPT_TUNING"}[method]
-        assert config.get("use_dora", False) == (method == "dora")
+        assert config["peft_type"] == PEFT_TYPES[method] and config.get("use_dora", False) == (method == "dora")
         model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(assets / "tiny-llama"), out / "adapter")
         with torch.no_grad():
-            assert torch.isfinite(model(input_ids=torch.tensor([[1, 40, 41, 42]])).logits).all()
+            assert torch.isfinite(model(input_ids=ids).logits).all()
     assert ray.is_initialized()  # the jobs' drivers disconnected from the cluster; they did not stop it
 
 

@@ -245,3 +245,36 @@ def test_a_model_that_cannot_be_walked_is_merged_and_evaluated_whole(tmp_path):
     streamed = GPT2LMHeadModel.from_pretrained(tmp_path / "merged").state_dict()
     for name, value in trained.merge_and_unload().state_dict().items():
         assert torch.allclose(streamed[name], value, atol=1e-6), name
+
+
+def test_bitfit_biases_merge_and_walk_like_the_model_with_them_loaded(assets, tmp_path):
+    """BitFit's merged@α is the base with bias_base + α·Δbias (α 1: the trained biases exactly), streamed; the
+    walked Wise-FT loss of a Qwen2 (a Llama-style stack with biases) equals the whole model's at both ends."""
+    from safetensors.torch import save_file
+
+    from workers.bitfit import BITFIT_CONFIG, BITFIT_WEIGHTS
+    from workers.block_walk import eval_loss, merged
+    from workers.loss import mean_token_loss
+    from workers.merged_weights import weights_merge, write_merged
+
+    base_path, adapter = assets / "tiny-qwen2", tmp_path / "adapter"
+    original = AutoModelForCausalLM.from_pretrained(base_path).state_dict()
+    torch.manual_seed(0)
+    biases = {k: v + torch.randn_like(v) for k, v in original.items() if k.endswith(".bias")}
+    adapter.mkdir()
+    save_file(biases, str(adapter / BITFIT_WEIGHTS))
+    (adapter / BITFIT_CONFIG).write_text('{"method": "bitfit"}')
+    trained = AutoModelForCausalLM.from_pretrained(base_path)
+    trained.load_state_dict(biases, strict=False)
+    examples = [{"input_ids": ids, "labels": ids} for ids in ([1, 5, 9, 12, 7, 3], [1, 4, 4, 8], [2, 9, 30])]
+    for alpha, model in ((0.0, AutoModelForCausalLM.from_pretrained(base_path)), (1.0, trained)):
+        walked = eval_loss(merged(base_path, adapter, alpha), examples, 2, 0, torch.float32)
+        assert walked == pytest.approx(mean_token_loss(model.eval(), examples, 2, 0), rel=1e-5)
+    for alpha in (0.0, 0.5, 1.0):
+        out = tmp_path / f"merged@{alpha}"
+        write_merged(base_path, weights_merge(base_path, adapter, alpha), out, shard_bytes=200_000)
+        streamed = AutoModelForCausalLM.from_pretrained(out).state_dict()
+        for name, value in original.items():
+            expected = value + alpha * (biases[name] - value) if name in biases else value
+            assert torch.equal(streamed[name], biases[name]) if alpha == 1 and name in biases else \
+                torch.allclose(streamed[name], expected, atol=1e-6), name

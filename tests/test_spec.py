@@ -66,13 +66,20 @@ def test_frozen_spec_round_trips(tmp_path, assets):
         ({"adapter": {"method": "prefix"}, "export": {"formats": ["merged"]}}, "export.formats", "no W + α·ΔW"),
         ({"adapter": {"method": "dora"}, "export": {"formats": ["scaled_adapter"]}}, "export.formats",
          "cannot be scaled"),
+        ({"adapter": {"method": "p_tuning"}, "export": {"formats": ["merged"]}}, "export.formats", "no W + α·ΔW"),
+        ({"adapter": {"method": "prefix", "prefix": {"init_text": "x"}}}, "adapter.prefix.init_text", "unknown key"),
+        ({"adapter": {"method": "lora", "p_tuning": {"encoder": "lstm"}}}, "adapter.p_tuning", "only valid when"),
+        ({"adapter": {"method": "p_tuning", "p_tuning": {"encoder": "gru"}}}, "adapter.p_tuning.encoder", "'mlp'"),
+        ({"adapter": {"method": "bitfit"}}, "adapter.method",
+         "bitfit trains bias terms only, and {model} has no bias terms at all (Llama-family models have none"),
+        ({"data": {"streaming": True}, "train": {"max_steps": None}}, "train.max_steps", "needed with data.streaming"),
         ({"export": {"merge_alphas": [3]}}, "export.merge_alphas.0", "less than or equal to 2"),
         ({"export": {"formats": ["onnx"]}}, "export.formats.0", "'adapter'"),
     ],
 )
 def test_spec_errors_name_field_and_reason(tmp_path, assets, change, path, reason):
     error = check(tmp_path, tiny_spec(assets, "file://store", **change))
-    text = str(error)
+    text, reason = str(error), reason.format(model=assets / "tiny-llama")
     assert str(tmp_path / "job.yaml") in text
     assert f"{path}: " in text, text
     assert reason in text, text
@@ -167,3 +174,15 @@ def test_pretokenized_data_needs_no_tokenizer(tmp_path, assets):
     (bare / "config.json").write_text(json.dumps(config))
     raw["adapter"], raw["data"]["pad_token_id"] = {}, None
     assert "data.pad_token_id: needed for format tokens" in str(check(tmp_path, raw))
+
+
+def test_bitfit_needs_biases_in_its_target_modules_and_trains_no_scaled_adapter(tmp_path, assets):
+    qwen2 = {"path": str(assets / "tiny-qwen2")}
+    spec = tiny_spec(assets, "file://store", model=qwen2, adapter={"method": "bitfit", "target_modules": ["q_proj"]})
+    write_spec(tmp_path / "ok.yaml", spec)
+    assert load_spec(tmp_path / "ok.yaml").adapter.method == "bitfit"
+    spec["adapter"]["target_modules"] = ["o_proj", "down_proj"]  # Qwen2 has q/k/v biases only
+    assert "has no bias in adapter.target_modules ['o_proj', 'down_proj']" in str(check(tmp_path, spec))
+    spec["adapter"]["target_modules"] = "all-linear"
+    spec["export"] = {"formats": ["adapter", "scaled_adapter"]}
+    assert "export.formats: a BitFit adapter holds the trained biases themselves" in str(check(tmp_path, spec))

@@ -10,6 +10,7 @@ import time
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from tests.helpers import ray_processes, weights_only
 from tests.train_helpers import adapter_tensors, assert_same_training, registered, train
@@ -56,6 +57,23 @@ def test_gradient_checkpointing_trains_identically(runs):
 
 def test_two_workers_equal_one_worker_with_the_same_global_batch(runs):
     assert_same_training(runs["2w-z2"], runs["1w"])
+
+
+def test_bitfit_trains_the_same_biases_under_every_zero_stage(local_ray, assets, tmp_path):
+    """BitFit (no peft adapter: the base's own biases trainable) under ZeRO 0 and 1 (one worker × 8) and ZeRO 2 and
+    3 (two workers × 4, ZeRO-3 partitioned from the files): one global batch, the same training; the saved biases
+    are the full tensors, every bias of the Qwen2, and they moved."""
+    qwen2 = {"path": str(assets / "tiny-qwen2")}
+    bitfit = {"method": "bitfit", "target_modules": "all-linear"}
+    results = {stage: train(assets, tmp_path / f"z{stage}", adapter=bitfit, model=qwen2, zero_stage=stage,
+                            num_workers=1 if stage < 2 else 2, micro_batch_size=8 if stage < 2 else 4)
+               for stage in (0, 1, 2, 3)}
+    assert results[3].engine["partitioned_load"] and results[3].engine["zero_stage"] == 3
+    for stage in (0, 1, 2):
+        assert_same_training(results[stage], results[3])
+    saved, base = adapter_tensors(results[3]), AutoModelForCausalLM.from_pretrained(qwen2["path"]).state_dict()
+    assert sorted(saved) == sorted(k for k in base if k.endswith(".bias")) and len(saved) == 6
+    assert all(v.shape == base[k].shape and not torch.equal(v, base[k]) for k, v in saved.items())
 
 
 def test_best_checkpoint_is_exported_not_the_last(local_ray, assets, tmp_path):

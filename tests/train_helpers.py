@@ -40,7 +40,9 @@ ADAPTER_REL_TOL = 1e-4  # ≈50× the floor
 
 
 def adapter_tensors(result) -> dict[str, torch.Tensor]:
-    return load(result.adapter_files["adapter_model.safetensors"])
+    """The adapter's tensors (peft's adapter_model.safetensors, or BitFit's biases)."""
+    (weights,) = [data for name, data in result.adapter_files.items() if name.endswith(".safetensors")]
+    return load(weights)
 
 
 def adapter_gaps(a, b) -> dict[str, float]:

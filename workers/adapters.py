@@ -12,7 +12,8 @@ if TYPE_CHECKING:
 
 
 def peft_config(adapter: AdapterSpec, total_steps: int, tokenizer_path: Path) -> PeftConfig:
-    """`total_steps` (optimizer steps of the whole run) feeds AdaLoRA's budget schedule when the spec omits it."""
+    """`total_steps` (optimizer steps of the whole run) feeds AdaLoRA's budget schedule when the spec omits it.
+    BitFit is not peft's (workers/bitfit.py)."""
     # peft is imported here, not at module level: the driver imports this module only to hand it to Ray Train
     # workers, and peft costs it seconds on the way to the first training step.
     from peft import (
@@ -20,6 +21,8 @@ def peft_config(adapter: AdapterSpec, total_steps: int, tokenizer_path: Path) ->
         IA3Config,
         LoraConfig,
         PrefixTuningConfig,
+        PromptEncoderConfig,
+        PromptEncoderReparameterizationType,
         PromptTuningConfig,
         PromptTuningInit,
         TaskType,
@@ -41,7 +44,16 @@ def peft_config(adapter: AdapterSpec, total_steps: int, tokenizer_path: Path) ->
     if adapter.method == "ia3":
         return IA3Config(feedforward_modules=block.feedforward_modules, **common)
     if adapter.method == "prefix":
-        return PrefixTuningConfig(num_virtual_tokens=block.num_virtual_tokens, task_type=task)
+        hidden = {"encoder_hidden_size": block.encoder_hidden_size} if block.encoder_hidden_size else {}
+        return PrefixTuningConfig(num_virtual_tokens=block.num_virtual_tokens, prefix_projection=block.projection,
+                                  task_type=task, **hidden)
+    if adapter.method == "p_tuning":
+        hidden = {"encoder_hidden_size": block.encoder_hidden_size} if block.encoder_hidden_size else {}
+        kind = PromptEncoderReparameterizationType.LSTM if block.encoder == "lstm" else \
+            PromptEncoderReparameterizationType.MLP
+        return PromptEncoderConfig(num_virtual_tokens=block.num_virtual_tokens, encoder_reparameterization_type=kind,
+                                   encoder_num_layers=block.encoder_num_layers, encoder_dropout=block.encoder_dropout,
+                                   task_type=task, **hidden)
     if block.init_text is None:
         return PromptTuningConfig(num_virtual_tokens=block.num_virtual_tokens, task_type=task)
     return PromptTuningConfig(

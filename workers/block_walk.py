@@ -18,14 +18,15 @@ import torch
 from torch import nn
 
 from jobspecs.memory import WALK_HIDDEN_BYTES
+from workers.bitfit import BiasMerge
 from workers.covariance import batches
 from workers.data import collate
 from workers.inputs import fetch_all
 from workers.loss import label_loss_sum, mean_token_loss
-from workers.merged_weights import MergedWeights
+from workers.merged_weights import MergedWeights, weights_merge
 from workers.weights import read_tensors, tensor_infos
 
-Model = tuple[Path, MergedWeights | None]  # a folder of weights, and an adapter merged into them as they load
+Model = tuple[Path, MergedWeights | BiasMerge | None]  # a folder of weights, and an adapter merged as they load
 
 
 @dataclass
@@ -130,7 +131,7 @@ class BlockWalk:
 
 
 def merged(folder: str | Path, adapter: str | Path | None, alpha: float = 1.0) -> Model:
-    return Path(folder), MergedWeights(folder, adapter, alpha) if adapter else None
+    return Path(folder), weights_merge(folder, adapter, alpha) if adapter else None
 
 
 @torch.no_grad()

@@ -18,14 +18,14 @@ from pathlib import Path
 import torch
 
 from jobspecs.memory import SHARD_BYTES
-from jobspecs.schema import JobSpec
+from jobspecs.schema import VIRTUAL_TOKEN_METHODS, JobSpec
 from workers import adapter_math
 from workers.block_walk import eval_loss, logit_gap, merged
 from workers.data import load_tokenizer, pad_id, tokenize
 from workers.inputs import confinement_root, on_node
 from workers.job_process import start_job_process
 from workers.logs import say
-from workers.merged_weights import MergedWeights, write_merged
+from workers.merged_weights import weights_merge, write_merged
 from workers.node_cache import local_folder
 from workers.store import StoredFolder, open_store
 
@@ -82,7 +82,7 @@ def write_formats(spec: JobSpec, inputs: JobSpec, adapter_files: dict[str, bytes
             raise RuntimeError(f"export: the converted adapter on the original base differs from the trained model "
                                f"by max |Δlogits| {gap:.3e} > export.conversion_tolerance "
                                f"{spec.export.conversion_tolerance:g}")
-    if method not in ("prefix", "prompt") and spec.export.wise_ft_alphas and spec.data.eval:
+    if method not in VIRTUAL_TOKEN_METHODS and spec.export.wise_ft_alphas and spec.data.eval:
         examples, pad = tokenize(inputs.data.eval, tokenizer, spec.data), pad_id(inputs, tokenizer)
         for alpha in spec.export.wise_ft_alphas:  # one walk of the model per α
             loss = eval_loss(merged(original_base, on_original, alpha), examples, spec.train.micro_batch_size, pad,
@@ -92,7 +92,7 @@ def write_formats(spec: JobSpec, inputs: JobSpec, adapter_files: dict[str, bytes
             say(f"export: Wise-FT α {fmt(alpha)}: eval loss {loss:.4f}, perplexity {perplexity:.2f}")
     for alpha in spec.export.merge_alphas if "merged" in formats else []:
         merged_dir = folder(f"merged@{fmt(alpha)}", True)
-        write_merged(original_base, MergedWeights(original_base, on_original, alpha), merged_dir, SHARD_BYTES,
+        write_merged(original_base, weights_merge(original_base, on_original, alpha), merged_dir, SHARD_BYTES,
                      root=confinement_root(spec.data_root, original_base))
         if tokenizer is not None:
             tokenizer.save_pretrained(merged_dir)

@@ -19,9 +19,15 @@ import torch
 
 from jobspecs.confinement import open_checked
 from workers.adapter_math import ADAPTER_CONFIG, ADAPTER_WEIGHTS, scale
+from workers.bitfit import BiasMerge, is_bitfit
 from workers.weights import SINGLE, pack, read_tensors, shard_name, tensor_infos, write_index, write_streamed
 
 ADAPTER_PREFIX = "base_model.model."
+
+
+def weights_merge(base: str | Path, adapter: str | Path, alpha: float = 1.0) -> MergedWeights | BiasMerge:
+    """W_base + α·ΔW of a trained adapter folder: a stock peft adapter, or BitFit's biases."""
+    return BiasMerge(adapter, alpha) if is_bitfit(Path(adapter)) else MergedWeights(base, adapter, alpha)
 
 
 def adapter_method(adapter: Path) -> str:
@@ -115,7 +121,7 @@ def _set(module: torch.nn.Module, key: str, value: torch.Tensor) -> None:
         module._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)
 
 
-def write_merged(base: str | Path, merge: MergedWeights, out: Path, shard_bytes: int,
+def write_merged(base: str | Path, merge: MergedWeights | BiasMerge, out: Path, shard_bytes: int,
                  root: Path | None = None) -> None:
     """The merged model as a Hugging Face folder (config + safetensors shards of at most `shard_bytes` + index),
     streamed from the base's files one module at a time: a module's base tensors and their merged copies are all

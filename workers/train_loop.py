@@ -23,9 +23,10 @@ from typing import Any
 
 import torch
 
-from jobspecs.schema import JobSpec
+from jobspecs.schema import VIRTUAL_TOKEN_METHODS, JobSpec
 from workers.adalora import AdaLoraBudget, add_regulariser
 from workers.adapters import peft_config
+from workers.bitfit import mark_trainable, save_biases
 from workers.data import IGNORE, check_count, collate, load_tokenizer, pad_id, tokenize, tokenize_records
 from workers.deepspeed_config import deepspeed_config
 from workers.inputs import fetch_all, on_node
@@ -154,6 +155,9 @@ def build_model(spec: JobSpec, corda_init: dict[str, StoredFolder] | None, total
         residual, adapter = local_folder(spec, corda_init["residual_base"]), local_folder(spec, corda_init["adapter"])
         base = load(residual)
         model = PeftModel.from_pretrained(base, adapter, is_trainable=True)
+    elif spec.adapter.method == "bitfit":  # no peft wrapper: the base itself, its target biases trainable
+        model = base = load(spec.model.path)
+        mark_trainable(model, spec.adapter.target_modules)
     else:
         base = load(spec.model.path)
         model = get_peft_model(base, peft_config(spec.adapter, total_steps, spec.model.tokenizer_path))
@@ -173,17 +177,32 @@ def skip_cpu_shm_build() -> None:
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
 
 
-def save_adapter(engine, out: Path, is_rank0: bool) -> None:
-    """The adapter as stock peft saves it. Under ZeRO-3 the parameters are partitioned (shape [0] locally), so
-    every rank joins the gather and rank 0 writes the full tensors. Gather by adapter name, not requires_grad:
-    peft also saves frozen adapter tensors (AdaLoRA's lora_ranknum)."""
+def save_adapter(run: Run, out: Path) -> None:
+    """The adapter as stock peft saves it (BitFit: workers/bitfit.py). Under ZeRO-3 the parameters are partitioned
+    (shape [0] locally), so every rank joins the gather and rank 0 writes the full tensors. Gather by adapter name,
+    not requires_grad: peft also saves frozen adapter tensors (AdaLoRA's lora_ranknum).
+
+    The virtual-token methods save the prompt their encoder computes (p-tuning's MLP/LSTM, prefix tuning's
+    projection): that forward runs on every rank, since under ZeRO-3 a forward is collective — run on rank 0 alone
+    inside peft's save, it left the ranks' collectives out of step and the next step hung."""
     import deepspeed
 
-    name = engine.module.active_adapter
-    adapter = [p for n, p in engine.module.named_parameters() if f".{name}." in f".{n}."]
+    is_rank0, model = run.rank == 0, run.engine.module
+    if run.spec.adapter.method == "bitfit":
+        save_biases(model, out, run.base_name, run.spec.adapter.target_modules, is_rank0)
+        return
+    name = model.active_adapter
+    adapter = [p for n, p in model.named_parameters() if f".{name}." in f".{n}."]
     with deepspeed.zero.GatheredParameters(adapter, modifier_rank=None):
-        if is_rank0:
-            engine.module.save_pretrained(out)
+        if run.spec.adapter.method in VIRTUAL_TOKEN_METHODS:
+            with torch.no_grad():
+                prompt = model.get_prompt_embedding_to_save(name)
+            model.get_prompt_embedding_to_save = lambda adapter_name: prompt  # what peft's save asks for
+        try:
+            if is_rank0:
+                model.save_pretrained(out)
+        finally:
+            model.__dict__.pop("get_prompt_embedding_to_save", None)
 
 
 @dataclass
@@ -204,6 +223,7 @@ class Run:
     budget: AdaLoraBudget | None
     nodes: list[str]
     zero3_config: Any  # transformers' HfDeepSpeedConfig under ZeRO-3 (held: it is read through a weak reference)
+    base_name: str  # where the user keeps the base model (the adapter's config names it)
     partitioned_load: bool  # the base was loaded partitioned (ZeRO-3): no rank held it whole
 
     @property
@@ -276,7 +296,7 @@ def setup(spec: JobSpec, corda_init: dict[str, StoredFolder] | None) -> Run:
               pad=pad_id(spec, tokenizer), train_set=train_set, tokenize_unit=tokenize_unit, eval_set=eval_set,
               total=total, engine=engine,
               scheduler=scheduler, budget=budget, nodes=all_gather(ray.get_runtime_context().get_node_id()),
-              zero3_config=zero3, partitioned_load=partitioned)
+              zero3_config=zero3, base_name=base_name, partitioned_load=partitioned)
     phase_done("engine")
     if run.rank == 0:
         if budget and budget.config.tinit + budget.config.tfinal >= budget.config.total_step:
@@ -286,7 +306,8 @@ def setup(spec: JobSpec, corda_init: dict[str, StoredFolder] | None) -> Run:
                 f"{len(train_set)} examples")
         say(f"train: {data}, {total} optimizer steps, {run.world} worker(s) on "
             f"{len(set(run.nodes))} node(s) × micro-batch {run.micro} × accumulation {run.gas}, "
-            f"ZeRO-{engine.zero_optimization_stage()}, {sum(p.numel() for p in params):,} trainable parameters "
+            f"ZeRO-{engine.zero_optimization_stage()}, {sum(getattr(p, 'ds_numel', p.numel()) for p in params):,} "
+            "trainable parameters "
             f"({spec.adapter.method}); worker start-up {sum(phases.values()):.1f}s "
             f"({', '.join(f'{k} {v:.1f}s' for k, v in phases.items())})")
     return run
@@ -394,7 +415,7 @@ def save_checkpoint(run: Run, state: TrainState, data: InMemory | Streamed, scor
     state.positions = all_gather(data.position())
     with tempfile.TemporaryDirectory() as tmp:
         run.engine.save_checkpoint(tmp, tag=CKPT_TAG, exclude_frozen_parameters=True)
-        save_adapter(run.engine, Path(tmp) / "adapter", run.rank == 0)
+        save_adapter(run, Path(tmp) / "adapter")
         if run.rank == 0:
             state.save(Path(tmp))
         # One folder name for all ranks: each uploads its own DeepSpeed shards into the same checkpoint.

@@ -57,26 +57,29 @@ def build_tokenizer(texts: list[str], out: Path, vocab_size: int = 384):
     return tokenizer
 
 
-def build_tiny_llama(
-    out: Path, tokenizer, pretrain_texts: list[str], hidden: int = 64, layers: int = 2, heads: int = 4,
-    kv_heads: int = 2, pretrain_steps: int = 150, seed: int = 0,
+def build_tiny_model(
+    out: Path, tokenizer, pretrain_texts: list[str], family: str = "llama", hidden: int = 64, layers: int = 2,
+    heads: int = 4, kv_heads: int = 2, pretrain_steps: int = 150, seed: int = 0,
 ) -> None:
-    """A Llama-family causal LM from a config, briefly pretrained so it is a base worth fine-tuning (a random
-    model's frozen lm_head behind RMSNorm can barely move its logits). Fixed seed, one thread → same weights."""
+    """A causal LM from a config (family llama, or qwen2: the same stack with q/k/v biases, for BitFit), briefly
+    pretrained so it is a base worth fine-tuning (a random model's frozen lm_head behind RMSNorm can barely move its
+    logits). Fixed seed, one thread → same weights."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
     from transformers.utils import logging
 
     logging.disable_progress_bar()  # a bar per save is repaint noise in `make demo`'s output
     # save_pretrained imports DeepSpeed (accelerate's isinstance check), which would probe for an accelerator and warn
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    config = LlamaConfig(
+    config_class, model_class = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[
+        family]
+    config = config_class(
         vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=512,
         bos_token_id=1, eos_token_id=2, pad_token_id=3, tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    model = model_class(config)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -98,7 +101,8 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
 
 
 def build_assets(out: Path = DEFAULT_DIR, hidden: int = 64, layers: int = 2, seed: int = 0) -> Path:
-    """Write tiny-llama/ (model + tokenizer), train.jsonl, eval.jsonl and calibration.jsonl under `out`."""
+    """Write tiny-llama/ and tiny-qwen2/ (model + tokenizer), train.jsonl, eval.jsonl and calibration.jsonl under
+    `out`."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     splits = {"train": instruction_records(256, seed), "eval": instruction_records(32, seed + 1),
@@ -111,7 +115,9 @@ def build_assets(out: Path = DEFAULT_DIR, hidden: int = 64, layers: int = 2, see
     # The base knows the vocabulary and two of the four tasks; fine-tuning teaches the other two.
     pretrain = [r["prompt"] + r["response"] for r in instruction_records(512, seed + 3)
                 if r["prompt"].split(":")[0] in ("reverse", "upper")]
-    build_tiny_llama(model_dir, tokenizer, pretrain, hidden=hidden, layers=layers, seed=seed)
+    build_tiny_model(model_dir, tokenizer, pretrain, hidden=hidden, layers=layers, seed=seed)
+    tokenizer.save_pretrained(out / "tiny-qwen2")
+    build_tiny_model(out / "tiny-qwen2", tokenizer, pretrain, family="qwen2", hidden=hidden, layers=layers, seed=seed)
     return out
 
 
