@@ -59,14 +59,20 @@ def nodes(tmp_path, s3_endpoint):
     from ray.cluster_utils import Cluster
 
     port = int(s3_endpoint.rsplit(":", 1)[1])
-    proxies = [FaultProxy(port) for _ in range(3)]  # node 0, node 1, the driver
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
-    temps = []
+    proxies = [FaultProxy(port) for _ in range(4)]  # node 0, node 1, the driver, the head node
+    temps = [tmp_path / f"node-{i}-tmp" for i in ("0", "1", "head")]
+    for temp in temps:
+        temp.mkdir()
+
+    def node_env(i: int) -> dict:
+        return {"TMPDIR": str(temps[i]), "AWS_ENDPOINT_URL_S3": proxies[i if i < 2 else 3].endpoint}
+
+    # The head node has no CPU but runs the CPU-less reducers, which read weights: like every pod of a real
+    # cluster it has the bucket's endpoint and a cache of its own.
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "env_vars": node_env(2)})
     for i in range(2):
-        temps.append(tmp_path / f"node-{i}-tmp")
-        temps[-1].mkdir()
-        cluster.add_node(num_cpus=1, env_vars={"TMPDIR": str(temps[-1]), "AWS_ENDPOINT_URL_S3": proxies[i].endpoint})
-    yield cluster, proxies, temps
+        cluster.add_node(num_cpus=1, env_vars=node_env(i))
+    yield cluster, proxies, temps[:2]
     cluster.shutdown()
     for proxy in proxies:
         proxy.close()
@@ -121,8 +127,9 @@ def test_a_job_reading_only_from_a_bucket_runs_on_nodes_that_share_no_folder(nod
                                                                                        .artifacts)
 
     per_node = [downloads(proxy) for proxy in proxies[:2]]
-    for node in per_node:
-        assert node and max(node.values()) == 1, node  # nothing downloaded twice on a node
+    for node in [*per_node, downloads(proxies[3])]:
+        assert not node or max(node.values()) == 1, node  # nothing downloaded twice on a node
+    assert all(per_node), per_node
     shards = {k for node in per_node for k in node if k.endswith(".safetensors")}
     assert len(shards) >= 3  # the model is sharded; both nodes read weights
     driver = downloads(proxies[2])
