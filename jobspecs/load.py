@@ -10,6 +10,7 @@ import yaml
 from pydantic import ValidationError
 
 from jobspecs.schema import JobSpec, input_problems
+from jobspecs.trials import InvalidTrial, expand, shared_calibration_problem
 
 
 class SpecError(Exception):
@@ -64,6 +65,15 @@ def parse_spec(data: Any, source: str = "<spec>", base_dir: Path | None = None, 
         raise SpecError(source, _problems(err)) from None
     if check_files and spec.data_root is not None and (problems := input_problems(spec)):
         raise SpecError(source, problems)
+    try:
+        trials = expand(spec, context)  # every trial is a whole spec: checked now, before anything starts
+    except InvalidTrial as err:
+        raise SpecError(source, [("sweep", f"trial {err.name} ({err.shown}): {path}: {reason}")
+                                 for path, reason in _problems(err.error)]) from None
+    except ValueError as err:
+        raise SpecError(source, [("sweep", str(err))]) from None
+    if problem := shared_calibration_problem(trials):
+        raise SpecError(source, [("sweep", problem)])
     return spec
 
 

@@ -20,7 +20,6 @@ from pydantic import (
     AfterValidator,
     BaseModel,
     BeforeValidator,
-    ConfigDict,
     Field,
     PlainSerializer,
     PlainValidator,
@@ -42,6 +41,8 @@ from jobspecs.remote import (
     tensor_names,
     top_files,
 )
+from jobspecs.section import Section
+from jobspecs.sweep import SweepSpec
 
 STAGE_ORDER = ("calibrate", "decompose", "train", "export")
 """Stages a spec may list, in the only order they can run. `upload` always runs last and is not listed."""
@@ -120,10 +121,6 @@ def config_pad_id(model_folder: Location) -> int | None:
         if isinstance(value, int):
             return value
     return None
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
 
 class ModelSpec(Section):
@@ -539,6 +536,8 @@ class JobSpec(Section):
     export: ExportSpec = Field(default_factory=ExportSpec)
     storage: StorageSpec = Field(default_factory=StorageSpec)
     cluster: ClusterSpec = Field(default_factory=ClusterSpec)
+    sweep: SweepSpec | None = Field(None, description="Many trials of this spec (jobspecs/sweep.py): the best is "
+                                    "exported as the job's adapter, each keeps its own under trials/<trial>/.")
     stages: list[Literal["calibrate", "decompose", "train", "export"]] | None = Field(
         None, description="Stages to run, in pipeline order; default: all that the spec implies. Upload always runs."
     )
@@ -560,7 +559,12 @@ class JobSpec(Section):
         if self.stages is not None:
             return list(self.stages)
         implied = ["train", "export"]
-        return ["calibrate", "decompose", *implied] if self.init.method == "corda" else implied
+        return ["calibrate", "decompose", *implied] if self.uses_corda else implied
+
+    @property
+    def uses_corda(self) -> bool:
+        """CorDA initialises the adapter (in a sweep: some trial's)."""
+        return self.init.method == "corda" or bool(self.sweep and self.sweep.may_set("init.method", "corda"))
 
     @property
     def needs_tokenizer(self) -> bool:
@@ -612,7 +616,7 @@ class JobSpec(Section):
             raise ValueError(f"stages: must follow pipeline order {list(STAGE_ORDER)}")
         if "export" in stages and "train" not in stages:
             raise ValueError("stages: export needs train (there is nothing to export without it)")
-        if ("calibrate" in stages or "decompose" in stages) and self.init.method != "corda":
+        if ("calibrate" in stages or "decompose" in stages) and not self.uses_corda:
             raise ValueError("stages: calibrate/decompose compute a CorDA init; set init.method: corda")
         if self.init.method == "corda":
             if self.data.calibration is None:
@@ -651,6 +655,10 @@ class JobSpec(Section):
         if self.data.streaming and self.data.train.limit is not None:
             raise ValueError("data.train.limit: not with data.streaming (there is no first N of a shuffled stream "
                              "of units); cut the source instead")
+        if self.sweep and "train" not in stages:
+            raise ValueError("stages: a sweep compares trained trials; it needs the train stage")
+        if self.sweep and self.sweep.metric == "eval_loss" and self.data.eval is None:
+            raise ValueError("sweep.metric: eval_loss needs data.eval (or rank the trials by their training loss)")
         if self.train.precision == "fp16" and not self.train.use_gpu:
             raise ValueError("train.precision: fp16 needs a GPU (DeepSpeed's CPU accelerator has no fp16); use bf16")
         return self

@@ -46,6 +46,7 @@ class TrainState:
     """Where a run is and what it has seen: a checkpoint's state.json, and what the export reads back."""
 
     step: int = 0
+    planned_steps: int = 0  # where the run ends (a sweep's trial stopped early ends before)
     epoch: int = 0  # rank 0's
     positions: list[dict] = field(default_factory=list)  # per rank, where it is in its data (workers/stream.py)
     tokens: int = 0
@@ -80,7 +81,8 @@ class TrainResult:
     best_step: int = 0
     best_eval_loss: float | None = None  # the best checkpoint's score: eval loss, or training loss without eval
     eval_loss_at_start: float | None = None  # the model before its first optimizer step (where the curve starts)
-    total_steps: int = 0
+    total_steps: int = 0  # steps run
+    planned_steps: int = 0
     resumed_from: list[int] = field(default_factory=list)  # steps a restarted worker group resumed from
     nodes: list[str] = field(default_factory=list)  # the Ray node each rank ran on (the latest worker group)
     peak_memory_mib: list[float] = field(default_factory=list)  # per rank, the worker process's peak resident memory
@@ -225,6 +227,7 @@ class Run:
     zero3_config: Any  # transformers' HfDeepSpeedConfig under ZeRO-3 (held: it is read through a weak reference)
     base_name: str  # where the user keeps the base model (the adapter's config names it)
     partitioned_load: bool  # the base was loaded partitioned (ZeRO-3): no rank held it whole
+    label: str = "train"  # what its progress lines start with: "train", or a sweep's "trial <name>"
 
     @property
     def micro(self) -> int:
@@ -235,7 +238,7 @@ class Run:
         return self.engine.gradient_accumulation_steps()
 
 
-def setup(spec: JobSpec, corda_init: dict[str, StoredFolder] | None) -> Run:
+def setup(spec: JobSpec, corda_init: dict[str, StoredFolder] | None, label: str = "train") -> Run:
     """Device, data (the same tokenization everywhere), model + adapter, DeepSpeed engine; logs the start-up."""
     began, phases = time.perf_counter(), {}  # start-up seconds per phase, shown in the first progress line
 
@@ -296,15 +299,16 @@ def setup(spec: JobSpec, corda_init: dict[str, StoredFolder] | None) -> Run:
               pad=pad_id(spec, tokenizer), train_set=train_set, tokenize_unit=tokenize_unit, eval_set=eval_set,
               total=total, engine=engine,
               scheduler=scheduler, budget=budget, nodes=all_gather(ray.get_runtime_context().get_node_id()),
-              zero3_config=zero3, base_name=base_name, partitioned_load=partitioned)
+              zero3_config=zero3, base_name=base_name, partitioned_load=partitioned, label=label)
     phase_done("engine")
     if run.rank == 0:
         if budget and budget.config.tinit + budget.config.tfinal >= budget.config.total_step:
-            say(f"train: warning: adapter.adalora tinit {budget.config.tinit} + tfinal {budget.config.tfinal} leave "
-                f"no step of the {budget.config.total_step} for rank reallocation; ranks will not change")
+            say(f"{run.label}: warning: adapter.adalora tinit {budget.config.tinit} + tfinal "
+                f"{budget.config.tfinal} leave no step of the {budget.config.total_step} for rank reallocation; "
+                "ranks will not change")
         data = (f"{len(train_set)} streamed units (files, row groups)" if spec.data.streaming else
                 f"{len(train_set)} examples")
-        say(f"train: {data}, {total} optimizer steps, {run.world} worker(s) on "
+        say(f"{run.label}: {data}, {total} optimizer steps, {run.world} worker(s) on "
             f"{len(set(run.nodes))} node(s) × micro-batch {run.micro} × accumulation {run.gas}, "
             f"ZeRO-{engine.zero_optimization_stage()}, {sum(getattr(p, 'ds_numel', p.numel()) for p in params):,} "
             "trainable parameters "
@@ -325,7 +329,7 @@ def resume(run: Run) -> TrainState:
             state = TrainState.load(Path(ckpt_dir))
         state.resumed_from.append(state.step)
         if run.rank == 0:
-            say(f"train: resumed from step {state.step} (epoch {state.epoch})")
+            say(f"{run.label}: resumed from step {state.step} (epoch {state.epoch})")
     engine = run.engine
     state.nodes = run.nodes
     state.engine = {"zero_stage": engine.zero_optimization_stage(), "world_size": run.world,
@@ -400,7 +404,7 @@ def progress_line(run: Run, row: dict, elapsed: float) -> str:
     if "ranks" in row:
         ranks = row["ranks"].values()
         extra += f" ranks {sum(ranks)} ({min(ranks)}-{max(ranks)} per layer)"
-    return (f"train: step {done}/{total} loss {row['loss']:.4f}{extra} lr {row['lr']:.2e} "
+    return (f"{run.label}: step {done}/{total} loss {row['loss']:.4f}{extra} lr {row['lr']:.2e} "
             f"grad_norm {row['grad_norm']:.3f} tok/s {row['tokens_per_s']:.0f} "
             f"eta {elapsed / done * (total - done):.0f}s")
 
@@ -424,7 +428,7 @@ def save_checkpoint(run: Run, state: TrainState, data: InMemory | Streamed, scor
 
 
 def train_worker(config: dict) -> None:
-    run = setup(config["spec"], config.get("corda_init"))
+    run = setup(config["spec"], config.get("corda_init"), config.get("label", "train"))
     cfg, state = run.spec.train, resume(run)
     data = training_data(run, state)
     score_key = "eval_loss" if run.eval_set else "loss"
@@ -432,8 +436,9 @@ def train_worker(config: dict) -> None:
     if run.eval_set and state.eval_loss_at_start is None:  # once per job: a resumed run has it from its checkpoint
         state.eval_loss_at_start = evaluate(run.engine, run.eval_set, run.micro, run.pad, run.device)
         if run.rank == 0:
-            say(f"train: step 0/{run.total} eval_loss {state.eval_loss_at_start:.4f} (before the first step)")
+            say(f"{run.label}: step 0/{run.total} eval_loss {state.eval_loss_at_start:.4f} (before the first step)")
     start = time.perf_counter() - state.elapsed
+    state.planned_steps = run.total
     run.engine.train()
     while state.step < run.total:
         row = optimizer_step(run, state, data, start)
@@ -447,7 +452,9 @@ def train_worker(config: dict) -> None:
             say(progress_line(run, row, time.perf_counter() - start))
         if checkpoint_now:
             state.elapsed = time.perf_counter() - start
-            save_checkpoint(run, state, data, {score_key: row.get(score_key, row["loss"])})
+            # A diverged run ranks last: NaN compares false, so Ray Train (and a sweep's ASHA) would keep it.
+            score = {key: row[key] if math.isfinite(row[key]) else math.inf for key in ("loss", score_key)}
+            save_checkpoint(run, state, data, score)
 
 
 def read_result(best_dir: Path, latest_dir: Path, score_key: str) -> TrainResult:
@@ -457,5 +464,6 @@ def read_result(best_dir: Path, latest_dir: Path, score_key: str) -> TrainResult
     return TrainResult(adapter_files={p.name: p.read_bytes() for p in adapter.iterdir() if p.is_file()},
                        metrics=latest.metrics, best_step=best.step, best_eval_loss=best.metrics[-1].get(score_key),
                        eval_loss_at_start=latest.eval_loss_at_start, total_steps=latest.step,
+                       planned_steps=latest.planned_steps,
                        resumed_from=latest.resumed_from, nodes=latest.nodes, peak_memory_mib=latest.peak_memory_mib,
                        engine=latest.engine)

@@ -35,9 +35,10 @@ from orchestrator.control.jobs import JobRecord, JobState, cancelled_error, stag
 from orchestrator.stages.context import Context
 from orchestrator.stages.corda import run_calibrate, run_decompose
 from orchestrator.stages.export import run_export
+from orchestrator.stages.sweep import run_sweep_calibrate, run_sweep_decompose, run_trials
 from orchestrator.stages.train import run_train
 from orchestrator.stages.upload import run_upload
-from orchestrator.stages.waits import JobCancelled, check_cancelled, request_cancel
+from orchestrator.stages.waits import JobCancelled, check_cancelled, reason_of, request_cancel
 from orchestrator.storage.artifacts import CANCEL_REASON, VERBOSE_LOG, job_key
 from workers.job_process import start_job_process
 from workers.process_memory import peak_memory_mib
@@ -49,10 +50,14 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
 
 # What each stage reads and leaves is typed on Context (calibration, corda_init, train, export); the order is the
 # spec's (JobSpec.effective_stages), upload last.
+def _or_sweep(plain: Callable[[Context], None], sweep: Callable[[Context], None]) -> Callable[[Context], None]:
+    return lambda ctx: (sweep if ctx.spec.sweep else plain)(ctx)
+
+
 STAGES: dict[str, Callable[[Context], None]] = {
-    "calibrate": run_calibrate,
-    "decompose": run_decompose,
-    "train": run_train,
+    "calibrate": _or_sweep(run_calibrate, run_sweep_calibrate),
+    "decompose": _or_sweep(run_decompose, run_sweep_decompose),
+    "train": _or_sweep(run_train, run_trials),
     "export": run_export,
     "upload": run_upload,
 }
@@ -76,15 +81,6 @@ def _preload_stage_code() -> None:
     import ray.train.torch  # noqa: F401
 
     import workers.train_loop  # noqa: F401
-
-
-def _reason(err: Exception) -> str:
-    """One line a user can act on: the remote exception itself, not Ray's wrapper with its traceback."""
-    from ray.exceptions import RayTaskError
-
-    cause = err.cause if isinstance(err, RayTaskError) and err.cause is not None else err
-    text = str(cause).strip() or type(cause).__name__
-    return f"{type(cause).__name__}: {text}"
 
 
 def run_job(job_id: str, store: Store, ray_address: str | None = None) -> JobRecord:
@@ -125,7 +121,7 @@ def run_job(job_id: str, store: Store, ray_address: str | None = None) -> JobRec
             record.save(store)
             log.info("stage %s: started", name)
             STAGES[name](ctx)
-            record.warnings = list(ctx.warnings)
+            record.warnings = list(dict.fromkeys(ctx.warnings))  # a sweep's decompositions may say one twice
             record.end_stage(name, peaks={**ctx.peaks.get(name, {}), "driver": round(peak_memory_mib(), 1)},
                              reserved=ctx.reserved.get(name))
             record.save(store)
@@ -136,7 +132,7 @@ def run_job(job_id: str, store: Store, ray_address: str | None = None) -> JobRec
         record.finish(JobState.CANCELLED, cancelled_error(record.stage, _cancel_reason(store, job_id)))
     except Exception as err:
         log.error("stage %s failed:\n%s", record.stage, traceback.format_exc())
-        record.finish(JobState.FAILED, _reason(err))
+        record.finish(JobState.FAILED, reason_of(err))
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         shutil.rmtree(staging, ignore_errors=True)

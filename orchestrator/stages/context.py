@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from jobspecs import JobSpec
 from jobspecs.memory import PLAN_TOLERANCE, reservations
+from orchestrator.storage.artifacts import job_key
 from workers.store import Store, StoredFolder
 
 if TYPE_CHECKING:  # the worker modules import torch; the driver imports this module before it needs torch
@@ -73,6 +74,9 @@ class Context:
     corda_init: CordaInit | None = None
     train: TrainResult | None = None
     export: ExportOutputs | None = None
+    trial_inits: dict[str, CordaInit] = field(default_factory=dict)  # a sweep's CorDA trials: trial → its init
+    publish_under: str = ""  # a folder inside artifacts/ this context's stages publish into (a sweep's "corda/d0/")
+    keep_sums: bool = False  # a sweep's calibration: its sums outlive a decomposition (the next one needs them)
     peaks: dict[str, dict[str, float]] = field(default_factory=dict)  # stage → process kind → peak RSS (MiB)
     reserved: dict[str, dict[str, float]] = field(default_factory=dict)  # stage → process kind → Ray memory (MiB)
     _plan: dict[tuple[str, str], int] | None = field(default=None, repr=False)
@@ -89,6 +93,10 @@ class Context:
 
             self._inputs = on_node(self.spec)
         return self._inputs
+
+    def narrow(self, spec: JobSpec) -> None:
+        """From here on the job is `spec`: a sweep's best trial, whose adapter the export works on."""
+        self.spec, self._inputs, self._plan = spec, None, None
 
     def reserve(self, stage: str, process: str, requested: float | None = None) -> dict:
         """Ray options reserving host memory for one kind of process: `requested` bytes where the spec asks for
@@ -122,8 +130,12 @@ class Context:
                                  "memory request higher (init.corda.actor_memory_gib for covariance actors) or "
                                  "report the spec, `peftfleet plan` is off for it")
 
+    def artifact_key(self, kind: str) -> str:
+        """The store folder of an artifact this context's stage publishes itself (worker-written)."""
+        return job_key(self.job_id, f"artifacts/{self.publish_under}{kind}")
+
     def artifact_dir(self, kind: str) -> Path:
-        path = self.staging / kind
+        path = self.staging / self.publish_under / kind
         path.mkdir(parents=True, exist_ok=True)
         return path
 

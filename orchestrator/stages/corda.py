@@ -32,7 +32,6 @@ from jobspecs.remote import Location, read_json
 from jobspecs.schema import JobSpec
 from orchestrator.stages.context import Calibration, Context, CordaInit, Early
 from orchestrator.stages.waits import model_task, wait_all
-from orchestrator.storage.artifacts import job_key
 from workers.node_cache import NodeCache, node_cache
 from workers.store import StoredFolder
 
@@ -141,7 +140,7 @@ def _fold(totals: list, g: int, part, reducers: list) -> None:
 def _decompose(ctx: Context, g: int, group, total, reducers: list, layout: ResidualLayout):
     """Group g's decomposition, on the reducer that produced its sum, writing its residual_base shard."""
     spec, corda = ctx.spec, ctx.spec.init.corda_spec
-    key = f"{job_key(ctx.job_id, RESIDUAL_PREFIX)}/{layout.files[g]}"
+    key = f"{ctx.artifact_key('residual_base')}/{layout.files[g]}"
     return reducers[g % len(reducers)].decompose.remote(total, group.name, group.modules, str(spec.model.path),
                                                         spec.adapter.r, corda.mode, spec.adapter.alpha / spec.adapter.r,
                                                         corda.damping, spec.model.dtype, spec.storage, key,
@@ -150,7 +149,7 @@ def _decompose(ctx: Context, g: int, group, total, reducers: list, layout: Resid
 
 def _save_stats(ctx: Context, g: int, group, total, reducers: list):
     """Group g's reduced sum as the `covariance` artifact's file for it."""
-    key = f"{job_key(ctx.job_id, COVARIANCE_PREFIX)}/{group.name}.safetensors"
+    key = f"{ctx.artifact_key('covariance')}/{group.name}.safetensors"
     return reducers[g % len(reducers)].save_stats.remote(total, ctx.spec.storage, key)
 
 
@@ -193,7 +192,6 @@ def collect_replica(ctx: Context, shards: list, pad_id: int) -> tuple:
     return groups, totals, reducers, summaries, placement, Early()
 
 
-RESIDUAL_PREFIX, COVARIANCE_PREFIX = "artifacts/residual_base", "artifacts/covariance"  # under the job's key
 AHEAD = 2  # layer-wise: blocks collected ahead of the last fully folded one
 
 
@@ -239,7 +237,8 @@ def collect_layerwise(ctx: Context, shards: list, pad_id: int) -> tuple:
             early.decompositions[g] = _decompose(ctx, g, groups[g], totals[g], reducers, layout)
             if corda.save_covariance:
                 early.saved[g] = _save_stats(ctx, g, groups[g], totals[g], reducers)
-            totals[g] = None  # the calls hold the sum until they have run; then the object store frees it
+            if not ctx.keep_sums:  # the calls hold the sum until they have run; then the object store frees it
+                totals[g] = None
         elapsed = time.perf_counter() - start
         log.info("calibrate: block %d/%d, eta %.0fs", k + 1, len(per_block),
                  elapsed / (k + 1) * (len(per_block) - k - 1))
@@ -279,7 +278,7 @@ def run_decompose(ctx: Context) -> None:
     spec, corda = ctx.spec, ctx.spec.init.corda_spec
     state: Calibration = ctx.needs("calibration")
     groups, totals, reducers, early = state.groups, state.totals, state.reducers, state.early
-    residual_prefix = job_key(ctx.job_id, RESIDUAL_PREFIX)
+    residual_prefix = ctx.artifact_key("residual_base")
     layout = residual_layout(ctx.inputs, groups)
     model, dtype, storage = str(spec.model.path), spec.model.dtype, spec.storage
     # Each group is decomposed by the reducer that produced its sum, i.e. where the covariance already is, and its
@@ -304,9 +303,10 @@ def run_decompose(ctx: Context) -> None:
         written.append(stored)
     written += ray.get(copies)
     ctx.record_peak("decompose", "reducer", ray.get([r.peak_memory_mib.remote() for r in reducers]))
-    for reducer in reducers:
-        ray.kill(reducer)
-    totals.clear()  # the statistics are no longer needed: let the object store free them
+    if not ctx.keep_sums:  # the statistics are no longer needed (a sweep's next decomposition would need them)
+        for reducer in reducers:
+            ray.kill(reducer)
+        totals.clear()
     early.decompositions.clear()
     early.saved.clear()
     residual = StoredFolder(residual_prefix, (*write_residual_config(ctx, layout, residual_prefix), *written))
@@ -401,7 +401,7 @@ def write_corda_adapter(ctx: Context, results) -> StoredFolder:
     with tempfile.TemporaryDirectory(prefix="peftfleet-corda-init-") as tmp:
         config.save_pretrained(tmp)
         write_adapter(Path(tmp), json.loads((Path(tmp) / "adapter_config.json").read_text()), tensors)
-        return ctx.store.publish_folder(job_key(ctx.job_id, "artifacts/corda_init"), Path(tmp))
+        return ctx.store.publish_folder(ctx.artifact_key("corda_init"), Path(tmp))
 
 
 def _save_covariance(ctx: Context, groups, totals, reducers, early: Early) -> StoredFolder:
@@ -409,7 +409,7 @@ def _save_covariance(ctx: Context, groups, totals, reducers, early: Early) -> St
     them already, during layer-wise calibration), plus the group index written here."""
     import ray
 
-    prefix = job_key(ctx.job_id, COVARIANCE_PREFIX)
+    prefix = ctx.artifact_key("covariance")
     files = [f"{g.name}.safetensors" for g in groups]
     stored = ray.get([early.saved[g] if g in early.saved else _save_stats(ctx, g, group, totals[g], reducers)
                       for g, group in enumerate(groups)])

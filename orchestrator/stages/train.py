@@ -6,50 +6,75 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from orchestrator.stages.context import Context
+from jobspecs import JobSpec
+from orchestrator.stages.context import Context, CordaInit
 from orchestrator.stages.waits import run_in_thread
 from workers.store import train_storage
 
 log = logging.getLogger("peftfleet.train")
 
 
-def run_train(ctx: Context) -> None:
-    """Ray Train workers, each driving a DeepSpeed engine; checkpoints in the job's storage; best by eval loss."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+def score_key(spec: JobSpec) -> str:
+    """What ranks checkpoints (and trials): eval loss, or the training loss without eval data."""
+    return "eval_loss" if spec.data.eval else "loss"
 
-    from workers.train_loop import read_result, train_worker
 
-    spec, train = ctx.spec, ctx.spec.train
-    init = ctx.corda_init
-    score_key = "eval_loss" if spec.data.eval else "loss"
-    storage_path, filesystem = train_storage(spec.storage, ctx.job_id)
-    trainer = TorchTrainer(
-        train_worker,
+def trainer_args(ctx: Context, spec: JobSpec, init: CordaInit | None, run_prefix: str, label: str = "train") -> dict:
+    """TorchTrainer's arguments for one training run of `spec`, its checkpoints under jobs/<run_prefix>/train/:
+    a plain job's run, or one trial of a sweep (whose Tune trial adds its report callback to `run_config`)."""
+    from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
+    from ray.train.torch import TorchConfig
+
+    from workers.train_loop import train_worker
+
+    train = spec.train
+    storage_path, filesystem = train_storage(spec.storage, run_prefix)
+    return dict(
+        train_loop_per_worker=train_worker,
         train_loop_config={"spec": spec, "corda_init": init and {"residual_base": init.residual_base,
-                                                                  "adapter": init.adapter}},
+                                                                  "adapter": init.adapter},
+                           "label": label},
         scaling_config=ScalingConfig(
             num_workers=train.num_workers, use_gpu=train.use_gpu, placement_strategy=train.placement_strategy,
             resources_per_worker={"CPU": train.cpus_per_worker, **({"GPU": 1} if train.use_gpu else {}),
                                   **ctx.reserve("train", f"training worker (ZeRO-{train.zero_stage})")}),
         torch_config=TorchConfig(backend="nccl" if train.use_gpu else "gloo"),
-        run_config=RunConfig(
+        run_config=dict(
             name="train", storage_path=storage_path, storage_filesystem=filesystem,
             checkpoint_config=CheckpointConfig(num_to_keep=train.keep_checkpoints,
-                                               checkpoint_score_attribute=score_key, checkpoint_score_order="min"),
+                                               checkpoint_score_attribute=score_key(spec),
+                                               checkpoint_score_order="min"),
             failure_config=FailureConfig(max_failures=train.max_failures),
         ),
     )
+
+
+def read_run(result, key: str):
+    """A finished (or stopped) Ray Train run's TrainResult: the best checkpoint's adapter, the latest's history."""
+    from workers.train_loop import read_result
+
+    best = result.get_best_checkpoint(key, "min")
+    with best.as_directory() as best_dir, result.checkpoint.as_directory() as latest_dir:
+        return read_result(Path(best_dir), Path(latest_dir), key)
+
+
+def run_train(ctx: Context) -> None:
+    """Ray Train workers, each driving a DeepSpeed engine; checkpoints in the job's storage; best by eval loss."""
+    from ray.train import RunConfig
+    from ray.train.torch import TorchTrainer
+
+    spec, train = ctx.spec, ctx.spec.train
+    args = trainer_args(ctx, spec, ctx.corda_init, ctx.job_id)
+    trainer = TorchTrainer(**{**args, "run_config": RunConfig(**args["run_config"])})
     result = run_in_thread(trainer.fit)
     if result.error:
         raise result.error
-    best = result.get_best_checkpoint(score_key, "min")
-    with best.as_directory() as best_dir, result.checkpoint.as_directory() as latest_dir:
-        ctx.train = out = read_result(Path(best_dir), Path(latest_dir), score_key)
+    key = score_key(spec)
+    ctx.train = out = read_run(result, key)
     if out.peak_memory_mib:
         ctx.record_peak("train", f"training worker (ZeRO-{train.zero_stage})", out.peak_memory_mib)
     last = out.metrics[-1] if out.metrics else {}
     # Logged here, not only by the workers: Ray forwards worker output asynchronously, maybe after the job ends.
     log.info("train: %d/%d steps, final loss %.4f, best step %d (%s %.4f)", last.get("step", 0), out.total_steps,
-             last.get("loss", float("nan")), out.best_step, score_key.replace("_", " "),
+             last.get("loss", float("nan")), out.best_step, key.replace("_", " "),
              out.best_eval_loss if out.best_eval_loss is not None else float("nan"))

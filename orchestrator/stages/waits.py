@@ -83,3 +83,12 @@ def model_task(ctx: Context, stage: str, process: str, fn: Callable[..., Any], *
     (result, peak), = wait_all([task.remote(fn, *args)], fetch=True)
     ctx.record_peak(stage, process, [peak])
     return result
+
+
+def reason_of(err: BaseException) -> str:
+    """One line a user can act on: the remote exception itself, not Ray's wrapper with its traceback."""
+    from ray.exceptions import RayTaskError
+
+    cause = err.cause if isinstance(err, RayTaskError) and err.cause is not None else err
+    text = str(cause).strip() or type(cause).__name__
+    return f"{type(cause).__name__}: {text}"

@@ -1,0 +1,174 @@
+"""A sweep's trials: the spec's `sweep` section expanded into named trials, each a whole JobSpec validated as one.
+
+Trial i's spec is the job's spec (without its sweep) with the trial's values set at their dotted paths, then its
+ties; it is validated exactly as a submitted spec would be, so a bad value fails before anything starts, naming
+the trial and the field.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import random
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+
+from jobspecs.schema import JobSpec
+from jobspecs.sweep import TIE, SweepSpec
+
+# A swept field under these reads files (paths, or a model's tensors for BitFit's targets): its trials are checked
+# against them; the rest of a trial only re-runs the schema's rules.
+_READS_FILES = ("model.", "data.", "init.corda.covariance_from", "adapter.method", "adapter.target_modules")
+
+
+class InvalidTrial(Exception):
+    """A trial whose spec does not validate; `error` is pydantic's, with field paths from the spec's root."""
+
+    def __init__(self, name: str, values: dict[str, Any], error: ValidationError):
+        self.name, self.values, self.error = name, values, error
+        super().__init__(f"trial {name} ({self.shown})")
+
+    @property
+    def shown(self) -> str:
+        return ", ".join(f"{k}={_label(v)}" for k, v in self.values.items())
+
+
+@dataclass(frozen=True)
+class Trial:
+    name: str  # t00-r4-lr0.003: a folder name in the store and an adapter name in the bundle
+    values: dict[str, Any]  # dotted path → value (swept, then tied)
+    spec: JobSpec
+
+
+def points(sweep: SweepSpec) -> list[dict[str, Any]]:
+    """Each trial's values, in order: the grid × num_samples random draws, then the explicit trials."""
+    if not (sweep.grid or sweep.random):
+        return [dict(trial) for trial in sweep.trials]
+    rng = random.Random(sweep.seed)
+    grid = [dict(zip(sweep.grid, combo, strict=True)) for combo in itertools.product(*sweep.grid.values())]
+    drawn = [{**point, **{path: dist.draw(rng) for path, dist in sweep.random.items()}}
+             for _ in range(sweep.num_samples) for point in grid]
+    return drawn + [dict(trial) for trial in sweep.trials]
+
+
+def _get(raw: dict, path: str) -> Any:
+    value: Any = raw
+    for key in path.split("."):
+        value = value.get(key) if isinstance(value, dict) else None
+    return value
+
+
+def _set(raw: dict, path: str, value: Any) -> None:
+    *parents, leaf = path.split(".")
+    for key in parents:
+        if not isinstance(raw.get(key), dict):
+            raw[key] = {}
+        raw = raw[key]
+    raw[leaf] = value
+
+
+def _label(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, list | tuple):
+        return "+".join(map(_label, value))
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+# Short names where a field's leaf is long or its value says what it is.
+_SHORT = {"learning_rate": "lr", "target_modules": "", "method": "", "mode": "", "num_virtual_tokens": "vt"}
+
+
+def trial_name(i: int, values: dict[str, Any], swept: list[str]) -> str:
+    """t<i>-<leaf><value>-...: readable in `status`, safe as a folder and an adapter name."""
+    parts = [f"{_SHORT.get(leaf := path.rsplit('.', 1)[-1], leaf)}{_label(values[path])}"
+             for path in swept if path in values]
+    name = re.sub(r"[^A-Za-z0-9._+-]+", "", "-".join([f"t{i:02d}", *parts]))
+    return name[:60]
+
+
+def expand(spec: JobSpec, context: dict | None = None) -> list[Trial]:
+    """The sweep's trials as whole specs. Raises InvalidTrial for the first trial that does not validate, and
+    ValueError for more trials than sweep.max_trials or a tie to a field that is not a number."""
+    sweep = spec.sweep
+    if sweep is None:
+        return []
+    values = points(sweep)
+    if len(values) > sweep.max_trials:
+        raise ValueError(f"{len(values)} trials (grid {len(values) - len(sweep.trials)}, explicit "
+                         f"{len(sweep.trials)}) exceed sweep.max_trials {sweep.max_trials}: raise the budget or "
+                         "sweep less")
+    base = spec.model_dump(mode="json", exclude={"sweep"})
+    swept = list(dict.fromkeys([*sweep.grid, *sweep.random, *(p for t in sweep.trials for p in t)]))
+    context = dict(context or {})
+    trials = []
+    for i, point in enumerate(values):
+        raw = copy.deepcopy(base)
+        for path, value in point.items():
+            _set(raw, path, value)
+        tied = {}
+        for path, expr in sweep.tie.items():
+            match = TIE.match(expr)
+            source = _get(raw, match["path"])
+            if not isinstance(source, int | float):
+                raise ValueError(f"tie: {path} ties to {match['path']}, which is {source!r} in trial {i}, "
+                                 "not a number")
+            value = source * float(match["factor"] or 1)
+            tied[path] = int(value) if isinstance(source, int) and value.is_integer() else value
+            _set(raw, path, tied[path])
+        name = trial_name(i, point, swept)
+        reads = any(path.startswith(_READS_FILES) for path in point)
+        try:
+            trial_spec = JobSpec.model_validate(
+                raw, context={**context, "check_files": context.get("check_files", True) and reads})
+        except ValidationError as err:
+            raise InvalidTrial(name, {**point, **tied}, err) from None
+        trials.append(Trial(name=name, values={**point, **tied}, spec=trial_spec))
+    return trials
+
+
+# What a CorDA init depends on beyond its calibration: the decomposition's own fields.
+_DECOMPOSITION_ONLY = {"mode", "damping", "fidelity_tolerance"}
+
+
+def decomposition_key(spec: JobSpec) -> dict | None:
+    """Everything CorDA's init of this spec depends on (None: not CorDA). Trials with equal keys share one
+    decomposition; the key without the decomposition's own fields is the calibration's."""
+    if spec.init.method != "corda":
+        return None
+    return {"model": spec.model.model_dump(mode="json"),
+            "data": spec.data.model_dump(mode="json", exclude={"train", "eval", "streaming"}),
+            "adapter": spec.adapter.model_dump(mode="json", exclude={"dropout"}),
+            "corda": spec.init.corda_spec.model_dump(mode="json")}
+
+
+def calibration_key(spec: JobSpec) -> dict | None:
+    key = decomposition_key(spec)
+    if key is None:
+        return None
+    corda = {k: v for k, v in key["corda"].items() if k not in _DECOMPOSITION_ONLY}
+    return {"model": key["model"], "data": key["data"], "target_modules": key["adapter"]["target_modules"],
+            "corda": corda}
+
+
+def _flat(raw: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(raw, dict):
+        return {prefix: raw}
+    return {k: v for key, value in raw.items() for k, v in _flat(value, f"{prefix}.{key}" if prefix else key).items()}
+
+
+def shared_calibration_problem(trials: list[Trial]) -> str | None:
+    """A sweep collects CorDA's covariance once: why its CorDA trials cannot share one calibration, if so."""
+    keyed = [(t, key) for t in trials if (key := calibration_key(t.spec)) is not None]
+    for trial, key in keyed[1:]:
+        first, first_key = keyed[0]
+        if key != first_key:
+            a, b = _flat(first_key), _flat(key)
+            field = next(k for k in a | b if a.get(k) != b.get(k))
+            return (f"trials {first.name} and {trial.name} calibrate CorDA differently ({field} differs): a sweep "
+                    "collects the covariance once for all its trials; sweep what changes the calibration in separate "
+                    "jobs (they can share one covariance through init.corda.save_covariance and covariance_from)")
+    return None

@@ -1,0 +1,216 @@
+"""The train stage of a sweep (spec.sweep): every trial on Ray Tune, each a Ray Train run of the usual train loop
+(workers/tune_trial.py), at most sweep.max_concurrent_trials at once, optionally stopped early by ASHA.
+
+Each trial's checkpoints are under jobs/<id>/trials/<trial>/train/ and, once it has ended, its outcome under
+jobs/<id>/trials/<trial>/trial.json and its best adapter under artifacts/trials/<trial>/adapter/. A resubmitted
+job keeps the trials that have an outcome (finished, or stopped early) and runs the others, which resume from
+their checkpoints. The best trial by sweep.metric becomes the job's TrainResult, and the export works on it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import tempfile
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from jobspecs import JobSpec
+from jobspecs.trials import Trial, decomposition_key, expand
+from orchestrator.stages.context import Context
+from orchestrator.stages.corda import run_calibrate, run_decompose
+from orchestrator.stages.train import read_run, trainer_args
+from orchestrator.stages.waits import reason_of, run_in_thread
+from orchestrator.storage.artifacts import job_key
+from workers.store import NotInStore, StoredFile, StoredFolder, train_storage
+
+log = logging.getLogger("peftfleet.sweep")
+
+TRIAL_DRIVER_BYTES = 256 * 2**20  # what a trial's actor (Tune's side of one Ray Train run) reserves: no CPU
+
+
+@dataclass
+class Outcome:
+    """How a trial ended, as trials/<trial>/trial.json keeps it."""
+
+    name: str
+    values: dict
+    status: str  # finished | stopped (by the scheduler) | failed
+    reason: str = ""  # why it stopped or failed
+    best: float | None = None  # sweep.metric at its best checkpoint
+    result: dict = field(default_factory=dict)  # its TrainResult but the adapter's bytes
+    adapter: dict | None = None  # the StoredFolder of its best adapter, as a dict
+
+    @property
+    def usable(self) -> bool:
+        return self.status != "failed" and self.best is not None and math.isfinite(self.best)
+
+    def adapter_folder(self) -> StoredFolder | None:
+        if self.adapter is None:
+            return None
+        return StoredFolder(self.adapter["prefix"], tuple(StoredFile(**f) for f in self.adapter["files"]))
+
+
+def outcome_key(job_id: str, trial: str) -> str:
+    return job_key(job_id, f"trials/{trial}/trial.json")
+
+
+def load_outcome(ctx: Context, trial: str) -> Outcome | None:
+    try:
+        return Outcome(**json.loads(ctx.store.get_bytes(outcome_key(ctx.job_id, trial))))
+    except NotInStore:
+        return None
+
+
+@dataclass(frozen=True)
+class Decomposition:
+    """One CorDA init a sweep computes: for every trial whose init depends on the same fields."""
+
+    name: str  # d0-r4-ipm: its folder under artifacts/corda/
+    spec: JobSpec  # its first trial's
+    trials: tuple[str, ...]
+
+
+def decompositions(spec: JobSpec) -> list[Decomposition]:
+    found: dict[str, list[Trial]] = {}
+    for trial in expand(spec):
+        if (key := decomposition_key(trial.spec)) is not None:
+            found.setdefault(json.dumps(key, sort_keys=True), []).append(trial)
+    return [Decomposition(f"d{i}-r{group[0].spec.adapter.r}-{group[0].spec.init.corda_spec.mode}", group[0].spec,
+                          tuple(t.name for t in group)) for i, group in enumerate(found.values())]
+
+
+def _corda_context(ctx: Context, d: Decomposition, keep_sums: bool) -> Context:
+    """A context for one decomposition: its trial's spec, publishing under artifacts/corda/<name>/, sharing the
+    job's store, staging, warnings, published artifacts and memory records."""
+    return replace(ctx, spec=d.spec, publish_under=f"corda/{d.name}/", keep_sums=keep_sums, corda_init=None,
+                   _inputs=None, _plan=None)
+
+
+def run_sweep_calibrate(ctx: Context) -> None:
+    """The calibration every CorDA trial shares (validation made sure they can), once."""
+    found = decompositions(ctx.spec)
+    sub = _corda_context(ctx, found[0], keep_sums=len(found) > 1)
+    run_calibrate(sub)
+    ctx.calibration = sub.calibration
+
+
+def run_sweep_decompose(ctx: Context) -> None:
+    """Each distinct decomposition once, from the one calibration's sums (kept until the last)."""
+    found = decompositions(ctx.spec)
+    for i, d in enumerate(found):
+        log.info("decompose %d/%d: %s for trial(s) %s", i + 1, len(found), d.name, ", ".join(d.trials))
+        sub = _corda_context(ctx, d, keep_sums=i < len(found) - 1)
+        sub.calibration = ctx.calibration
+        run_decompose(sub)
+        ctx.trial_inits.update(dict.fromkeys(d.trials, sub.corda_init))
+
+
+def run_trials(ctx: Context) -> None:
+    from workers.train_loop import TrainResult
+
+    sweep = ctx.spec.sweep
+    trials = expand(ctx.spec)
+    outcomes = {t.name: o for t in trials if (o := load_outcome(ctx, t.name)) and o.status != "failed"}
+    todo = [t for t in trials if t.name not in outcomes]
+    log.info("sweep: %d trials (%s), %d ended in an earlier run, %d to run, %d at a time%s", len(trials),
+             ", ".join(sorted({p for t in trials for p in t.values})), len(outcomes), len(todo),
+             sweep.max_concurrent_trials, ", ASHA" if sweep.scheduler == "asha" else "")
+    if todo:
+        ended = _tune(ctx, todo)
+        for trial in todo:
+            outcomes[trial.name] = _record(ctx, trial, ended.get(trial.name))
+    ranked = sorted((o for o in outcomes.values() if o.usable), key=lambda o: o.best)
+    for o in outcomes.values():
+        if o.status == "failed":
+            ctx.warnings.append(f"sweep: trial {o.name} failed: {o.reason}")
+    if not ranked:
+        raise RuntimeError("sweep: no trial has a usable checkpoint: " +
+                           "; ".join(f"{o.name}: {o.status} {o.reason}" for o in outcomes.values()))
+    ctx.published += [folder for o in outcomes.values() if (folder := o.adapter_folder())]
+    best = ranked[0]
+    by_name = {t.name: t for t in trials}
+    report = ctx.artifact_dir("report") / "sweep.json"
+    report.write_text(json.dumps({"metric": sweep.metric, "best": best.name,
+                                  "trials": [asdict(outcomes[t.name]) for t in trials]}, indent=2))
+    log.info("sweep: best trial %s (%s) with %s %.4f; %d finished, %d stopped early, %d failed", best.name,
+             ", ".join(f"{k}={v}" for k, v in best.values.items()), sweep.metric, best.best,
+             *(sum(o.status == s for o in outcomes.values()) for s in ("finished", "stopped", "failed")))
+    files = {f.key.rsplit("/", 1)[-1]: ctx.store.get_bytes(f.key) for f in best.adapter_folder().files}
+    ctx.narrow(by_name[best.name].spec)  # the export works on what the best trial trained
+    ctx.corda_init = ctx.trial_inits.get(best.name)
+    ctx.train = TrainResult(adapter_files=files, **best.result)
+
+
+def _tune(ctx: Context, todo: list[Trial]) -> dict:
+    """Run the trials on Ray Tune; returns each trial's Tune Result by name."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    from workers.tune_trial import run_trial
+
+    sweep = ctx.spec.sweep
+    trainers = {t.name: trainer_args(ctx, t.spec, ctx.trial_inits.get(t.name), f"{ctx.job_id}/trials/{t.name}",
+                                     f"trial {t.name}") for t in todo}
+    storage_path, filesystem = train_storage(ctx.spec.storage, ctx.job_id)
+    scheduler = (ASHAScheduler(time_attr="step", grace_period=sweep.asha.grace_period,
+                               reduction_factor=sweep.asha.reduction_factor, max_t=10**9)
+                 if sweep.scheduler == "asha" else None)
+    tuner = tune.Tuner(
+        tune.with_resources(tune.with_parameters(run_trial, trainers=trainers),
+                            {"cpu": 0, "memory": TRIAL_DRIVER_BYTES}),
+        param_space={"trial": tune.grid_search([t.name for t in todo])},
+        # A reused trial actor keeps Ray Train's state from its previous trial: the next run's workers never start.
+        tune_config=tune.TuneConfig(metric=sweep.metric, mode="min", scheduler=scheduler, reuse_actors=False,
+                                    max_concurrent_trials=sweep.max_concurrent_trials),
+        run_config=tune.RunConfig(name="tune", storage_path=storage_path, storage_filesystem=filesystem, verbose=0,
+                                  callbacks=[_progress(sweep.metric)]),
+    )
+    grid = run_in_thread(tuner.fit)
+    return {result.config["trial"]: result for result in grid}
+
+
+def _record(ctx: Context, trial: Trial, tune_result) -> Outcome:
+    """A trial's outcome from its Ray Train run in the store: its best adapter published, trial.json written."""
+    from ray.train import Result
+
+    key = ctx.spec.sweep.metric
+    error = tune_result.error if tune_result is not None else RuntimeError("Tune returned no result for it")
+    storage_path, filesystem = train_storage(ctx.spec.storage, f"{ctx.job_id}/trials/{trial.name}")
+    outcome = Outcome(trial.name, trial.values, "failed", reason=reason_of(error) if error else "")
+    if error is None:
+        try:
+            result = read_run(Result.from_path(f"{storage_path}/train", storage_filesystem=filesystem), key)
+        except (RuntimeError, ValueError, OSError) as err:
+            outcome.reason = f"no checkpoint to read: {err}"
+        else:
+            stopped = result.total_steps < result.planned_steps
+            at = result.metrics[-1] if result.metrics else {}
+            outcome.status = "stopped" if stopped else "finished"
+            outcome.reason = (f"stopped by ASHA at step {result.total_steps}/{result.planned_steps}: {key} "
+                              f"{at.get(key, float('nan')):.4f} was behind the rung's cut" if stopped else "")
+            outcome.best = result.best_eval_loss
+            outcome.result = {k: v for k, v in asdict(result).items() if k != "adapter_files"}
+            with tempfile.TemporaryDirectory(prefix="peftfleet-trial-") as tmp:
+                for name, data in result.adapter_files.items():
+                    (Path(tmp) / name).write_bytes(data)
+                folder = ctx.store.publish_folder(job_key(ctx.job_id, f"artifacts/trials/{trial.name}/adapter"),
+                                                  Path(tmp))
+            outcome.adapter = asdict(folder)
+    ctx.store.put_bytes(outcome_key(ctx.job_id, trial.name), json.dumps(asdict(outcome), indent=2).encode())
+    log.info("sweep: trial %s %s%s", trial.name, outcome.status,
+             f" ({outcome.reason})" if outcome.reason else f", best {key} {outcome.best:.4f}")
+    return outcome
+
+
+def _progress(metric: str):
+    """Tune's callback on the driver: our progress line per trial report (Tune's own tables are off)."""
+    from ray.tune import Callback
+
+    class Progress(Callback):
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            log.info("sweep: trial %s step %s %s %.4f", trial.config["trial"], result.get("step"), metric,
+                     result.get(metric, float("nan")))
+
+    return Progress()

@@ -1,0 +1,79 @@
+"""The sweep section: expansion into named trials, ties, random draws, the budget, and errors that name the trial
+and the field before anything starts."""
+
+from __future__ import annotations
+
+import pytest
+
+from jobspecs import SpecError, dump_spec, parse_spec, spec_from_frozen
+from jobspecs.trials import expand
+from tests.helpers import tiny_spec
+
+
+def sweep_spec(assets, tmp_path, sweep: dict, **sections):
+    return tiny_spec(assets, f"file://{tmp_path / 'store'}", sweep=sweep, **sections)
+
+
+def error_of(raw) -> str:
+    with pytest.raises(SpecError) as err:
+        parse_spec(raw)
+    return str(err.value)
+
+
+def test_a_grid_expands_to_every_combination_each_a_whole_spec(assets, tmp_path):
+    spec = parse_spec(sweep_spec(assets, tmp_path, {"grid": {"adapter.r": [4, 8],
+                                                             "train.learning_rate": [0.003, 0.01]},
+                                                    "tie": {"adapter.alpha": "2 * adapter.r"}}))
+    trials = expand(spec)
+    assert [t.name for t in trials] == ["t00-r4-lr0.003", "t01-r4-lr0.01", "t02-r8-lr0.003", "t03-r8-lr0.01"]
+    assert [(t.spec.adapter.r, t.spec.adapter.alpha, t.spec.train.learning_rate) for t in trials] == [
+        (4, 8, 0.003), (4, 8, 0.01), (8, 16, 0.003), (8, 16, 0.01)]
+    assert all(t.spec.sweep is None and t.spec.data == spec.data for t in trials)
+    assert trials[2].values == {"adapter.r": 8, "train.learning_rate": 0.003, "adapter.alpha": 16}
+    # the frozen form keeps the sweep, and expands to the same trials where the driver reads it
+    assert [t.spec for t in expand(spec_from_frozen(dump_spec(spec)))] == [t.spec for t in trials]
+
+
+def test_lists_of_lists_random_draws_and_explicit_trials(assets, tmp_path):
+    sweep = {"grid": {"adapter.target_modules": [["q_proj", "v_proj"], ["q_proj", "k_proj", "v_proj"]]},
+             "random": {"train.learning_rate": {"loguniform": [1e-4, 1e-1]}, "train.seed": {"randint": [0, 99]}},
+             "num_samples": 3, "seed": 7, "trials": [{"adapter.r": 16, "train.seed": 5}]}
+    spec = parse_spec(sweep_spec(assets, tmp_path, sweep))
+    trials = expand(spec)
+    assert len(trials) == 2 * 3 + 1
+    assert trials[0].spec.adapter.target_modules == ["q_proj", "v_proj"]
+    assert trials[1].name.startswith("t01-q_proj+k_proj+v_proj-lr")
+    rates = [t.spec.train.learning_rate for t in trials[:6]]
+    assert all(1e-4 <= r <= 1e-1 for r in rates) and len(set(rates)) == 6
+    assert [t.spec.train.learning_rate for t in expand(spec)] == [t.spec.train.learning_rate for t in trials]
+    assert (trials[-1].spec.adapter.r, trials[-1].spec.train.seed) == (16, 5)
+    other = parse_spec(sweep_spec(assets, tmp_path, {**sweep, "seed": 8}))
+    assert [t.spec.train.learning_rate for t in expand(other)][:6] != rates
+
+
+def test_a_bad_trial_value_names_the_trial_and_the_field(assets, tmp_path):
+    text = error_of(sweep_spec(assets, tmp_path, {"grid": {"adapter.r": [4, 0]}}))
+    assert "sweep: trial t01-r0 (adapter.r=0): adapter.r: Input should be greater than 0" in text
+    text = error_of(sweep_spec(assets, tmp_path, {"grid": {"adapter.rank": [4, 8]}}))
+    assert "sweep: trial t00-rank4 (adapter.rank=4): adapter.rank: unknown key" in text
+    text = error_of(sweep_spec(assets, tmp_path, {"trials": [{"init.method": "corda"}]}))
+    assert "sweep: trial t00-corda (init.method=corda): data.calibration:" in text
+    text = error_of(sweep_spec(assets, tmp_path, {"grid": {"data.train": [str(tmp_path / "nowhere.jsonl")]}}))
+    assert "sweep: trial t00-train" in text and "data.train" in text and "no such file" in text
+
+
+def test_what_cannot_be_swept_and_the_budget(assets, tmp_path):
+    assert "storage is shared by every trial" in error_of(
+        sweep_spec(assets, tmp_path, {"grid": {"storage.uri": ["file:///a", "file:///b"]}}))
+    assert "nothing to sweep" in error_of(sweep_spec(assets, tmp_path, {}))
+    assert "exceed sweep.max_trials 3" in error_of(
+        sweep_spec(assets, tmp_path, {"grid": {"adapter.r": [2, 4]}, "num_samples": 2, "max_trials": 3}))
+    assert "is not 'k * other.path'" in error_of(
+        sweep_spec(assets, tmp_path, {"grid": {"adapter.r": [2]}, "tie": {"adapter.alpha": "r ** 2"}}))
+    assert "swept twice" in error_of(
+        sweep_spec(assets, tmp_path, {"grid": {"adapter.r": [2]}, "random": {"adapter.r": {"randint": [1, 4]}}}))
+    assert "loguniform: needs lo < hi and lo > 0" in error_of(
+        sweep_spec(assets, tmp_path, {"random": {"train.learning_rate": {"loguniform": [0, 1]}}}))
+    raw = sweep_spec(assets, tmp_path, {"grid": {"adapter.r": [2, 4]}})
+    raw["data"] = {**raw["data"], "eval": None}
+    assert "sweep.metric: eval_loss needs data.eval" in error_of(raw)
