@@ -74,6 +74,10 @@ def parse_spec(data: Any, source: str = "<spec>", base_dir: Path | None = None, 
         raise SpecError(source, [("sweep", str(err))]) from None
     if problem := shared_calibration_problem(trials):
         raise SpecError(source, [("sweep", problem)])
+    named = spec.sweep.bundle_trials if spec.sweep and isinstance(spec.sweep.bundle_trials, list) else []
+    if unknown := sorted(set(named) - {t.name for t in trials}):
+        raise SpecError(source, [("sweep.bundle_trials", f"no trial is named {unknown[0]!r}; the trials are "
+                                                         f"{', '.join(t.name for t in trials)}")])
     return spec
 
 

@@ -411,7 +411,7 @@ class TrainSpec(Section):
     log_every: int = Field(1, gt=0, description="Optimizer steps between two progress lines.")
 
 
-ExportFormat = Literal["adapter", "adapter_on_original_base", "merged", "scaled_adapter"]
+ExportFormat = Literal["adapter", "adapter_on_original_base", "merged", "scaled_adapter", "adapter_bundle"]
 Alpha = Annotated[float, Field(ge=0, le=2)]
 
 
@@ -420,7 +420,8 @@ class ExportSpec(Section):
         default_factory=lambda: ["adapter"],
         description="Artifact kinds: adapter (as trained); adapter_on_original_base (CorDA: a LoRA on the original "
         "model); merged (a full model W + α·ΔW per merge_alphas); scaled_adapter (a stock adapter with effect α·ΔW "
-        "per merge_alphas). The report is always written.")
+        "per merge_alphas); adapter_bundle (a sweep: several trials' adapters as named adapters on one base, "
+        "sweep.bundle_trials). The report is always written.")
     wise_ft_alphas: list[Alpha] = Field(
         default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0],
         description="α values whose W_base + α·ΔW is evaluated on data.eval (the Wise-FT table and plot in the "
@@ -637,7 +638,18 @@ class JobSpec(Section):
         if self.train.offload_optimizer and self.train.zero_stage == 0:
             raise ValueError("train.offload_optimizer: optimizer offload needs train.zero_stage >= 1")
         export = self.export
-        if "adapter_on_original_base" in export.formats and self.init.method != "corda":
+        if "adapter_bundle" in export.formats:
+            if self.sweep is None:
+                raise ValueError("export.formats: adapter_bundle collects a sweep's trials; this spec has no sweep")
+            if self.adapter.method == "bitfit":
+                raise ValueError("export.formats: adapter_bundle holds peft adapters; BitFit's trained biases are "
+                                 "not one (export each trial's instead: they are under trials/<trial>/adapter)")
+            for path, why in (("adapter.method", "one PeftModel holds adapters of one kind"),
+                              ("model.path", "the bundle's adapters share one base")):
+                if any(path in values for values in (self.sweep.grid, self.sweep.random, *self.sweep.trials)):
+                    raise ValueError(f"export.formats: adapter_bundle needs one {path} for all trials ({why}); "
+                                     f"this sweep varies it")
+        if "adapter_on_original_base" in export.formats and not self.uses_corda:
             raise ValueError("export.formats: adapter_on_original_base converts an adapter trained on a residual "
                              "base (init.method: corda); this adapter already applies to the original base")
         if self.adapter.method in VIRTUAL_TOKEN_METHODS and {"merged", "scaled_adapter"} & set(export.formats):

@@ -84,6 +84,8 @@ class SweepSpec(Section):
     scheduler: Literal["none", "asha"] = Field("none", description="asha: stop trials whose metric is behind at "
                                                "each rung (Ray Tune's ASHA); they keep their best checkpoint.")
     asha: AshaSpec = Field(default_factory=AshaSpec)
+    bundle_trials: int | list[str] = Field(4, description="What export format adapter_bundle holds: the best N "
+                                           "trials by the metric, or these trials by name.")
 
     def may_set(self, path: str, value: Any) -> bool:
         """Whether some trial sets `path` to `value`."""

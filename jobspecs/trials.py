@@ -102,6 +102,8 @@ def expand(spec: JobSpec, context: dict | None = None) -> list[Trial]:
                          f"{len(sweep.trials)}) exceed sweep.max_trials {sweep.max_trials}: raise the budget or "
                          "sweep less")
     base = spec.model_dump(mode="json", exclude={"sweep"})
+    # a trial's adapter, not the job's exports: the bundle is made of trials
+    base["export"]["formats"] = [f for f in base["export"]["formats"] if f != "adapter_bundle"]
     swept = list(dict.fromkeys([*sweep.grid, *sweep.random, *(p for t in sweep.trials for p in t)]))
     context = dict(context or {})
     trials = []

@@ -77,3 +77,46 @@ def test_what_cannot_be_swept_and_the_budget(assets, tmp_path):
     raw = sweep_spec(assets, tmp_path, {"grid": {"adapter.r": [2, 4]}})
     raw["data"] = {**raw["data"], "eval": None}
     assert "sweep.metric: eval_loss needs data.eval" in error_of(raw)
+
+
+def corda_sweep(assets, tmp_path, sweep: dict) -> dict:
+    return sweep_spec(assets, tmp_path, sweep, init={"method": "corda", "corda": {"samples": 8}},
+                      data={"format": "instruction", "train": str(assets / "train.jsonl"),
+                            "eval": str(assets / "eval.jsonl"), "calibration": str(assets / "calibration.jsonl")})
+
+
+def test_corda_trials_share_one_calibration_and_each_decomposition_is_computed_once(assets, tmp_path):
+    from orchestrator.stages.sweep import decompositions
+
+    spec = parse_spec(corda_sweep(assets, tmp_path, {"grid": {"adapter.r": [4, 8], "init.corda.mode": ["ipm", "kpm"],
+                                                              "train.learning_rate": [0.003, 0.01]}}))
+    assert spec.effective_stages == ["calibrate", "decompose", "train", "export"]
+    found = decompositions(spec)
+    assert [(d.name, d.trials) for d in found] == [
+        ("d0-r4-ipm", ("t00-r4-ipm-lr0.003", "t01-r4-ipm-lr0.01")),
+        ("d1-r4-kpm", ("t02-r4-kpm-lr0.003", "t03-r4-kpm-lr0.01")),
+        ("d2-r8-ipm", ("t04-r8-ipm-lr0.003", "t05-r8-ipm-lr0.01")),
+        ("d3-r8-kpm", ("t06-r8-kpm-lr0.003", "t07-r8-kpm-lr0.01"))]
+    # a sweep over the init method calibrates for its CorDA trials only
+    mixed = parse_spec(sweep_spec(assets, tmp_path, {"grid": {"init.method": ["default", "corda"]}},
+                                  data={"format": "instruction", "train": str(assets / "train.jsonl"),
+                                        "eval": str(assets / "eval.jsonl"),
+                                        "calibration": str(assets / "calibration.jsonl")}))
+    assert mixed.effective_stages[:2] == ["calibrate", "decompose"]
+    assert [d.trials for d in decompositions(mixed)] == [("t01-corda",)]
+    text = error_of(corda_sweep(assets, tmp_path, {"grid": {"init.corda.samples": [8, 16]}}))
+    assert "trials t00-samples8 and t01-samples16 calibrate CorDA differently (corda.samples differs)" in text
+
+
+def test_the_bundle_needs_a_sweep_one_method_one_base_and_trials_that_exist(assets, tmp_path):
+    bundle = {"formats": ["adapter", "adapter_bundle"]}
+    raw = tiny_spec(assets, f"file://{tmp_path / 'store'}", export=bundle)
+    assert "adapter_bundle collects a sweep's trials; this spec has no sweep" in error_of(raw)
+    assert "adapter_bundle needs one adapter.method for all trials" in error_of(
+        sweep_spec(assets, tmp_path, {"grid": {"adapter.method": ["lora", "dora"]}}, export=bundle))
+    assert "sweep.bundle_trials: no trial is named 't09'" in error_of(
+        sweep_spec(assets, tmp_path, {"grid": {"adapter.r": [2, 4]}, "bundle_trials": ["t00-r2", "t09"]},
+                   export=bundle))
+    spec = parse_spec(sweep_spec(assets, tmp_path, {"grid": {"adapter.r": [2, 4]}, "bundle_trials": ["t01-r4"]},
+                                 export=bundle))
+    assert spec.sweep.bundle_trials == ["t01-r4"]

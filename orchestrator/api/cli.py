@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from jobspecs import SpecError, load_spec
+from jobspecs.trials import expand
 from orchestrator.control.jobs import JobError, JobRecord, JobState, LocalIndex, UnknownJob
 from orchestrator.control.launchers import current_record, launcher_for
 from orchestrator.control.ray_jobs import RayJobsError
@@ -72,6 +73,10 @@ def cmd_validate(args) -> int:
               f"adapter {spec.adapter.method} (init {spec.init.method}), {spec.train.num_workers} train worker(s) "
               f"ZeRO-{spec.train.zero_stage}, storage {spec.storage.uri}, "
               f"cluster {spec.cluster.address or 'embedded local Ray'}")
+    if spec.sweep:
+        trials = expand(spec, {"check_files": False})  # checked by load_spec already
+        out.print(f"sweep: {len(trials)} trials, {spec.sweep.max_concurrent_trials} at a time, best by "
+                  f"{spec.sweep.metric}: " + ", ".join(t.name for t in trials))
     return 0
 
 

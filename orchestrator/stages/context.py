@@ -1,10 +1,12 @@
 """What a stage gets: the job, its frozen spec, the store, a staging folder — and, typed, what earlier stages left.
 
     calibrate → Calibration → decompose → CordaInit → train → TrainResult → export → ExportOutputs → report
+    (a sweep's train stage also leaves every trial's TrialOutcome, ranked, for the adapter bundle)
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from jobspecs import JobSpec
 from jobspecs.memory import PLAN_TOLERANCE, reservations
 from orchestrator.storage.artifacts import job_key
-from workers.store import Store, StoredFolder
+from workers.store import Store, StoredFile, StoredFolder
 
 if TYPE_CHECKING:  # the worker modules import torch; the driver imports this module before it needs torch
     from workers.covariance import InputGroup
@@ -63,6 +65,29 @@ class ExportOutputs:
 
 
 @dataclass
+class TrialOutcome:
+    """sweep → export: how a trial ended, as jobs/<id>/trials/<trial>/trial.json keeps it."""
+
+    name: str
+    values: dict
+    status: str  # finished | stopped (by the scheduler) | failed
+    reason: str = ""  # why it stopped or failed
+    best: float | None = None  # sweep.metric at its best checkpoint
+    result: dict = field(default_factory=dict)  # its TrainResult but the adapter's bytes
+    adapter: dict | None = None  # the StoredFolder of its best adapter, as a dict
+    params: int = 0  # the adapter's trainable parameters
+
+    @property
+    def usable(self) -> bool:
+        return self.status != "failed" and self.best is not None and math.isfinite(self.best)
+
+    def adapter_folder(self) -> StoredFolder | None:
+        if self.adapter is None:
+            return None
+        return StoredFolder(self.adapter["prefix"], tuple(StoredFile(**f) for f in self.adapter["files"]))
+
+
+@dataclass
 class Context:
     job_id: str
     spec: JobSpec
@@ -75,6 +100,8 @@ class Context:
     train: TrainResult | None = None
     export: ExportOutputs | None = None
     trial_inits: dict[str, CordaInit] = field(default_factory=dict)  # a sweep's CorDA trials: trial → its init
+    trials: list[TrialOutcome] = field(default_factory=list)  # a sweep's trials, in order (the best first: ranked)
+    job_spec: JobSpec | None = None  # the submitted spec, once `spec` was narrowed to a sweep's best trial
     publish_under: str = ""  # a folder inside artifacts/ this context's stages publish into (a sweep's "corda/d0/")
     keep_sums: bool = False  # a sweep's calibration: its sums outlive a decomposition (the next one needs them)
     peaks: dict[str, dict[str, float]] = field(default_factory=dict)  # stage → process kind → peak RSS (MiB)
@@ -95,7 +122,9 @@ class Context:
         return self._inputs
 
     def narrow(self, spec: JobSpec) -> None:
-        """From here on the job is `spec`: a sweep's best trial, whose adapter the export works on."""
+        """From here on the job is `spec`: a sweep's best trial, whose adapter the export works on (the job's own
+        spec, with its sweep, stays as job_spec)."""
+        self.job_spec = self.job_spec or self.spec
         self.spec, self._inputs, self._plan = spec, None, None
 
     def reserve(self, stage: str, process: str, requested: float | None = None) -> dict:

@@ -9,6 +9,7 @@ from orchestrator.stages.context import Context, ExportOutputs
 from orchestrator.stages.report import write_report
 from orchestrator.stages.waits import model_task
 from orchestrator.storage.artifacts import job_key
+from workers.store import StoredFolder
 
 log = logging.getLogger("peftfleet.export")
 
@@ -22,7 +23,26 @@ def run_export(ctx: Context) -> None:
     outputs, folders = model_task(ctx, "export", "export task", export_formats, ctx.spec, result.adapter_files,
                                   corda, init.fidelity_samples if init else [], job_key(ctx.job_id, "artifacts"),
                                   retries=1)
+    if ctx.job_spec and "adapter_bundle" in ctx.job_spec.export.formats:  # a sweep's (its trials have no bundle)
+        folders.append(_bundle(ctx))
     ctx.published += folders
     ctx.export = ExportOutputs(conversion=outputs["conversion"], wise_ft=outputs["wise_ft"])
     log.info("export: %s written", ", ".join(f.prefix.rsplit("/", 1)[-1] for f in folders) or "nothing")
     write_report(ctx)
+
+
+def _bundle(ctx: Context) -> StoredFolder:
+    """The sweep's chosen trials in one folder of named adapters (workers/bundle.py), as a Ray task."""
+    from workers.bundle import write_bundle
+
+    sweep = ctx.needs("job_spec").sweep
+    chosen = sweep.bundle_trials
+    usable = [o for o in ctx.trials if o.usable]
+    members = usable[:chosen] if isinstance(chosen, int) else [o for o in usable if o.name in chosen]
+    for name in sorted(set(chosen) - {o.name for o in members}) if isinstance(chosen, list) else ():
+        ctx.warnings.append(f"export: adapter_bundle leaves out trial {name}: it has no usable checkpoint")
+    init = ctx.trial_inits
+    return model_task(ctx, "export", "bundle task", write_bundle, ctx.spec, [
+        {"name": o.name, "values": o.values, "best": o.best, "status": o.status, "adapter": o.adapter_folder(),
+         "corda_init": init[o.name].adapter if o.name in init else None} for o in members],
+        sweep.metric, job_key(ctx.job_id, "artifacts/adapter_bundle"), retries=1)

@@ -9,6 +9,7 @@
     adalora_ranks.png    AdaLoRA: effective rank per layer × step (a flat picture means ranks never moved)
     wise_ft.png          eval loss over α (W_base + α·ΔW)
     corda_spectrum.png   CorDA: covariance spectra and effective rank per layer (written by the decompose stage)
+    sweep.html, sweep*   a sweep: every trial compared (orchestrator/stages/comparison.py); index.html is its best
 """
 
 from __future__ import annotations
@@ -76,7 +77,8 @@ def plot_wise_ft(rows: list[dict], out: Path) -> None:
         ax.set(xlabel="α  (W_base + α·ΔW)", ylabel="eval loss", title="Wise-FT interpolation")
 
 
-def _table(rows: list[dict]) -> str:
+def table(rows: list[dict]) -> str:
+    """An HTML table with one column per key of the first row."""
     if not rows:
         return ""
     head = "".join(f"<th>{html.escape(str(k))}</th>" for k in rows[0])
@@ -128,14 +130,21 @@ def write_report(ctx: Context) -> None:
                 + (f", {'eval' if spec.data.eval else 'training'} loss {result.best_eval_loss:.4f}"
                    if result.best_eval_loss is not None else "")
                 + "</p>",
-                _table([{k: v for k, v in summary.items() if k not in ("engine", "job")}]),
-                _table([result.engine]) if result.engine else ""]
+                table([{k: v for k, v in summary.items() if k not in ("engine", "job")}]),
+                table([result.engine]) if result.engine else ""]
     if exported.conversion:
-        sections.append("<h2>adapter on the original base</h2>" + _table([exported.conversion]))
+        sections.append("<h2>adapter on the original base</h2>" + table([exported.conversion]))
     if exported.wise_ft:
-        sections.append("<h2>Wise-FT sweep</h2>" + _table(exported.wise_ft))
-    sections += [f'<h2>{html.escape(p.removesuffix(".png").replace("_", " "))}</h2><img src="{p}">' for p in plots]
-    style = "body{font-family:sans-serif;max-width:980px;margin:auto}td,th{padding:2px 8px;text-align:right}"
-    (folder / "index.html").write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>{ctx.job_id}"
-                                       f"</title><style>{style}</style></head><body>{''.join(sections)}"
-                                       "</body></html>")
+        sections.append("<h2>Wise-FT sweep</h2>" + table(exported.wise_ft))
+    if (folder / "sweep.html").exists():
+        sections.insert(1, '<p>This is the best trial of a sweep: <a href="sweep.html">every trial compared</a></p>')
+    (folder / "index.html").write_text(page(ctx.job_id, sections, plots))
+
+
+def page(title: str, sections: list[str], plots: list[str]) -> str:
+    """One self-contained HTML page: the sections, then each plot under its name."""
+    sections = sections + [f'<h2>{html.escape(p.removesuffix(".png").replace("_", " "))}</h2><img src="{p}">'
+                           for p in plots]
+    style = "body{font-family:sans-serif;max-width:1100px;margin:auto}td,th{padding:2px 8px;text-align:right}"
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{style}</style></head><body>{''.join(sections)}</body></html>")

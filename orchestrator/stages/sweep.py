@@ -11,54 +11,32 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import tempfile
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from jobspecs import JobSpec
 from jobspecs.trials import Trial, decomposition_key, expand
-from orchestrator.stages.context import Context
+from orchestrator.stages.comparison import write_comparison
+from orchestrator.stages.context import Context, TrialOutcome
 from orchestrator.stages.corda import run_calibrate, run_decompose
 from orchestrator.stages.train import read_run, trainer_args
 from orchestrator.stages.waits import reason_of, run_in_thread
 from orchestrator.storage.artifacts import job_key
-from workers.store import NotInStore, StoredFile, StoredFolder, train_storage
+from workers.store import NotInStore, train_storage
 
 log = logging.getLogger("peftfleet.sweep")
 
 TRIAL_DRIVER_BYTES = 256 * 2**20  # what a trial's actor (Tune's side of one Ray Train run) reserves: no CPU
 
 
-@dataclass
-class Outcome:
-    """How a trial ended, as trials/<trial>/trial.json keeps it."""
-
-    name: str
-    values: dict
-    status: str  # finished | stopped (by the scheduler) | failed
-    reason: str = ""  # why it stopped or failed
-    best: float | None = None  # sweep.metric at its best checkpoint
-    result: dict = field(default_factory=dict)  # its TrainResult but the adapter's bytes
-    adapter: dict | None = None  # the StoredFolder of its best adapter, as a dict
-
-    @property
-    def usable(self) -> bool:
-        return self.status != "failed" and self.best is not None and math.isfinite(self.best)
-
-    def adapter_folder(self) -> StoredFolder | None:
-        if self.adapter is None:
-            return None
-        return StoredFolder(self.adapter["prefix"], tuple(StoredFile(**f) for f in self.adapter["files"]))
-
-
 def outcome_key(job_id: str, trial: str) -> str:
     return job_key(job_id, f"trials/{trial}/trial.json")
 
 
-def load_outcome(ctx: Context, trial: str) -> Outcome | None:
+def load_outcome(ctx: Context, trial: str) -> TrialOutcome | None:
     try:
-        return Outcome(**json.loads(ctx.store.get_bytes(outcome_key(ctx.job_id, trial))))
+        return TrialOutcome(**json.loads(ctx.store.get_bytes(outcome_key(ctx.job_id, trial))))
     except NotInStore:
         return None
 
@@ -118,9 +96,12 @@ def run_trials(ctx: Context) -> None:
              ", ".join(sorted({p for t in trials for p in t.values})), len(outcomes), len(todo),
              sweep.max_concurrent_trials, ", ASHA" if sweep.scheduler == "asha" else "")
     if todo:
-        ended = _tune(ctx, todo)
-        for trial in todo:
-            outcomes[trial.name] = _record(ctx, trial, ended.get(trial.name))
+        ended = _tune(ctx, todo, outcomes)
+        for trial in todo:  # those the callback did not record: failed ones
+            if trial.name not in outcomes:
+                result = ended.get(trial.name)
+                outcomes[trial.name] = _record(ctx, trial, result.error if result else
+                                               RuntimeError("Ray Tune returned no result for it"))
     ranked = sorted((o for o in outcomes.values() if o.usable), key=lambda o: o.best)
     for o in outcomes.values():
         if o.status == "failed":
@@ -129,11 +110,15 @@ def run_trials(ctx: Context) -> None:
         raise RuntimeError("sweep: no trial has a usable checkpoint: " +
                            "; ".join(f"{o.name}: {o.status} {o.reason}" for o in outcomes.values()))
     ctx.published += [folder for o in outcomes.values() if (folder := o.adapter_folder())]
+    ctx.trials = ranked + [o for o in outcomes.values() if not o.usable]
     best = ranked[0]
     by_name = {t.name: t for t in trials}
-    report = ctx.artifact_dir("report") / "sweep.json"
-    report.write_text(json.dumps({"metric": sweep.metric, "best": best.name,
-                                  "trials": [asdict(outcomes[t.name]) for t in trials]}, indent=2))
+    swept = list(dict.fromkeys(p for t in trials for p in t.values))
+    flags = write_comparison(ctx.artifact_dir("report"), [outcomes[t.name] for t in trials], swept,
+                             [*sweep.grid, *sweep.random], sweep.metric, best.name)
+    for name, why in flags.items():
+        log.warning("sweep: trial %s looks like an abnormal seed: %s", name, why)
+        ctx.warnings.append(f"sweep: trial {name} looks like an abnormal seed: {why}")
     log.info("sweep: best trial %s (%s) with %s %.4f; %d finished, %d stopped early, %d failed", best.name,
              ", ".join(f"{k}={v}" for k, v in best.values.items()), sweep.metric, best.best,
              *(sum(o.status == s for o in outcomes.values()) for s in ("finished", "stopped", "failed")))
@@ -143,8 +128,9 @@ def run_trials(ctx: Context) -> None:
     ctx.train = TrainResult(adapter_files=files, **best.result)
 
 
-def _tune(ctx: Context, todo: list[Trial]) -> dict:
-    """Run the trials on Ray Tune; returns each trial's Tune Result by name."""
+def _tune(ctx: Context, todo: list[Trial], outcomes: dict[str, TrialOutcome]) -> dict:
+    """Run the trials on Ray Tune, recording each trial's outcome as soon as it ends (a driver lost later keeps
+    it); returns each trial's Tune Result by name."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
@@ -165,20 +151,20 @@ def _tune(ctx: Context, todo: list[Trial]) -> dict:
         tune_config=tune.TuneConfig(metric=sweep.metric, mode="min", scheduler=scheduler, reuse_actors=False,
                                     max_concurrent_trials=sweep.max_concurrent_trials),
         run_config=tune.RunConfig(name="tune", storage_path=storage_path, storage_filesystem=filesystem, verbose=0,
-                                  callbacks=[_progress(sweep.metric)]),
+                                  callbacks=[_callbacks(ctx, todo, outcomes)]),
     )
     grid = run_in_thread(tuner.fit)
     return {result.config["trial"]: result for result in grid}
 
 
-def _record(ctx: Context, trial: Trial, tune_result) -> Outcome:
+def _record(ctx: Context, trial: Trial, error: BaseException | None) -> TrialOutcome:
     """A trial's outcome from its Ray Train run in the store: its best adapter published, trial.json written."""
     from ray.train import Result
+    from safetensors.torch import load as safetensors_load
 
     key = ctx.spec.sweep.metric
-    error = tune_result.error if tune_result is not None else RuntimeError("Tune returned no result for it")
     storage_path, filesystem = train_storage(ctx.spec.storage, f"{ctx.job_id}/trials/{trial.name}")
-    outcome = Outcome(trial.name, trial.values, "failed", reason=reason_of(error) if error else "")
+    outcome = TrialOutcome(trial.name, trial.values, "failed", reason=reason_of(error) if error else "")
     if error is None:
         try:
             result = read_run(Result.from_path(f"{storage_path}/train", storage_filesystem=filesystem), key)
@@ -198,19 +184,31 @@ def _record(ctx: Context, trial: Trial, tune_result) -> Outcome:
                 folder = ctx.store.publish_folder(job_key(ctx.job_id, f"artifacts/trials/{trial.name}/adapter"),
                                                   Path(tmp))
             outcome.adapter = asdict(folder)
+            outcome.params = sum(t.numel() for name, data in result.adapter_files.items()
+                                 if name.endswith(".safetensors") for t in safetensors_load(data).values())
     ctx.store.put_bytes(outcome_key(ctx.job_id, trial.name), json.dumps(asdict(outcome), indent=2).encode())
     log.info("sweep: trial %s %s%s", trial.name, outcome.status,
              f" ({outcome.reason})" if outcome.reason else f", best {key} {outcome.best:.4f}")
     return outcome
 
 
-def _progress(metric: str):
-    """Tune's callback on the driver: our progress line per trial report (Tune's own tables are off)."""
+def _callbacks(ctx: Context, todo: list[Trial], outcomes: dict[str, TrialOutcome]):
+    """Tune's callback on the driver: our progress line per trial report (Tune's own tables are off), and each
+    ended trial's outcome recorded at once."""
     from ray.tune import Callback
 
-    class Progress(Callback):
+    metric, by_name = ctx.spec.sweep.metric, {t.name: t for t in todo}
+
+    class Trials(Callback):
         def on_trial_result(self, iteration, trials, trial, result, **info):
             log.info("sweep: trial %s step %s %s %.4f", trial.config["trial"], result.get("step"), metric,
                      result.get(metric, float("nan")))
 
-    return Progress()
+        def on_trial_complete(self, iteration, trials, trial, **info):  # finished, or stopped by the scheduler
+            name = trial.config["trial"]
+            try:
+                outcomes[name] = _record(ctx, by_name[name], None)
+            except Exception as err:  # recorded after Tune returns instead; Tune must not see it
+                log.warning("sweep: trial %s: its outcome could not be recorded yet: %s", name, reason_of(err))
+
+    return Trials()
