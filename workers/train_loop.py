@@ -413,6 +413,7 @@ def save_checkpoint(run: Run, state: TrainState, data: InMemory | Streamed, scor
     """DeepSpeed's shards (each rank its own), the gathered adapter and state.json (with every rank's data
     position), reported to Ray Train."""
     import ray.train
+    import ray.util
     from ray.train import Checkpoint
 
     state.peak_memory_mib = [float(m) for m in all_gather(peak_memory_mib())]
@@ -423,7 +424,11 @@ def save_checkpoint(run: Run, state: TrainState, data: InMemory | Streamed, scor
         if run.rank == 0:
             state.save(Path(tmp))
         # One folder name for all ranks: each uploads its own DeepSpeed shards into the same checkpoint.
-        ray.train.report({"step": state.step, **score}, checkpoint=Checkpoint.from_directory(tmp),
+        # The worker group's placement group travels with the report: a sweep's driver releases it when Ray Tune
+        # stops the trial (Ray Train's own cleaner needs the dashboard's state API, which an embedded Ray lacks).
+        group = ray.util.get_current_placement_group()
+        ray.train.report({"step": state.step, **score, **({"placement_group": group.id.hex()} if group else {})},
+                         checkpoint=Checkpoint.from_directory(tmp),
                          checkpoint_dir_name=f"step-{state.step:07d}")
 
 

@@ -192,11 +192,24 @@ def cmd_status(args) -> int:
         out.print(f"warning: {warning}", markup=False)
     print_table(("stage", "state", "started", "ended", "peak memory per process (MiB, of what it reserved)"),
                 [(s.name, s.state, s.started_at or "-", s.ended_at or "-", _peaks(s)) for s in record.stages])
+    if record.trials:
+        metric = next(k for k in record.trials[0] if k not in ("trial", "state", "step", "best", "reason"))
+        print_table(("trial", "state", "step", f"last {metric}", "best", "why"),
+                    [(t["trial"], t["state"], str(t["step"] or "-"), _num(t[metric]), _num(t["best"]),
+                      t.get("reason") or "") for t in record.trials])
+        ranked = [t for t in record.trials if t["best"] is not None]
+        if ranked:
+            best = min(ranked, key=lambda t: t["best"])
+            out.print(f"best so far: {best['trial']} ({metric} {best['best']:.4f})", markup=False)
     if entry is None:
         out.print(f"gateway: {args.gateway}")
     else:
         out.print(f"store: {entry.store().url_of(job_key(record.id))}   log: {launcher_for(entry).where()}")
     return 0
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
 
 
 def _peaks(stage) -> str:
@@ -205,22 +218,46 @@ def _peaks(stage) -> str:
                      for k, v in stage.peak_memory_mib.items()) or "-"
 
 
+class TrialLines:
+    """A sink passing on only one sweep trial's lines: the driver's about it and its workers' progress."""
+
+    def __init__(self, sink, trial: str):
+        self.sink, self.mark, self.partial = sink, f"trial {trial}", ""
+
+    def write(self, text: str) -> None:
+        *lines, self.partial = (self.partial + text).split("\n")
+        self.sink.write("".join(f"{line}\n" for line in lines if self.mark + ":" in line or self.mark + " " in line))
+
+    def flush(self) -> None:
+        self.sink.flush()
+
+
 def cmd_logs(args) -> int:
-    if gateway := _gateway(args):
+    gateway = _gateway(args)
+    sink = sys.stdout
+    if args.trial:
+        record = gateway.record(args.job) if gateway else current_record(_index(args).get(args.job))
+        names = [t["trial"] for t in record.trials]
+        if args.trial not in names:
+            raise JobError(f"--trial: job {args.job} has no trial {args.trial!r}"
+                           + (f"; its trials are {', '.join(names)}" if names else " (it is not a sweep, or no "
+                              "trial has started yet)"), code=2)
+        sink = TrialLines(sys.stdout, args.trial)
+    if gateway:
         if args.verbose:
             raise JobError("--verbose: a gateway serves the job's log only, not the libraries' output", code=2)
         if args.follow:
-            gateway.follow(args.job, sys.stdout)
+            gateway.follow(args.job, sink)
         else:
-            sys.stdout.write(gateway.read_log(args.job)[0])
+            sink.write(gateway.read_log(args.job)[0] + "\n")
         return 0
     entry = _index(args).get(args.job)
     if args.follow:
-        follow(entry, sys.stdout, verbose=args.verbose)
+        follow(entry, sink, verbose=args.verbose)
         return 0
     if entry.log and not args.verbose and not Path(entry.log).exists():
         raise JobError(f"no log for {args.job} at {entry.log}")
-    sys.stdout.write(read_log(entry, verbose=args.verbose)[0])
+    sink.write(read_log(entry, verbose=args.verbose)[0] + ("\n" if args.trial else ""))
     return 0
 
 
@@ -349,6 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verbose", "-v", action="store_true",
                    help="the verbose log instead: everything the libraries said (Ray, Ray Train, DeepSpeed, "
                         "transformers), interleaved with the job's log; for a Ray job, once its driver has ended")
+    p.add_argument("--trial", help="a sweep's trial: only its lines (progress, outcome)")
     p = command("cancel", cmd_cancel, "stop a running job; it ends CANCELLED")
     p.add_argument("job")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for a clean stop (default: 30)")

@@ -8,6 +8,7 @@ dead driver) or a Ray job on a cluster (the cluster's job API address; Ray keeps
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -21,8 +22,8 @@ from enum import StrEnum
 from pathlib import Path
 
 from jobspecs.schema import JobSpec, StorageSpec
-from orchestrator.storage.artifacts import job_key
-from workers.store import Store, open_store
+from orchestrator.storage.artifacts import TRIALS_BOARD, job_key
+from workers.store import NotInStore, Store, open_store
 
 
 class JobState(StrEnum):
@@ -74,20 +75,29 @@ class JobRecord:
     driver: dict = field(default_factory=dict)  # host, pid
     attempts: int = 1  # resubmissions of a failed job under its id run it again (training resumes)
     owner: str | None = None  # the gateway user who submitted it
+    sweep: bool = False  # many trials: `trials` is read from the sweep's board (trials.json), which its stage keeps
+    trials: list[dict] = field(default_factory=list)  # per trial: trial, state, step, metric, best (not in job.json)
 
     def to_dict(self) -> dict:
-        """The record as JSON-ready data (JobState is a str): what job.json holds and `status --json` prints."""
+        """The record as JSON-ready data (JobState is a str): what `status --json` prints (job.json: without the
+        trials, which their own file holds)."""
         return asdict(self)
 
     def save(self, store: Store) -> None:
-        store.put_bytes(job_key(self.id, "job.json"), json.dumps(self.to_dict(), indent=2).encode())
+        raw = self.to_dict()
+        raw.pop("trials")
+        store.put_bytes(job_key(self.id, "job.json"), json.dumps(raw, indent=2).encode())
 
     @classmethod
     def load(cls, store: Store, job_id: str) -> JobRecord:
         raw = json.loads(store.get_bytes(job_key(job_id, "job.json")))
         raw["stages"] = [StageRecord(**s) for s in raw["stages"]]
         raw["state"] = JobState(raw["state"])
-        return cls(**raw)
+        record = cls(**raw)
+        if record.sweep:
+            with contextlib.suppress(NotInStore):  # no trial has started yet
+                record.trials = json.loads(store.get_bytes(job_key(job_id, TRIALS_BOARD)))
+        return record
 
     def stage_record(self, name: str) -> StageRecord:
         return next(s for s in self.stages if s.name == name)
@@ -117,7 +127,8 @@ def stage_names(spec: JobSpec) -> list[str]:
 
 
 def new_record(job_id: str, spec: JobSpec) -> JobRecord:
-    return JobRecord(id=job_id, name=spec.name, stages=[StageRecord(n) for n in stage_names(spec)])
+    return JobRecord(id=job_id, name=spec.name, stages=[StageRecord(n) for n in stage_names(spec)],
+                     sweep=spec.sweep is not None)
 
 
 def cancelled_error(stage: str, reason: str | None) -> str:

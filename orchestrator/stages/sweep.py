@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import os
 import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -22,12 +24,43 @@ from orchestrator.stages.context import Context, TrialOutcome
 from orchestrator.stages.corda import run_calibrate, run_decompose
 from orchestrator.stages.train import read_run, trainer_args
 from orchestrator.stages.waits import reason_of, run_in_thread
-from orchestrator.storage.artifacts import job_key
+from orchestrator.storage.artifacts import TRIALS_BOARD, job_key
 from workers.store import NotInStore, train_storage
 
 log = logging.getLogger("peftfleet.sweep")
 
 TRIAL_DRIVER_BYTES = 256 * 2**20  # what a trial's actor (Tune's side of one Ray Train run) reserves: no CPU
+
+
+class Board:
+    """The sweep's trials as they stand, for `status` (jobs/<id>/trials.json): state (pending, running, finished,
+    stopped, failed), the last reported step and metric, the best so far. Rewritten on every change."""
+
+    def __init__(self, ctx: Context, trials: list[Trial], ended: dict[str, TrialOutcome]):
+        self.ctx, self.metric = ctx, ctx.spec.sweep.metric
+        self.rows = {t.name: {"trial": t.name, "state": "pending", "step": 0, self.metric: None, "best": None}
+                     for t in trials}
+        for outcome in ended.values():
+            self.ended(outcome, write=False)
+        self.write()
+
+    def update(self, name: str, **fields) -> None:
+        row = self.rows[name]
+        row.update(fields)
+        value = fields.get(self.metric)
+        if value is not None and math.isfinite(value) and (row["best"] is None or value < row["best"]):
+            row["best"] = value
+        self.write()
+
+    def ended(self, outcome: TrialOutcome, write: bool = True) -> None:
+        row = self.rows[outcome.name]
+        row.update(state=outcome.status, step=outcome.result.get("total_steps", row["step"]),
+                   best=outcome.best if outcome.usable else row["best"], reason=outcome.reason)
+        if write:
+            self.write()
+
+    def write(self) -> None:
+        self.ctx.store.put_bytes(job_key(self.ctx.job_id, TRIALS_BOARD), json.dumps(list(self.rows.values())).encode())
 
 
 def outcome_key(job_id: str, trial: str) -> str:
@@ -95,13 +128,15 @@ def run_trials(ctx: Context) -> None:
     log.info("sweep: %d trials (%s), %d ended in an earlier run, %d to run, %d at a time%s", len(trials),
              ", ".join(sorted({p for t in trials for p in t.values})), len(outcomes), len(todo),
              sweep.max_concurrent_trials, ", ASHA" if sweep.scheduler == "asha" else "")
+    board = Board(ctx, trials, outcomes)
     if todo:
-        ended = _tune(ctx, todo, outcomes)
+        ended = _tune(ctx, todo, outcomes, board)
         for trial in todo:  # those the callback did not record: failed ones
             if trial.name not in outcomes:
                 result = ended.get(trial.name)
                 outcomes[trial.name] = _record(ctx, trial, result.error if result else
                                                RuntimeError("Ray Tune returned no result for it"))
+                board.ended(outcomes[trial.name])
     ranked = sorted((o for o in outcomes.values() if o.usable), key=lambda o: o.best)
     for o in outcomes.values():
         if o.status == "failed":
@@ -128,7 +163,7 @@ def run_trials(ctx: Context) -> None:
     ctx.train = TrainResult(adapter_files=files, **best.result)
 
 
-def _tune(ctx: Context, todo: list[Trial], outcomes: dict[str, TrialOutcome]) -> dict:
+def _tune(ctx: Context, todo: list[Trial], outcomes: dict[str, TrialOutcome], board: Board) -> dict:
     """Run the trials on Ray Tune, recording each trial's outcome as soon as it ends (a driver lost later keeps
     it); returns each trial's Tune Result by name."""
     from ray import tune
@@ -140,6 +175,7 @@ def _tune(ctx: Context, todo: list[Trial], outcomes: dict[str, TrialOutcome]) ->
     trainers = {t.name: trainer_args(ctx, t.spec, ctx.trial_inits.get(t.name), f"{ctx.job_id}/trials/{t.name}",
                                      f"trial {t.name}") for t in todo}
     storage_path, filesystem = train_storage(ctx.spec.storage, ctx.job_id)
+    callback = _callbacks(ctx, todo, outcomes, board)
     scheduler = (ASHAScheduler(time_attr="step", grace_period=sweep.asha.grace_period,
                                reduction_factor=sweep.asha.reduction_factor, max_t=10**9)
                  if sweep.scheduler == "asha" else None)
@@ -151,10 +187,29 @@ def _tune(ctx: Context, todo: list[Trial], outcomes: dict[str, TrialOutcome]) ->
         tune_config=tune.TuneConfig(metric=sweep.metric, mode="min", scheduler=scheduler, reuse_actors=False,
                                     max_concurrent_trials=sweep.max_concurrent_trials),
         run_config=tune.RunConfig(name="tune", storage_path=storage_path, storage_filesystem=filesystem, verbose=0,
-                                  callbacks=[_callbacks(ctx, todo, outcomes)]),
+                                  callbacks=[callback]),
     )
+    # Tune's newer console output prints where its results are even when silent; the job's log is ours alone.
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     grid = run_in_thread(tuner.fit)
+    release_placement_groups(list(callback.groups.values()))  # no trial runs now
     return {result.config["trial"]: result for result in grid}
+
+
+def release_placement_groups(ids: list[str | None]) -> None:
+    """Remove the placement groups that stopped or failed trials left behind (only ours: a shared cluster runs
+    other jobs). When Tune stops a trial it kills the trial's actor, and with it Ray Train's controller, whose
+    worker group's placement group outlives it (Ray Train's cleaner asks the dashboard's state API whether the
+    controller lives; an embedded Ray has none): the trials after it would wait for those CPUs forever."""
+    import ray
+    from ray._raylet import PlacementGroupID
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    table = ray.util.placement_group_table()
+    for pg_id in ids:
+        if pg_id and table.get(pg_id, {}).get("state") == "CREATED":
+            remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(pg_id))))
+            log.info("sweep: released the placement group %s a stopped trial left behind", pg_id[:12])
 
 
 def _record(ctx: Context, trial: Trial, error: BaseException | None) -> TrialOutcome:
@@ -192,23 +247,46 @@ def _record(ctx: Context, trial: Trial, error: BaseException | None) -> TrialOut
     return outcome
 
 
-def _callbacks(ctx: Context, todo: list[Trial], outcomes: dict[str, TrialOutcome]):
+def _callbacks(ctx: Context, todo: list[Trial], outcomes: dict[str, TrialOutcome], board: Board):
     """Tune's callback on the driver: our progress line per trial report (Tune's own tables are off), and each
     ended trial's outcome recorded at once."""
     from ray.tune import Callback
 
     metric, by_name = ctx.spec.sweep.metric, {t.name: t for t in todo}
 
+    groups: dict[str, str] = {}  # trial → its Ray Train worker group's placement group (hex id)
+
+    # Tune must never see an exception from here: what fails is recorded after Tune returns instead.
     class Trials(Callback):
+        def on_trial_start(self, iteration, trials, trial, **info):
+            _quietly(board.update, trial.config["trial"], state="running")
+
         def on_trial_result(self, iteration, trials, trial, result, **info):
-            log.info("sweep: trial %s step %s %s %.4f", trial.config["trial"], result.get("step"), metric,
-                     result.get(metric, float("nan")))
+            name, value = trial.config["trial"], result.get(metric, float("nan"))
+            groups[name] = result.get("placement_group", groups.get(name))
+            log.info("sweep: trial %s step %s %s %.4f", name, result.get("step"), metric, value)
+            _quietly(board.update, name, step=result.get("step"), **{metric: value})
 
         def on_trial_complete(self, iteration, trials, trial, **info):  # finished, or stopped by the scheduler
             name = trial.config["trial"]
-            try:
-                outcomes[name] = _record(ctx, by_name[name], None)
-            except Exception as err:  # recorded after Tune returns instead; Tune must not see it
-                log.warning("sweep: trial %s: its outcome could not be recorded yet: %s", name, reason_of(err))
+            _quietly(release_placement_groups, [groups.pop(name, None)])
+            if outcome := _quietly(_record, ctx, by_name[name], None):
+                outcomes[name] = outcome
+                _quietly(board.ended, outcome)
 
-    return Trials()
+        def on_trial_error(self, iteration, trials, trial, **info):
+            _quietly(release_placement_groups, [groups.pop(trial.config["trial"], None)])
+
+    callback = Trials()
+    callback.groups = groups
+    return callback
+
+
+def _quietly(fn, *args, **kwargs):
+    """fn's result, or None (logged) where it raised."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as err:
+        log.warning("sweep: %s: %s (it is retried once the trials have ended)", fn.__name__.strip("_"),
+                    reason_of(err))
+        return None

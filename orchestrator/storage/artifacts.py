@@ -25,6 +25,7 @@ from workers.store import NotInStore, Store, StoredFolder, safe_relpath, sha256_
 
 MANIFEST = "manifest.json"
 VERBOSE_LOG = "verbose.log"  # the driver's library output, uploaded when it ends (not an artifact)
+TRIALS_BOARD = "trials.json"  # a sweep's trials as they stand (state, step, metric), rewritten as they move
 CANCEL_REASON = "cancel-reason.txt"  # why whoever cancelled the job did, for the record the driver writes
 
 
