@@ -38,7 +38,7 @@ class InvalidTrial(Exception):
 
 @dataclass(frozen=True)
 class Trial:
-    name: str  # t00-r4-lr0.003: a folder name in the store and an adapter name in the bundle
+    name: str  # t00-r4-lr0p003: a folder name in the store and an adapter name in the bundle
     values: dict[str, Any]  # dotted path → value (swept, then tied)
     spec: JobSpec
 
@@ -83,10 +83,11 @@ _SHORT = {"learning_rate": "lr", "target_modules": "", "method": "", "mode": "",
 
 
 def trial_name(i: int, values: dict[str, Any], swept: list[str]) -> str:
-    """t<i>-<leaf><value>-...: readable in `status`, safe as a folder and an adapter name."""
+    """t<i>-<leaf><value>-... (t01-r4-lr0p01): readable in `status`, safe as a folder and as a peft adapter name."""
     parts = [f"{_SHORT.get(leaf := path.rsplit('.', 1)[-1], leaf)}{_label(values[path])}"
              for path in swept if path in values]
-    name = re.sub(r"[^A-Za-z0-9._+-]+", "", "-".join([f"t{i:02d}", *parts]))
+    # no dots: peft refuses them in adapter names (0.01 → 0p01)
+    name = re.sub(r"[^A-Za-z0-9_+-]+", "", "-".join([f"t{i:02d}", *parts]).replace(".", "p"))
     return name[:60]
 
 

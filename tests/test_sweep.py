@@ -37,18 +37,18 @@ def test_a_grid_runs_every_trial_stops_a_diverging_one_early_and_exports_the_bes
     assert run.returncode == 0, run.stderr[-3000:]
     job_id = run.stdout.strip().splitlines()[0]
     outcomes = trial_outcomes(store, job_id)
-    assert list(outcomes) == ["t00-r4-lr0.01", "t01-r4-lr50", "t02-r8-lr0.01", "t03-r8-lr50"]
+    assert list(outcomes) == ["t00-r4-lr0p01", "t01-r4-lr50", "t02-r8-lr0p01", "t03-r8-lr50"]
     for name in ("t01-r4-lr50", "t03-r8-lr50"):
         assert outcomes[name]["status"] == "stopped", outcomes[name]
         assert outcomes[name]["reason"].startswith("stopped by ASHA at step 2/6: eval_loss"), outcomes[name]
     finished = {n: o for n, o in outcomes.items() if o["status"] == "finished"}
-    assert set(finished) == {"t00-r4-lr0.01", "t02-r8-lr0.01"}
+    assert set(finished) == {"t00-r4-lr0p01", "t02-r8-lr0p01"}
     assert all(o["result"]["total_steps"] == 6 for o in finished.values())
     best = min(finished, key=lambda n: finished[n]["best"])
     sweep = json.loads((store / "jobs" / job_id / "artifacts" / "report" / "sweep.json").read_text())
     assert sweep["best"] == best
     assert f"sweep: best trial {best}" in run.stderr and "2 finished, 2 stopped early, 0 failed" in run.stderr
-    assert re.search(r"\(RayTrainWorker pid=\d+\) trial t02-r8-lr0.01: step 6/6 loss", run.stderr)
+    assert re.search(r"\(RayTrainWorker pid=\d+\) trial t02-r8-lr0p01: step 6/6 loss", run.stderr)
 
     cli(state_dir, "fetch", job_id, tmp_path / "out", check=True)
     out = tmp_path / "out"

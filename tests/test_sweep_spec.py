@@ -25,7 +25,7 @@ def test_a_grid_expands_to_every_combination_each_a_whole_spec(assets, tmp_path)
                                                              "train.learning_rate": [0.003, 0.01]},
                                                     "tie": {"adapter.alpha": "2 * adapter.r"}}))
     trials = expand(spec)
-    assert [t.name for t in trials] == ["t00-r4-lr0.003", "t01-r4-lr0.01", "t02-r8-lr0.003", "t03-r8-lr0.01"]
+    assert [t.name for t in trials] == ["t00-r4-lr0p003", "t01-r4-lr0p01", "t02-r8-lr0p003", "t03-r8-lr0p01"]
     assert [(t.spec.adapter.r, t.spec.adapter.alpha, t.spec.train.learning_rate) for t in trials] == [
         (4, 8, 0.003), (4, 8, 0.01), (8, 16, 0.003), (8, 16, 0.01)]
     assert all(t.spec.sweep is None and t.spec.data == spec.data for t in trials)
@@ -93,10 +93,10 @@ def test_corda_trials_share_one_calibration_and_each_decomposition_is_computed_o
     assert spec.effective_stages == ["calibrate", "decompose", "train", "export"]
     found = decompositions(spec)
     assert [(d.name, d.trials) for d in found] == [
-        ("d0-r4-ipm", ("t00-r4-ipm-lr0.003", "t01-r4-ipm-lr0.01")),
-        ("d1-r4-kpm", ("t02-r4-kpm-lr0.003", "t03-r4-kpm-lr0.01")),
-        ("d2-r8-ipm", ("t04-r8-ipm-lr0.003", "t05-r8-ipm-lr0.01")),
-        ("d3-r8-kpm", ("t06-r8-kpm-lr0.003", "t07-r8-kpm-lr0.01"))]
+        ("d0-r4-ipm", ("t00-r4-ipm-lr0p003", "t01-r4-ipm-lr0p01")),
+        ("d1-r4-kpm", ("t02-r4-kpm-lr0p003", "t03-r4-kpm-lr0p01")),
+        ("d2-r8-ipm", ("t04-r8-ipm-lr0p003", "t05-r8-ipm-lr0p01")),
+        ("d3-r8-kpm", ("t06-r8-kpm-lr0p003", "t07-r8-kpm-lr0p01"))]
     # a sweep over the init method calibrates for its CorDA trials only
     mixed = parse_spec(sweep_spec(assets, tmp_path, {"grid": {"init.method": ["default", "corda"]}},
                                   data={"format": "instruction", "train": str(assets / "train.jsonl"),

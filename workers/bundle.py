@@ -1,9 +1,9 @@
 """The adapter_bundle export of a sweep: several trials' adapters in one folder, each a sub-folder named for its
 trial, that stock peft loads as named adapters on one base:
 
-    model = PeftModel.from_pretrained(base, "adapter_bundle/t03-r8-lr0.01", adapter_name="t03-r8-lr0.01")
-    model.load_adapter("adapter_bundle/t01-r4-lr0.01", adapter_name="t01-r4-lr0.01")
-    model.set_adapter("t01-r4-lr0.01")
+    model = PeftModel.from_pretrained(base, "adapter_bundle/t03-r8-lr0p01", adapter_name="t03-r8-lr0p01")
+    model.load_adapter("adapter_bundle/t01-r4-lr0p01", adapter_name="t01-r4-lr0p01")
+    model.set_adapter("t01-r4-lr0p01")
 
 A CorDA trial's adapter lives on its own residual base, so it enters the bundle re-expressed on the original base
 (workers/adapter_math.to_original_base): every member applies to the one model the README names.
