@@ -5,14 +5,20 @@ from __future__ import annotations
 
 import math
 import re
+from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from jobspecs.section import Section
 
 # Fields every trial of one job shares: where it runs, where it stores, what it is called, what it exports.
 SHARED = ("name", "stages", "data_root", "storage", "cluster", "export", "sweep")
+
+# Fields holding a local path (or s3:// URI): a relative path in a sweep is made absolute against the spec's folder
+# when the spec is read, as the spec's own paths are, so the frozen spec means the same wherever it is read.
+PATH_FIELDS = ("model.path", "model.tokenizer", "data.train", "data.eval", "data.calibration",
+               "data.train.path", "data.eval.path", "data.calibration.path", "init.corda.covariance_from")
 
 TIE = re.compile(r"^\s*(?:(?P<factor>[0-9]*\.?[0-9]+(?:e[-+]?[0-9]+)?)\s*\*\s*)?(?P<path>[a-z_][a-z0-9_.]*)\s*$")
 
@@ -24,6 +30,16 @@ def _path(path: str) -> str:
         raise ValueError(f"{path}: {path.split('.', 1)[0]} is shared by every trial of a job and cannot be swept "
                          f"(sweepable: model, data, adapter, init, train)")
     return path
+
+
+def _absolute(path: str, value: Any, base: Path | None) -> Any:
+    if path not in PATH_FIELDS or base is None:
+        return value
+    if isinstance(value, dict) and isinstance(value.get("path"), str):
+        return {**value, "path": _absolute(path, value["path"], base)}
+    if isinstance(value, str) and not value.startswith("s3://"):
+        return str((base / Path(value).expanduser()).resolve())
+    return value
 
 
 class Distribution(Section):
@@ -73,6 +89,10 @@ class SweepSpec(Section):
                              "empty, as Ray Tune's num_samples).")
     trials: list[dict[str, Any]] = Field(default_factory=list, description="Further trials, each a mapping of "
                                          "dotted path → value, run after the grid.")
+    tasks: dict[str, dict[str, Any]] = Field(default_factory=dict, description="Task name → dotted path → value "
+                                             "(its data, typically): every trial runs once per task, each task "
+                                             "ranks its own trials, and adapter_bundle holds each task's best, "
+                                             "named for the task.")
     tie: dict[str, str] = Field(default_factory=dict, description="Dotted path → 'k * other.path' (or 'other.path'): "
                                 "set from each trial's value of the other field, e.g. adapter.alpha: 2 * adapter.r.")
     seed: int = Field(0, description="Seed of the random draws (not of training: sweep train.seed for that).")
@@ -91,7 +111,7 @@ class SweepSpec(Section):
         """Whether some trial sets `path` to `value`."""
         drawn = self.random.get(path)
         return (value in self.grid.get(path, ()) or bool(drawn and drawn.choice and value in drawn.choice)
-                or any(trial.get(path) == value for trial in self.trials))
+                or any(trial.get(path) == value for trial in [*self.trials, *self.tasks.values()]))
 
     @field_validator("grid", "random", "tie")
     @classmethod
@@ -118,6 +138,27 @@ class SweepSpec(Section):
                 _path(path)
         return trials
 
+    @field_validator("tasks")
+    @classmethod
+    def _tasks(cls, tasks: dict) -> dict:
+        for name, values in tasks.items():
+            if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,39}", name):
+                raise ValueError(f"{name!r}: a task name is 1-40 chars of a-z, 0-9, '_' and '-' (it names an adapter)")
+            for path in values:
+                _path(path)
+        return tasks
+
+    @field_validator("grid", "trials", "tasks", mode="after")
+    @classmethod
+    def _paths_absolute(cls, value, info: ValidationInfo):
+        base = (info.context or {}).get("base_dir")
+        base = Path(base) if base is not None else None
+        if info.field_name == "grid":
+            return {k: [_absolute(k, v, base) for v in vs] for k, vs in value.items()}
+        if info.field_name == "trials":
+            return [{k: _absolute(k, v, base) for k, v in t.items()} for t in value]
+        return {name: {k: _absolute(k, v, base) for k, v in t.items()} for name, t in value.items()}
+
     @field_validator("tie")
     @classmethod
     def _ties(cls, tie: dict) -> dict:
@@ -132,8 +173,8 @@ class SweepSpec(Section):
 
     @model_validator(mode="after")
     def _something(self) -> SweepSpec:
-        if not (self.grid or self.random or self.trials):
-            raise ValueError("nothing to sweep: give grid, random or trials")
+        if not (self.grid or self.random or self.trials or self.tasks):
+            raise ValueError("nothing to sweep: give grid, random, trials or tasks")
         overlap = (set(self.grid) & set(self.random)) | (set(self.tie) & (set(self.grid) | set(self.random)))
         if overlap:
             raise ValueError(f"{sorted(overlap)[0]}: swept twice (grid, random and tie name distinct fields)")

@@ -39,19 +39,22 @@ class InvalidTrial(Exception):
 @dataclass(frozen=True)
 class Trial:
     name: str  # t00-r4-lr0p003: a folder name in the store and an adapter name in the bundle
-    values: dict[str, Any]  # dotted path → value (swept, then tied)
+    values: dict[str, Any]  # dotted path → value (swept, then tied; not the task's)
     spec: JobSpec
+    task: str | None = None  # sweep.tasks: the task it trains for
 
 
-def points(sweep: SweepSpec) -> list[dict[str, Any]]:
-    """Each trial's values, in order: the grid × num_samples random draws, then the explicit trials."""
-    if not (sweep.grid or sweep.random):
-        return [dict(trial) for trial in sweep.trials]
+def points(sweep: SweepSpec) -> list[tuple[str | None, dict[str, Any]]]:
+    """(task, values) of each trial, in order: per task (or once), the grid × num_samples random draws, then the
+    explicit trials."""
     rng = random.Random(sweep.seed)
-    grid = [dict(zip(sweep.grid, combo, strict=True)) for combo in itertools.product(*sweep.grid.values())]
-    drawn = [{**point, **{path: dist.draw(rng) for path, dist in sweep.random.items()}}
-             for _ in range(sweep.num_samples) for point in grid]
-    return drawn + [dict(trial) for trial in sweep.trials]
+    drawn = []
+    if sweep.grid or sweep.random:
+        grid = [dict(zip(sweep.grid, combo, strict=True)) for combo in itertools.product(*sweep.grid.values())]
+        drawn = [{**point, **{path: dist.draw(rng) for path, dist in sweep.random.items()}}
+                 for _ in range(sweep.num_samples) for point in grid]
+    each = drawn + [dict(trial) for trial in sweep.trials] or [{}]  # tasks alone: one trial each
+    return [(task, dict(point)) for task in (sweep.tasks or [None]) for point in each]
 
 
 def _get(raw: dict, path: str) -> Any:
@@ -82,10 +85,12 @@ def _label(value: Any) -> str:
 _SHORT = {"learning_rate": "lr", "target_modules": "", "method": "", "mode": "", "num_virtual_tokens": "vt"}
 
 
-def trial_name(i: int, values: dict[str, Any], swept: list[str]) -> str:
-    """t<i>-<leaf><value>-... (t01-r4-lr0p01): readable in `status`, safe as a folder and as a peft adapter name."""
-    parts = [f"{_SHORT.get(leaf := path.rsplit('.', 1)[-1], leaf)}{_label(values[path])}"
-             for path in swept if path in values]
+def trial_name(i: int, values: dict[str, Any], swept: list[str], task: str | None = None) -> str:
+    """t<i>[-<task>]-<leaf><value>-... (t01-r4-lr0p01): readable in `status`, safe as a folder and as a peft adapter
+    name."""
+    parts = [task or "", *(f"{_SHORT.get(leaf := path.rsplit('.', 1)[-1], leaf)}{_label(values[path])}"
+                           for path in swept if path in values)]
+    parts = [p for p in parts if p]
     # no dots: peft refuses them in adapter names (0.01 → 0p01)
     name = re.sub(r"[^A-Za-z0-9_+-]+", "", "-".join([f"t{i:02d}", *parts]).replace(".", "p"))
     return name[:60]
@@ -99,18 +104,18 @@ def expand(spec: JobSpec, context: dict | None = None) -> list[Trial]:
         return []
     values = points(sweep)
     if len(values) > sweep.max_trials:
-        raise ValueError(f"{len(values)} trials (grid {len(values) - len(sweep.trials)}, explicit "
-                         f"{len(sweep.trials)}) exceed sweep.max_trials {sweep.max_trials}: raise the budget or "
-                         "sweep less")
+        raise ValueError(f"{len(values)} trials ({max(1, len(sweep.tasks))} task(s) × "
+                         f"{len(values) // max(1, len(sweep.tasks))}) exceed sweep.max_trials {sweep.max_trials}: "
+                         "raise the budget or sweep less")
     base = spec.model_dump(mode="json", exclude={"sweep"})
     # a trial's adapter, not the job's exports: the bundle is made of trials
     base["export"]["formats"] = [f for f in base["export"]["formats"] if f != "adapter_bundle"]
     swept = list(dict.fromkeys([*sweep.grid, *sweep.random, *(p for t in sweep.trials for p in t)]))
     context = dict(context or {})
     trials = []
-    for i, point in enumerate(values):
+    for i, (task, point) in enumerate(values):
         raw = copy.deepcopy(base)
-        for path, value in point.items():
+        for path, value in {**(sweep.tasks[task] if task else {}), **point}.items():
             _set(raw, path, value)
         tied = {}
         for path, expr in sweep.tie.items():
@@ -122,14 +127,14 @@ def expand(spec: JobSpec, context: dict | None = None) -> list[Trial]:
             value = source * float(match["factor"] or 1)
             tied[path] = int(value) if isinstance(source, int) and value.is_integer() else value
             _set(raw, path, tied[path])
-        name = trial_name(i, point, swept)
-        reads = any(path.startswith(_READS_FILES) for path in point)
+        name = trial_name(i, point, swept, task)
+        reads = any(path.startswith(_READS_FILES) for path in [*point, *(sweep.tasks[task] if task else ())])
         try:
             trial_spec = JobSpec.model_validate(
                 raw, context={**context, "check_files": context.get("check_files", True) and reads})
         except ValidationError as err:
             raise InvalidTrial(name, {**point, **tied}, err) from None
-        trials.append(Trial(name=name, values={**point, **tied}, spec=trial_spec))
+        trials.append(Trial(name=name, values={**point, **tied}, spec=trial_spec, task=task))
     return trials
 
 

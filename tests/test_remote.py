@@ -118,14 +118,23 @@ def gateway_spec(**train) -> dict:
             "train": {"max_steps": 4, "micro_batch_size": 8, "log_every": 1, **train}}
 
 
-def test_gateway_runs_a_job_streams_its_log_and_hands_out_verified_artifacts(gw):
-    submitted = call(gw, "POST", "/v1/jobs", json={"spec": gateway_spec()})
+def test_gateway_runs_a_sweep_streams_its_log_and_hands_out_verified_artifacts(gw):
+    """A sweep over two tasks (two datasets), two trials at a time: the record shows each trial, the artifacts
+    hold the bundle with one adapter per task, named for it."""
+    spec = {**gateway_spec(), "sweep": {"tasks": {"upper": {}, "other": {"data.train": "eval.jsonl"}},
+                                        "max_concurrent_trials": 2},
+            "export": {"formats": ["adapter", "adapter_bundle"]}}
+    spec["data"]["eval"] = "eval.jsonl"
+    submitted = call(gw, "POST", "/v1/jobs", json={"spec": spec})
     assert submitted.status_code == 201, submitted.text
     job_id = submitted.json()["job_id"]
     with call(gw, "GET", f"/v1/jobs/{job_id}/logs", params={"follow": "true"}, stream=True) as streamed:
         log = "".join(streamed.iter_content(chunk_size=None, decode_unicode=True))  # ends when the job does
-    assert "stage train: done" in log and "stage upload: done" in log
-    assert call(gw, "GET", f"/v1/jobs/{job_id}").json()["state"] == "SUCCEEDED"
+    assert "stage train: done" in log and "stage upload: done" in log and "sweep: best trial" in log
+    record = call(gw, "GET", f"/v1/jobs/{job_id}").json()
+    assert record["state"] == "SUCCEEDED"
+    assert [(t["trial"], t["task"], t["state"]) for t in record["trials"]] == [("t00-upper", "upper", "finished"),
+                                                                              ("t01-other", "other", "finished")]
     assert [j["job_id"] for j in call(gw, "GET", "/v1/jobs").json()] == [job_id]
     assert call(gw, "GET", "/v1/jobs", user="bob").json() == []
     for path in ("", "/logs", "/artifacts"):  # another user's job answers as an unknown one: 404, not 403
@@ -137,11 +146,14 @@ def test_gateway_runs_a_job_streams_its_log_and_hands_out_verified_artifacts(gw)
     assert call(gw, "POST", f"/v1/jobs/{job_id}/retry").status_code == 409  # SUCCEEDED: nothing to retry
 
     listing = call(gw, "GET", f"/v1/jobs/{job_id}/artifacts").json()
-    assert {"adapter", "report"} <= set(listing["artifacts"]) and listing["expires_in_s"] == 900
+    assert {"adapter", "report", "trials", "adapter_bundle"} <= set(listing["artifacts"])
+    assert listing["expires_in_s"] == 900
     for f in listing["files"]:  # presigned: plain GETs, no credentials
         body = requests.get(f["url"], timeout=30).content
         assert len(body) == f["size"] and hashlib.sha256(body).hexdigest() == f["sha256"], f["path"]
     assert any(f["path"].endswith("adapter/adapter_model.safetensors") for f in listing["files"])
+    assert {f["path"] for f in listing["files"] if f["kind"] == "adapter_bundle"} >= {
+        f"artifacts/adapter_bundle/{task}/adapter_model.safetensors" for task in ("upper", "other")}
 
 
 def _cmdline(proc: Path) -> bytes:

@@ -120,3 +120,23 @@ def test_the_bundle_needs_a_sweep_one_method_one_base_and_trials_that_exist(asse
     spec = parse_spec(sweep_spec(assets, tmp_path, {"grid": {"adapter.r": [2, 4]}, "bundle_trials": ["t01-r4"]},
                                  export=bundle))
     assert spec.sweep.bundle_trials == ["t01-r4"]
+
+
+def test_tasks_multiply_the_trials_and_relative_paths_mean_the_spec_folder(assets, tmp_path):
+    import shutil
+
+    folder = tmp_path / "specs"
+    folder.mkdir()
+    shutil.copy(assets / "eval.jsonl", folder / "other.jsonl")
+    raw = sweep_spec(assets, tmp_path, {"grid": {"adapter.r": [2, 4]},
+                                        "tasks": {"upper": {}, "other": {"data.train": "other.jsonl"}}})
+    spec = parse_spec(raw, base_dir=folder)
+    trials = expand(spec)
+    assert [(t.name, t.task) for t in trials] == [("t00-upper-r2", "upper"), ("t01-upper-r4", "upper"),
+                                                  ("t02-other-r2", "other"), ("t03-other-r4", "other")]
+    assert trials[2].spec.data.train.path == folder / "other.jsonl"
+    assert trials[0].spec.data.train.path == assets / "train.jsonl"
+    # frozen, the sweep's relative path is already absolute: the driver reads the same trials anywhere
+    frozen = spec_from_frozen(dump_spec(spec))
+    assert [t.spec for t in expand(frozen)] == [t.spec for t in trials]
+    assert "a task name is 1-40 chars" in error_of(sweep_spec(assets, tmp_path, {"tasks": {"Bad.Name": {}}}))

@@ -24,8 +24,8 @@ from workers.store import StoredFolder, open_store
 
 
 def write_bundle(spec: JobSpec, members: list[dict], metric: str, prefix: str) -> StoredFolder:
-    """`members`: per trial its name, values, metric, adapter (a StoredFolder) and CorDA init (or None), best
-    first; the bundle is written to `prefix` in the job's store."""
+    """`members`: per adapter its name (the trial's, or its task's), trial, values, metric, adapter (a StoredFolder)
+    and CorDA init (or None), best first; the bundle is written to `prefix` in the job's store."""
     start_job_process()
     base = str(spec.model.path)
     with tempfile.TemporaryDirectory(prefix="peftfleet-bundle-") as tmp:
@@ -48,7 +48,7 @@ def write_bundle(spec: JobSpec, members: list[dict], metric: str, prefix: str) -
 def readme(spec: JobSpec, members: list[dict], metric: str) -> str:
     first = members[0]["name"]
     note = "CorDA: converted to the original base"
-    rows = "\n".join(f"| `{m['name']}` | {', '.join(f'{k}={v}' for k, v in m['values'].items())} | "
+    rows = "\n".join(f"| `{m['name']}` | {m['trial']} | {', '.join(f'{k}={v}' for k, v in m['values'].items())} | "
                      f"{m['best']:.4f} | {m['status']} | {note if m['corda_init'] else ''} |" for m in members)
     load = "\n".join(f'model.load_adapter("adapter_bundle/{m["name"]}", adapter_name="{m["name"]}")'
                      for m in members[1:])
@@ -56,8 +56,8 @@ def readme(spec: JobSpec, members: list[dict], metric: str) -> str:
 
 {len(members)} adapters of one sweep, best first by {metric}, all on the base model `{spec.model.path}`.
 
-| adapter | values | best {metric} | trial | note |
-|---|---|---|---|---|
+| adapter | trial | values | best {metric} | status | note |
+|---|---|---|---|---|---|
 {rows}
 
 ```python

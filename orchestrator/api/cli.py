@@ -193,7 +193,7 @@ def cmd_status(args) -> int:
     print_table(("stage", "state", "started", "ended", "peak memory per process (MiB, of what it reserved)"),
                 [(s.name, s.state, s.started_at or "-", s.ended_at or "-", _peaks(s)) for s in record.stages])
     if record.trials:
-        metric = next(k for k in record.trials[0] if k not in ("trial", "state", "step", "best", "reason"))
+        metric = next(k for k in record.trials[0] if k not in ("trial", "task", "state", "step", "best", "reason"))
         print_table(("trial", "state", "step", f"last {metric}", "best", "why"),
                     [(t["trial"], t["state"], str(t["step"] or "-"), _num(t[metric]), _num(t["best"]),
                       t.get("reason") or "") for t in record.trials])

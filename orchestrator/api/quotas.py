@@ -8,6 +8,7 @@ full-model output (each merged@α, CorDA's residual base) plus the adapters.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -15,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from jobspecs import JobSpec
 from jobspecs.remote import Location, S3Uri, is_remote, top_files
 from jobspecs.schema import input_paths
+from jobspecs.trials import decomposition_key, expand
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
@@ -49,9 +51,11 @@ class Limits(BaseModel):
 
 
 def _stages(spec: JobSpec) -> list[tuple[str, int, bool]]:
-    """(spec section, worker processes, on GPUs) of each stage that starts workers."""
-    stages = [("train", spec.train.num_workers, spec.train.use_gpu)]
-    if spec.init.method == "corda":
+    """(spec section, worker processes, on GPUs) of each stage that starts workers (a sweep's trains as many
+    trials at once as it may)."""
+    at_once = spec.sweep.max_concurrent_trials if spec.sweep else 1
+    stages = [("train", spec.train.num_workers * at_once, spec.train.use_gpu)]
+    if spec.uses_corda:
         corda = spec.init.corda_spec
         stages.append(("init.corda", corda.num_workers, corda.use_gpu))
     return stages
@@ -77,7 +81,9 @@ def model_bytes(folder: Location) -> int:
 def artifact_bytes(spec: JobSpec) -> int:
     """An upper estimate of the job's artifacts: the model once per full-model output."""
     full = len(spec.export.merge_alphas) if "merged" in spec.export.formats else 0
-    full += 1 if spec.init.method == "corda" else 0  # the residual base
+    # a residual base per CorDA decomposition (a sweep's distinct ones)
+    specs = [t.spec for t in expand(spec, {"check_files": False})] or [spec]
+    full += len({json.dumps(key, sort_keys=True) for s in specs if (key := decomposition_key(s)) is not None})
     return full * model_bytes(spec.model.path)
 
 

@@ -49,7 +49,8 @@ def seed_outliers(outcomes: list, axes: list[str], metric: str) -> dict[str, str
     """Trial name → why it is flagged, among repeats of one configuration that differ only in train.seed."""
     groups: dict[str, list] = {}
     for o in outcomes:
-        key = json.dumps({k: o.values.get(k) for k in axes if k != "train.seed"}, sort_keys=True, default=str)
+        key = json.dumps([o.task, {k: o.values.get(k) for k in axes if k != "train.seed"}], sort_keys=True,
+                         default=str)
         groups.setdefault(key, []).append(o)
     flagged = {}
     for group in groups.values():
@@ -71,7 +72,8 @@ def seed_outliers(outcomes: list, axes: list[str], metric: str) -> dict[str, str
 
 def _row(o, metric: str, flags: dict[str, str]) -> dict[str, Any]:
     rows = o.result.get("metrics", [])
-    return {"trial": o.name, **{k.rsplit(".", 1)[-1]: v for k, v in o.values.items()}, "status": o.status,
+    return {"trial": o.name, **({"task": o.task} if o.task else {}),
+            **{k.rsplit(".", 1)[-1]: v for k, v in o.values.items()}, "status": o.status,
             "trainable params": o.params, f"best {metric}": None if o.best is None else round(o.best, 4),
             "best step": o.result.get("best_step"), "steps": o.result.get("total_steps"),
             "tokens/s": round(rows[-1]["tokens_per_s"]) if rows else None,

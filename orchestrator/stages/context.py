@@ -76,6 +76,7 @@ class TrialOutcome:
     result: dict = field(default_factory=dict)  # its TrainResult but the adapter's bytes
     adapter: dict | None = None  # the StoredFolder of its best adapter, as a dict
     params: int = 0  # the adapter's trainable parameters
+    task: str | None = None  # sweep.tasks: the task it trained for
 
     @property
     def usable(self) -> bool:

@@ -37,12 +37,18 @@ def _bundle(ctx: Context) -> StoredFolder:
 
     sweep = ctx.needs("job_spec").sweep
     chosen = sweep.bundle_trials
-    usable = [o for o in ctx.trials if o.usable]
-    members = usable[:chosen] if isinstance(chosen, int) else [o for o in usable if o.name in chosen]
-    for name in sorted(set(chosen) - {o.name for o in members}) if isinstance(chosen, list) else ():
-        ctx.warnings.append(f"export: adapter_bundle leaves out trial {name}: it has no usable checkpoint")
+    usable = [o for o in ctx.trials if o.usable]  # best first
+    if isinstance(chosen, list):
+        members = [o for o in usable if o.name in chosen]
+        for name in sorted(set(chosen) - {o.name for o in members}):
+            ctx.warnings.append(f"export: adapter_bundle leaves out trial {name}: it has no usable checkpoint")
+    elif sweep.tasks:  # one adapter per task: its best trial, named for the task
+        members = [o for task in sweep.tasks if (o := next((u for u in usable if u.task == task), None))]
+    else:
+        members = usable[:chosen]
     init = ctx.trial_inits
     return model_task(ctx, "export", "bundle task", write_bundle, ctx.spec, [
-        {"name": o.name, "values": o.values, "best": o.best, "status": o.status, "adapter": o.adapter_folder(),
+        {"name": o.task if sweep.tasks and not isinstance(chosen, list) else o.name, "trial": o.name,
+         "values": o.values, "best": o.best, "status": o.status, "adapter": o.adapter_folder(),
          "corda_init": init[o.name].adapter if o.name in init else None} for o in members],
         sweep.metric, job_key(ctx.job_id, "artifacts/adapter_bundle"), retries=1)

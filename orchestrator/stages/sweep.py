@@ -38,8 +38,8 @@ class Board:
 
     def __init__(self, ctx: Context, trials: list[Trial], ended: dict[str, TrialOutcome]):
         self.ctx, self.metric = ctx, ctx.spec.sweep.metric
-        self.rows = {t.name: {"trial": t.name, "state": "pending", "step": 0, self.metric: None, "best": None}
-                     for t in trials}
+        self.rows = {t.name: {"trial": t.name, **({"task": t.task} if t.task else {}), "state": "pending",
+                              "step": 0, self.metric: None, "best": None} for t in trials}
         for outcome in ended.values():
             self.ended(outcome, write=False)
         self.write()
@@ -147,6 +147,12 @@ def run_trials(ctx: Context) -> None:
     ctx.published += [folder for o in outcomes.values() if (folder := o.adapter_folder())]
     ctx.trials = ranked + [o for o in outcomes.values() if not o.usable]
     best = ranked[0]
+    for task in sweep.tasks:  # each task ranks its own trials; the job's adapter is the first task's best
+        if mine := [o for o in ranked if o.task == task]:
+            log.info("sweep: task %s: best trial %s with %s %.4f", task, mine[0].name, sweep.metric, mine[0].best)
+        else:
+            ctx.warnings.append(f"sweep: task {task}: no trial has a usable checkpoint")
+    best = next((o for o in ranked if o.task == next(iter(sweep.tasks))), best) if sweep.tasks else best
     by_name = {t.name: t for t in trials}
     swept = list(dict.fromkeys(p for t in trials for p in t.values))
     flags = write_comparison(ctx.artifact_dir("report"), [outcomes[t.name] for t in trials], swept,
@@ -219,7 +225,8 @@ def _record(ctx: Context, trial: Trial, error: BaseException | None) -> TrialOut
 
     key = ctx.spec.sweep.metric
     storage_path, filesystem = train_storage(ctx.spec.storage, f"{ctx.job_id}/trials/{trial.name}")
-    outcome = TrialOutcome(trial.name, trial.values, "failed", reason=reason_of(error) if error else "")
+    outcome = TrialOutcome(trial.name, trial.values, "failed", reason=reason_of(error) if error else "",
+                           task=trial.task)
     if error is None:
         try:
             result = read_run(Result.from_path(f"{storage_path}/train", storage_filesystem=filesystem), key)
