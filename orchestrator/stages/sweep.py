@@ -265,6 +265,11 @@ def _callbacks(ctx: Context, todo: list[Trial], outcomes: dict[str, TrialOutcome
 
     # Tune must never see an exception from here: what fails is recorded after Tune returns instead.
     class Trials(Callback):
+        def __getstate__(self) -> dict:
+            # Tune pickles its run config for Tuner.restore, which a sweep never uses (a resubmitted job keeps its
+            # trials by their outcomes); the store's client (an S3 one holds an SSL context) cannot be pickled.
+            return {}
+
         def on_trial_start(self, iteration, trials, trial, **info):
             _quietly(board.update, trial.config["trial"], state="running")
 
