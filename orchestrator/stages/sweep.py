@@ -9,6 +9,7 @@ their checkpoints. The best trial by sweep.metric becomes the job's TrainResult,
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -255,43 +256,46 @@ def _record(ctx: Context, trial: Trial, error: BaseException | None) -> TrialOut
 
 
 def _callbacks(ctx: Context, todo: list[Trial], outcomes: dict[str, TrialOutcome], board: Board):
-    """Tune's callback on the driver: our progress line per trial report (Tune's own tables are off), and each
-    ended trial's outcome recorded at once."""
+    """Tune's callback on the driver: our progress line per trial report (Tune's own tables are off), each ended
+    trial's outcome recorded at once, and the placement groups stopped trials leave behind released."""
+    callback = _callback_class()()
+    callback.ctx, callback.by_name, callback.outcomes, callback.board = ctx, {t.name: t for t in todo}, outcomes, board
+    callback.metric, callback.groups = ctx.spec.sweep.metric, {}  # trial → its worker group's placement group
+    return callback
+
+
+@functools.cache
+def _callback_class() -> type:
+    """Made on first use (ray.tune is imported only by sweeps). Its state lives on the instance, never in a
+    closure: Tune pickles its run config (for Tuner.restore, which a sweep never uses: a resubmitted job keeps its
+    trials by their outcomes), and the store's client (an S3 one holds an SSL context) cannot be pickled."""
     from ray.tune import Callback
-
-    metric, by_name = ctx.spec.sweep.metric, {t.name: t for t in todo}
-
-    groups: dict[str, str] = {}  # trial → its Ray Train worker group's placement group (hex id)
 
     # Tune must never see an exception from here: what fails is recorded after Tune returns instead.
     class Trials(Callback):
         def __getstate__(self) -> dict:
-            # Tune pickles its run config for Tuner.restore, which a sweep never uses (a resubmitted job keeps its
-            # trials by their outcomes); the store's client (an S3 one holds an SSL context) cannot be pickled.
             return {}
 
         def on_trial_start(self, iteration, trials, trial, **info):
-            _quietly(board.update, trial.config["trial"], state="running")
+            _quietly(self.board.update, trial.config["trial"], state="running")
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
-            name, value = trial.config["trial"], result.get(metric, float("nan"))
-            groups[name] = result.get("placement_group", groups.get(name))
-            log.info("sweep: trial %s step %s %s %.4f", name, result.get("step"), metric, value)
-            _quietly(board.update, name, step=result.get("step"), **{metric: value})
+            name, value = trial.config["trial"], result.get(self.metric, float("nan"))
+            self.groups[name] = result.get("placement_group", self.groups.get(name))
+            log.info("sweep: trial %s step %s %s %.4f", name, result.get("step"), self.metric, value)
+            _quietly(self.board.update, name, step=result.get("step"), **{self.metric: value})
 
         def on_trial_complete(self, iteration, trials, trial, **info):  # finished, or stopped by the scheduler
             name = trial.config["trial"]
-            _quietly(release_placement_groups, [groups.pop(name, None)])
-            if outcome := _quietly(_record, ctx, by_name[name], None):
-                outcomes[name] = outcome
-                _quietly(board.ended, outcome)
+            _quietly(release_placement_groups, [self.groups.pop(name, None)])
+            if outcome := _quietly(_record, self.ctx, self.by_name[name], None):
+                self.outcomes[name] = outcome
+                _quietly(self.board.ended, outcome)
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            _quietly(release_placement_groups, [groups.pop(trial.config["trial"], None)])
+            _quietly(release_placement_groups, [self.groups.pop(trial.config["trial"], None)])
 
-    callback = Trials()
-    callback.groups = groups
-    return callback
+    return Trials
 
 
 def _quietly(fn, *args, **kwargs):
