@@ -52,6 +52,7 @@ def corda(r: int) -> dict:
 def run(tmp: Path, raw: dict) -> dict:
     """Submit, then follow the driver's log: wall seconds, seconds to the first optimizer step, the record."""
     state = tmp / "state"
+    tmp.mkdir(parents=True, exist_ok=True)
     path = write_spec(tmp / f"{raw['name']}.yaml", raw)
     t0 = time.perf_counter()
     job_id = cli(state, "submit", path, check=True).stdout.strip()
