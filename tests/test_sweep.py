@@ -50,6 +50,12 @@ def test_a_grid_runs_every_trial_stops_a_diverging_one_early_and_exports_the_bes
     assert f"sweep: best trial {best}" in run.stderr and "2 finished, 2 stopped early, 0 failed" in run.stderr
     assert re.search(r"\(RayTrainWorker pid=\d+\) trial t02-r8-lr0p01: step 6/6 loss", run.stderr)
 
+    status = cli(state_dir, "status", job_id, check=True).stdout
+    assert f"best so far: {best}" in status and "stopped by ASHA at step 2/6" in status
+    trial_log = cli(state_dir, "logs", job_id, "--trial", "t01-r4-lr50", check=True).stdout
+    assert "trial t01-r4-lr50 stopped (stopped by ASHA" in trial_log and "t00-r4-lr0p01" not in trial_log
+    assert "has no trial 't09'" in cli(state_dir, "logs", job_id, "--trial", "t09").stderr
+
     cli(state_dir, "fetch", job_id, tmp_path / "out", check=True)
     out = tmp_path / "out"
     for name, outcome in outcomes.items():  # every trial keeps its best adapter, of its own rank
