@@ -152,12 +152,14 @@ def test_a_resubmitted_sweep_keeps_its_ended_trials_resumes_the_others_and_flags
     second = resumed.stderr.rsplit("--- attempt", 1)[-1]  # the job's log holds both attempts
     assert (f"4 trials (train.learning_rate, train.seed), {len(kept)} ended in an earlier run, {4 - len(kept)} to run"
             in second)
-    assert all(re.search(rf"trial {name}: resumed from step [24]", second) for name in interrupted), second[-3000:]
+    resumed_at = {name: re.search(rf"trial {name}: resumed from step ([24])", second) for name in interrupted}
+    assert all(resumed_at.values()), second[-3000:]
     assert not [name for name in kept if f"trial {name}:" in second]  # not trained again
     assert {name: (trials / name / "trial.json").read_bytes() for name in kept} == kept
     outcomes = trial_outcomes(store, job_id)
     assert [o["status"] for o in outcomes.values()] == ["finished"] * 4
-    assert all(outcomes[name]["result"]["resumed_from"] in ([2], [4]) for name in interrupted)
+    for name, match in resumed_at.items():  # from its last step, a run saves no further checkpoint to say so
+        assert outcomes[name]["result"]["resumed_from"] == ([2] if match[1] == "2" else []), outcomes[name]
     sweep = json.loads((store / "jobs" / job_id / "artifacts" / "report" / "sweep.json").read_text())
     assert list(sweep["flagged"]) == ["t03-seed3-lr1"], sweep["flagged"]
     assert "t03-seed3-lr1 looks like an abnormal seed" in resumed.stderr

@@ -226,9 +226,19 @@ class TrialLines:
 
     def write(self, text: str) -> None:
         *lines, self.partial = (self.partial + text).split("\n")
-        self.sink.write("".join(f"{line}\n" for line in lines if self.mark + ":" in line or self.mark + " " in line))
+        self.sink.write("".join(f"{line}\n" for line in lines if self._mine(line)))
+
+    def _mine(self, line: str) -> bool:
+        return self.mark + ":" in line or self.mark + " " in line
 
     def flush(self) -> None:
+        self.sink.flush()
+
+    def close(self) -> None:
+        """The last line, if the log ended without a newline."""
+        if self._mine(self.partial):
+            self.sink.write(self.partial + "\n")
+        self.partial = ""
         self.sink.flush()
 
 
@@ -249,15 +259,17 @@ def cmd_logs(args) -> int:
         if args.follow:
             gateway.follow(args.job, sink)
         else:
-            sink.write(gateway.read_log(args.job)[0] + "\n")
-        return 0
-    entry = _index(args).get(args.job)
-    if args.follow:
-        follow(entry, sink, verbose=args.verbose)
-        return 0
-    if entry.log and not args.verbose and not Path(entry.log).exists():
-        raise JobError(f"no log for {args.job} at {entry.log}")
-    sink.write(read_log(entry, verbose=args.verbose)[0] + ("\n" if args.trial else ""))
+            sink.write(gateway.read_log(args.job)[0])
+    else:
+        entry = _index(args).get(args.job)
+        if args.follow:
+            follow(entry, sink, verbose=args.verbose)
+        else:
+            if entry.log and not args.verbose and not Path(entry.log).exists():
+                raise JobError(f"no log for {args.job} at {entry.log}")
+            sink.write(read_log(entry, verbose=args.verbose)[0])
+    if isinstance(sink, TrialLines):
+        sink.close()
     return 0
 
 
