@@ -429,18 +429,19 @@ def test_a_folder_swapped_for_a_link_after_the_gateway_checked_it_fails_the_job(
 
 def test_limits_refuse_what_a_user_may_never_have_and_what_they_hold_already_and_deadlines_cancel(
         head, assets, tmp_path):
-    limits = {"jobs_in_flight": 2, "workers": 3, "gpus": 0, "steps": 1000, "job_hours": 0.01, "artifact_gib": 1e-5,
+    limits = {"jobs_in_flight": 2, "workers": 3, "gpus": 0, "steps": 100_000, "job_hours": 0.01, "artifact_gib": 1e-5,
               "merge_alphas": 2}
     with gateway(head, tmp_path, data_root=assets, storage={"uri": f"file://{tmp_path / 'store'}"},
                  limits=limits, deadline_poll_s=1) as small:
         def post(spec: dict, user: str = "alice") -> requests.Response:
             return call(small, "POST", "/v1/jobs", user=user, json={"spec": spec})
 
-        spec = gateway_spec(max_steps=1000)  # minutes of steps: it runs into its deadline (36 s)
+        # an hour of steps even on an idle machine (1000 took 25 s there: a race with the 36 s deadline)
+        spec = gateway_spec(max_steps=100_000)
         for change, loc, says in [
             ({"train": {**spec["train"], "num_workers": 4}}, ["train", "num_workers"], "limits.workers"),
             ({"train": {**spec["train"], "use_gpu": True}}, ["train", "use_gpu"], "limits.gpus"),
-            ({"train": {**spec["train"], "max_steps": 1001}}, ["train", "max_steps"], "limits.steps"),
+            ({"train": {**spec["train"], "max_steps": 100_001}}, ["train", "max_steps"], "limits.steps"),
             ({"export": {"formats": ["adapter"], "merge_alphas": [0.25, 0.5, 1.0]}}, ["export", "merge_alphas"],
              "limits.merge_alphas"),
             ({"export": {"formats": ["adapter", "merged"]}}, ["export", "formats"], "limits.artifact_gib")]:
