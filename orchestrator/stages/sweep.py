@@ -84,9 +84,15 @@ class Decomposition:
     trials: tuple[str, ...]
 
 
+def trials_of(spec: JobSpec) -> list[Trial]:
+    """The sweep's trials, as the stages read them: their files were checked when the driver read the frozen spec
+    (a sweep over inputs in a bucket would otherwise list it again for every stage)."""
+    return expand(spec, {"check_files": False})
+
+
 def decompositions(spec: JobSpec) -> list[Decomposition]:
     found: dict[str, list[Trial]] = {}
-    for trial in expand(spec):
+    for trial in trials_of(spec):
         if (key := decomposition_key(trial.spec)) is not None:
             found.setdefault(json.dumps(key, sort_keys=True), []).append(trial)
     return [Decomposition(f"d{i}-r{group[0].spec.adapter.r}-{group[0].spec.init.corda_spec.mode}", group[0].spec,
@@ -123,7 +129,7 @@ def run_trials(ctx: Context) -> None:
     from workers.train_loop import TrainResult
 
     sweep = ctx.spec.sweep
-    trials = expand(ctx.spec)
+    trials = trials_of(ctx.spec)
     outcomes = {t.name: o for t in trials if (o := load_outcome(ctx, t.name)) and o.status != "failed"}
     todo = [t for t in trials if t.name not in outcomes]
     log.info("sweep: %d trials (%s), %d ended in an earlier run, %d to run, %d at a time%s", len(trials),
@@ -147,13 +153,13 @@ def run_trials(ctx: Context) -> None:
                            "; ".join(f"{o.name}: {o.status} {o.reason}" for o in outcomes.values()))
     ctx.published += [folder for o in outcomes.values() if (folder := o.adapter_folder())]
     ctx.trials = ranked + [o for o in outcomes.values() if not o.usable]
-    best = ranked[0]
     for task in sweep.tasks:  # each task ranks its own trials; the job's adapter is the first task's best
         if mine := [o for o in ranked if o.task == task]:
             log.info("sweep: task %s: best trial %s with %s %.4f", task, mine[0].name, sweep.metric, mine[0].best)
         else:
             ctx.warnings.append(f"sweep: task {task}: no trial has a usable checkpoint")
-    best = next((o for o in ranked if o.task == next(iter(sweep.tasks))), best) if sweep.tasks else best
+    first_task = next(iter(sweep.tasks), None)  # None without tasks: every trial's task
+    best = next((o for o in ranked if o.task == first_task), ranked[0])
     by_name = {t.name: t for t in trials}
     swept = list(dict.fromkeys(p for t in trials for p in t.values))
     flags = write_comparison(ctx.artifact_dir("report"), [outcomes[t.name] for t in trials], swept,
