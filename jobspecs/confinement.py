@@ -73,8 +73,8 @@ def _regular(path: Path, what: str) -> None:
 
 def entry(folder: Path, name: str, what: str) -> Path:
     """The file `name` (from an index inside `folder`) names: a relative path that stays in `folder`."""
-    parts = PurePosixPath(name).parts
-    if not isinstance(name, str) or not parts or PurePosixPath(name).is_absolute() or ".." in parts:
+    parts = PurePosixPath(name).parts if isinstance(name, str) else ()
+    if not parts or PurePosixPath(name).is_absolute() or ".." in parts:
         raise Outside(f"{what}: names {name!r}, which is not a file inside {folder}")
     return Path(folder, *parts)
 

@@ -9,7 +9,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from jobspecs.schema import JobSpec, input_problems
+from jobspecs.schema import JobSpec, input_paths, input_problems
 from jobspecs.trials import InvalidTrial, expand, shared_calibration_problem
 
 
@@ -51,10 +51,36 @@ def _problems(err: ValidationError) -> list[tuple[str, str]]:
     return problems
 
 
+# A spec is a few hundred values; these bound the work of reading one (YAML aliases can make a 1 KB file
+# stand for billions of values, and every later step walks what it holds).
+MAX_VALUES = 100_000
+MAX_DEPTH = 32
+
+
+def _bounded(data: Any) -> str | None:
+    """Why `data` is too big or too deep to be a spec (None: it is not), counted with an early stop: a value
+    reached through several aliases counts each time, as every later step would see it."""
+    pending, seen = [(data, 0)], 0
+    while pending:
+        value, depth = pending.pop()
+        seen += 1
+        if seen > MAX_VALUES:
+            return f"more than {MAX_VALUES} values (YAML aliases expanding?): a spec is a few hundred"
+        if depth > MAX_DEPTH:
+            return f"nested more than {MAX_DEPTH} levels deep"
+        if isinstance(value, dict):
+            pending += [(v, depth + 1) for v in (*value.keys(), *value.values())]
+        elif isinstance(value, list | tuple):
+            pending += [(v, depth + 1) for v in value]
+    return None
+
+
 def parse_spec(data: Any, source: str = "<spec>", base_dir: Path | None = None, check_files: bool = True) -> JobSpec:
     """Validate an already-parsed mapping. Relative paths resolve against `base_dir`."""
     if not isinstance(data, dict):
         raise SpecError(source, [("", f"a job spec is a YAML mapping, got {type(data).__name__}")])
+    if problem := _bounded(data):
+        raise SpecError(source, [("", problem)])
     base_dir = base_dir or Path.cwd()
     root = data.get("data_root")
     context = {"base_dir": base_dir, "check_files": check_files,
@@ -72,6 +98,12 @@ def parse_spec(data: Any, source: str = "<spec>", base_dir: Path | None = None, 
                                  for path, reason in _problems(err.error)]) from None
     except ValueError as err:
         raise SpecError(source, [("sweep", str(err))]) from None
+    if check_files and spec.data_root is not None:  # a trial's own inputs are confined like the spec's
+        checked = set(input_paths(spec))
+        for trial in (t for t in trials if set(input_paths(t.spec)) - checked):
+            if problems := input_problems(trial.spec):
+                raise SpecError(source, [("sweep", f"trial {trial.name}: {path}: {reason}")
+                                         for path, reason in problems])
     if problem := shared_calibration_problem(trials):
         raise SpecError(source, [("sweep", problem)])
     named = spec.sweep.bundle_trials if spec.sweep and isinstance(spec.sweep.bundle_trials, list) else []

@@ -211,6 +211,7 @@ def data_problem(location: Location, suffixes: tuple[str, ...]) -> str | None:
         files = {n for n in found if n and "/" not in n}
     else:  # every entry, whatever its type: confinement (which runs next) says what is wrong with a FIFO
         is_file, files = location.is_file(), {p.name for p in location.iterdir()} if location.is_dir() else set()
+    files = {n for n in files if not n.startswith(".")}  # hidden files are never read as data (workers skip them)
     if is_file:
         if location.suffix not in suffixes:
             return f"unsupported data file type {location.suffix!r} ({location}); use one of {', '.join(suffixes)}"

@@ -10,9 +10,11 @@ spec means the same thing from any working directory. Cross-field rules (what ca
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -61,7 +63,18 @@ def _resolve(value: Path, info: ValidationInfo) -> Path:
     path = value.expanduser()
     if not path.is_absolute() and base is not None:
         path = Path(base) / path
-    return path.resolve()
+    with readable(value):
+        return path.resolve()
+
+
+@contextlib.contextmanager
+def readable(path: object) -> Iterator[None]:
+    """Turn what the filesystem says of a path the spec names (a name too long, a folder that cannot be read) into
+    the ValueError a validator raises, so validation says which field, never a 500."""
+    try:
+        yield
+    except OSError as err:
+        raise ValueError(f"{path}: cannot be read ({err.strerror or type(err).__name__})") from None
 
 
 def _existing(value: Path, info: ValidationInfo) -> Path:
@@ -69,8 +82,9 @@ def _existing(value: Path, info: ValidationInfo) -> Path:
     root = (info.context or {}).get("data_root")
     if root is not None and not path.is_relative_to(root):  # before existence: the answer says nothing of the host
         raise ValueError(f"{value} is outside the data root {root}")
-    if (info.context or {}).get("check_files", True) and not path.exists():
-        raise ValueError(f"no such file or directory: {path}")
+    with readable(value):
+        if (info.context or {}).get("check_files", True) and not path.exists():
+            raise ValueError(f"no such file or directory: {path}")
     return path
 
 
@@ -92,6 +106,15 @@ InputPath = Annotated[Path | S3Uri, PlainValidator(_input), PlainSerializer(str,
 """An input: a local path that must exist (as ExistingPath), or `s3://bucket/prefix`, read with the AWS chain's
 endpoint and credentials and fetched once per node (workers/inputs.py); its objects are checked where the spec
 is validated with files (the validators below)."""
+
+
+def _prefix(value: object) -> S3Uri:
+    if not is_remote(value):
+        raise ValueError(f"an s3://bucket/prefix URI, not {value!r}")
+    return S3Uri.parse(value)
+
+
+Prefix = Annotated[S3Uri, PlainValidator(_prefix), PlainSerializer(str, when_used="json")]
 
 
 def _checks_files(info: ValidationInfo) -> bool:
@@ -140,8 +163,10 @@ class ModelSpec(Section):
         if isinstance(path, S3Uri):
             if problem := model_problem(path):
                 raise ValueError(problem)
-        elif not (path / "config.json").is_file():
-            raise ValueError(f"{path} is not a Hugging Face model folder (no config.json)")
+        else:
+            with readable(path):
+                if not (path / "config.json").is_file():
+                    raise ValueError(f"{path} is not a Hugging Face model folder (no config.json)")
         return path
 
     @property
@@ -163,8 +188,9 @@ class DataSource(Section):
     @field_validator("path")
     @classmethod
     def _known_format(cls, path: Location, info: ValidationInfo) -> Location:
-        if _checks_files(info) and (problem := data_problem(path, DATA_SUFFIXES)):
-            raise ValueError(problem)
+        with readable(path):
+            if _checks_files(info) and (problem := data_problem(path, DATA_SUFFIXES)):
+                raise ValueError(problem)
         return path
 
 
@@ -512,10 +538,11 @@ class ClusterSpec(Section):
         0, ge=0, description="CPUs reserved for the job's driver when it runs as a Ray job (`submit --address`, the "
         "gateway); Ray queues jobs whose driver does not fit. 0: the driver reserves nothing, like any Ray job."
     )
-    node_cache_dir: Path | None = Field(
+    node_cache_dir: Annotated[Path, AfterValidator(_resolve)] | None = Field(
         None, description="Folder on each node where stage outputs read from the store (residual_base, corda_init) "
-        "are cached, fetched once per node and shared by its processes; default: peftfleet-cache in the system "
-        "temp folder. Put it on the node's local disk, not a shared filesystem."
+        "are cached, fetched once per node and shared by its processes (and where layer-wise calibration spills); "
+        "default: peftfleet-cache in the system temp folder. Put it on the node's local disk, not a shared "
+        "filesystem, and never inside data_root: the job trusts what it finds there. A gateway sets its own."
     )
     node_cache_max_gib: float | None = Field(
         None, gt=0, description="Size limit of each node's cache (GiB): past it, the least recently used files are "
@@ -547,6 +574,11 @@ class JobSpec(Section):
         "file inside the folders it names (links resolved), every file an index names. The gateway sets its own "
         "and refuses specs that name one; unset (the CLI): links may lead anywhere."
     )
+    input_prefixes: list[Prefix] | None = Field(
+        None, description="Every s3:// input (and every object a node mirrors for it) must lie under one of these "
+        "prefixes. The gateway sets its user's limits.input_prefixes and refuses specs that name any; unset (the "
+        "CLI): any bucket the AWS chain's credentials can read."
+    )
 
     @field_validator("name")
     @classmethod
@@ -574,11 +606,26 @@ class JobSpec(Section):
         return self.data.format != "tokens" or bool(self.adapter.method == "prompt" and prompt and prompt.init_text)
 
     @model_validator(mode="after")
+    def _confined_outputs(self) -> JobSpec:
+        cache = self.cluster.node_cache_dir
+        if cache is not None and self.data_root is not None and cache.is_relative_to(self.data_root):
+            raise ValueError(f"cluster.node_cache_dir: {cache} is inside the data root {self.data_root}; the job "
+                             "trusts what it finds in its cache, so it must be a folder no user writes")
+        if self.input_prefixes is not None:
+            for where, uri in input_paths(self, S3Uri):
+                if not any(uri.is_relative_to(p) for p in self.input_prefixes):
+                    raise ValueError(f"{where}: {uri} is not under a prefix you may read inputs from "
+                                     f"(input_prefixes: {', '.join(self.input_prefixes) or 'none'})")
+        return self
+
+    @model_validator(mode="after")
     def _tokenizer(self, info: ValidationInfo) -> JobSpec:
         if not (info.context or {}).get("check_files", True):
             return self
         folder = self.model.tokenizer_path
-        problem = tokenizer_problem(folder)
+        with readable(folder):
+            problem = tokenizer_problem(folder)
+            pad_id = config_pad_id(self.model.path) if problem and self.data.pad_token_id is None else 0
         if problem and self.needs_tokenizer:
             which = ("model.tokenizer" if self.model.tokenizer else
                      "model.tokenizer: not set, so the model folder is used, and it")
@@ -586,7 +633,7 @@ class JobSpec(Section):
                    f"data.format {self.data.format!r} tokenizes text")
             raise ValueError(f"{which}: {folder} {problem}; {why}. Point model.tokenizer at a tokenizer folder "
                              "(save_pretrained of the model's tokenizer)")
-        if problem and self.data.pad_token_id is None and config_pad_id(self.model.path) is None:
+        if problem and self.data.pad_token_id is None and pad_id is None:
             raise ValueError(f"data.pad_token_id: needed for format tokens, since {folder} has no tokenizer and "
                              f"{self.model.path / 'config.json'} names no pad_token_id or eos_token_id")
         return self
@@ -685,7 +732,7 @@ def bias_names(tensors: list[str], targets: list[str] | str) -> list[str]:
     return [n for n in biases if n.removesuffix(".bias").rsplit(".", 1)[-1] in targets]
 
 
-_OUTPUTS = {"data_root", "cluster.node_cache_dir"}  # paths the job writes, not reads
+_OUTPUTS = {"data_root", "cluster.node_cache_dir", "input_prefixes"}  # not inputs: what confines them
 
 
 def input_paths(spec: JobSpec, kind: type = Path) -> list[tuple[str, Path]]:
@@ -693,13 +740,15 @@ def input_paths(spec: JobSpec, kind: type = Path) -> list[tuple[str, Path]]:
     found: list = []
 
     def walk(value: object, where: str) -> None:
+        if where in _OUTPUTS:
+            return
         if isinstance(value, dict):
             for key, item in value.items():
                 walk(item, f"{where}.{key}" if where else key)
         elif isinstance(value, list):
             for i, item in enumerate(value):
                 walk(item, f"{where}.{i}")
-        elif isinstance(value, kind) and where not in _OUTPUTS:
+        elif isinstance(value, kind):
             found.append((where, value))
 
     walk(spec.model_dump(), "")
@@ -719,22 +768,41 @@ def input_problems(spec: JobSpec) -> list[tuple[str, str]]:
             problems.append((where, str(err).removeprefix(f"{where}: ")))
     if spec.train.deepspeed_config is not None and not problems:
         problems += [("train.deepspeed_config", why) for why in deepspeed_problems(spec)]
-    indexes = [("model.path", spec.model.path / "model.safetensors.index.json", "weight_map")]
-    if spec.init.corda is not None and spec.init.corda.covariance_from is not None:
-        indexes.append(("init.corda.covariance_from", spec.init.corda.covariance_from / "groups.json", "file"))
-    for where, index, key in indexes:
-        if problems or not index.is_file():
-            continue
+    for where, index in [] if problems else _indexes(spec):
         try:
-            data = json.loads(index.read_text())
-            names = data[key].values() if key == "weight_map" else [row[key] for row in data]
-            for name in names:
-                entry(index.parent, name, where)
+            index_entries(index, where)
         except Outside as err:
             problems.append((where, f"{index.name} {str(err).removeprefix(f'{where}: ')}"))
-        except (ValueError, KeyError, TypeError, AttributeError):
+        except (ValueError, KeyError, TypeError, AttributeError, OSError):
             problems.append((where, f"{index} is not a valid {index.name}"))
     return problems
+
+
+# an index file → how to read the file names it holds
+_INDEX_NAMES = {
+    "model.safetensors.index.json": lambda data: data["weight_map"].values(),
+    "groups.json": lambda data: [row["file"] for row in data],
+    "state.json": lambda data: [f["filename"] for f in data["_data_files"]],  # datasets' save_to_disk
+}
+
+
+def _indexes(spec: JobSpec) -> list[tuple[str, Path]]:
+    """(field, index file) of every local index the job's inputs have."""
+    candidates = [("model.path", spec.model.path, "model.safetensors.index.json")]
+    if spec.init.corda is not None and spec.init.corda.covariance_from is not None:
+        candidates.append(("init.corda.covariance_from", spec.init.corda.covariance_from, "groups.json"))
+    candidates += [(f"data.{k}.path", source.path, "state.json") for k in ("train", "eval", "calibration")
+                   if (source := getattr(spec.data, k)) is not None]
+    return [(where, Path(folder, name)) for where, folder, name in candidates
+            if not isinstance(folder, S3Uri) and Path(folder, name).is_file()]
+
+
+def index_entries(index: Path, what: str) -> list[Path]:
+    """The files an index inside a folder names (a weight map, a covariance artifact's groups, a save_to_disk
+    folder's state.json), each checked to be a file of that folder (`entry`). Raises Outside, or ValueError /
+    KeyError / TypeError for an index that is not one."""
+    data = json.loads(Path(index).read_text())
+    return [entry(Path(index).parent, name, what) for name in _INDEX_NAMES[Path(index).name](data)]
 
 
 def confined_deepspeed_config(spec: JobSpec) -> dict:

@@ -107,6 +107,12 @@ class SweepSpec(Section):
     bundle_trials: int | list[str] = Field(4, description="What export format adapter_bundle holds: the best N "
                                            "trials by the metric, or these trials by name.")
 
+    @property
+    def size(self) -> int:
+        """How many trials the sweep expands to, from the lengths alone (nothing is built)."""
+        drawn = math.prod(len(v) for v in self.grid.values()) * self.num_samples if self.grid or self.random else 0
+        return max(1, len(self.tasks)) * (drawn + len(self.trials) or 1)
+
     def may_set(self, path: str, value: Any) -> bool:
         """Whether some trial sets `path` to `value`."""
         drawn = self.random.get(path)
@@ -178,4 +184,8 @@ class SweepSpec(Section):
         overlap = (set(self.grid) & set(self.random)) | (set(self.tie) & (set(self.grid) | set(self.random)))
         if overlap:
             raise ValueError(f"{sorted(overlap)[0]}: swept twice (grid, random and tie name distinct fields)")
+        if self.size > self.max_trials:  # counted before a single trial is built: the product may be huge
+            tasks = max(1, len(self.tasks))
+            raise ValueError(f"{self.size} trials ({tasks} task(s) × {self.size // tasks}) exceed sweep.max_trials "
+                             f"{self.max_trials}: raise the budget or sweep less")
         return self

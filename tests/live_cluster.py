@@ -58,8 +58,9 @@ def with_token(token: str | None, home: Path | None = None) -> dict:
 
 
 @contextlib.contextmanager
-def ray_head(log_dir: Path, num_cpus: int = 4, nice: int = 0) -> Iterator[SimpleNamespace]:
-    """`nice`: run Ray (and so every job's processes) at this niceness, as if the gateway had CPUs of its own."""
+def ray_head(log_dir: Path, num_cpus: int = 4, nice: int = 0, env: dict | None = None) -> Iterator[SimpleNamespace]:
+    """`nice`: run Ray (and so every job's processes) at this niceness, as if the gateway had CPUs of its own;
+    `env`: more of the head's environment (a bucket endpoint, as infra/ gives every Ray pod)."""
     token = secrets.token_hex(32)
     temp_dir = tempfile.mkdtemp(prefix="pfray-", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
     log = log_dir / "ray-start.log"
@@ -71,7 +72,7 @@ def ray_head(log_dir: Path, num_cpus: int = 4, nice: int = 0) -> Iterator[Simple
     token_file.chmod(0o400)
     env = {**with_token(None), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file),
            "PATH": f"{BIN}:{os.environ['PATH']}",
-           "RAY_JOB_STOP_WAIT_TIME_S": "30"}  # let a cancelled driver record its end before Ray kills it
+           "RAY_JOB_STOP_WAIT_TIME_S": "30", **(env or {})}  # let a cancelled driver record its end first
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             [*(["nice", "-n", str(nice)] if nice else []), str(BIN / "ray"), "start", "--head", "--block",
@@ -114,7 +115,7 @@ def gateway(head: SimpleNamespace, root: Path, data_root: Path, storage: dict,
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_http(f"{url}/readyz", lambda r: r.ok, "gateway", proc, log)
-        yield SimpleNamespace(url=url, tokens=tokens, log=log, pid=proc.pid)
+        yield SimpleNamespace(url=url, tokens=tokens, log=log, pid=proc.pid, root=root)
     finally:
         _stop(proc)
 

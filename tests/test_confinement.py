@@ -165,3 +165,37 @@ def test_without_a_data_root_the_deepspeed_json_is_used_verbatim(root):
     spec = spec_in(root, train={"deepspeed_config": "ds.json"})
     del spec["data_root"]
     assert deepspeed_config(parse_spec(spec, base_dir=root), 1)["flops_profiler"]["output_file"] == "/tmp/pwned"
+
+
+def test_a_save_to_disk_folder_naming_files_outside_it_is_refused(root):
+    """datasets joins the file names its state.json lists to the folder unchecked: they go through `entry`."""
+    import datasets
+
+    from jobspecs.schema import DataSource
+    from workers.data import load_records
+
+    datasets.Dataset.from_dict({"prompt": ["p"], "response": ["r"]}).save_to_disk(str(root / "ds"))
+    shutil.copy(root / "ds" / "data-00000-of-00001.arrow", root / "elsewhere.arrow")
+    state = root / "ds" / "state.json"
+    state.write_text(state.read_text().replace('"data-00000-of-00001.arrow"', '"../elsewhere.arrow"'))
+    spec = spec_in(root)
+    spec["data"]["train"] = "ds"
+    [(where, why)] = problems(root, spec)
+    assert where == "data.train.path" and why.startswith("state.json names '../elsewhere.arrow', which is not")
+    with pytest.raises(Outside, match="which is not a file inside"):
+        load_records(DataSource(path=root / "ds"))
+
+
+def test_a_node_cache_inside_the_root_is_refused_however_it_is_spelled(root):
+    """The job trusts its cache (verified copies, spill files): no user may write there."""
+    for spelled in (root / "cache", root.parent / "elsewhere" / ".." / root.name / "cache"):
+        [(where, why)] = problems(root, spec_in(root, cluster={"node_cache_dir": str(spelled)}))
+        assert where == "cluster.node_cache_dir" and "is inside the data root" in why
+    outside = parse_spec(spec_in(root, cluster={"node_cache_dir": str(root / ".." / "cache")}), base_dir=root)
+    assert outside.cluster.node_cache_dir == root.parent / "cache"  # resolved
+
+
+@pytest.mark.parametrize("path", ["a" * 5000, "/".join(["b" * 255] * 20)])
+def test_a_path_the_filesystem_refuses_is_a_field_error(root, path):
+    [(where, why)] = problems(root, spec_in(root, model={"path": path}))
+    assert where == "model.path" and "File name too long" in why

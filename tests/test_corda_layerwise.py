@@ -114,8 +114,8 @@ def test_killed_actor_mid_block_resumes_from_its_checkpoint(local_ray, assets, t
         # legitimately replay a block for the shard it interrupted.
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and not killed:
-            done = len(list(tmp_path.glob("cache/layerwise/*/actor-*/*.block-1.pt")))
-            last = len(list(tmp_path.glob("cache/layerwise/*/actor-*/*.block-2.pt")))
+            done = len(list(tmp_path.glob("cache/layerwise/*/actor-*/*.block-1.safetensors")))
+            last = len(list(tmp_path.glob("cache/layerwise/*/actor-*/*.block-2.safetensors")))
             if done == 32 and last < 30:
                 pids = [p.pid for p in ray_processes("ray::LayerwiseWorker.block")]
                 if pids:
@@ -135,7 +135,7 @@ def test_killed_actor_mid_block_resumes_from_its_checkpoint(local_ray, assets, t
     assert_same(ours(disturbed), ours(calm), exact=True)
     # the restarted actor read its node's checkpoint: no block was recomputed from the embeddings
     assert sum(s.replayed for s in disturbed.calibration.shards) == 0
-    assert not any(tmp_path.glob("cache/layerwise/*/actor-*/*.pt"))  # checkpoints are removed at the end
+    assert not any(tmp_path.glob("cache/layerwise/*/actor-*/*.safetensors"))  # checkpoints are removed at the end
 
 
 def test_auto_picks_layerwise_when_a_replica_does_not_fit(assets, tmp_path):
@@ -144,3 +144,44 @@ def test_auto_picks_layerwise_when_a_replica_does_not_fit(assets, tmp_path):
     # the runtime floor alone (~0.45 GiB) exceeds this: no replica fits
     assert choose_corda_strategy(corda_spec(assets, tmp_path, actor_memory_gib=0.2)) == "layerwise"
     assert choose_corda_strategy(corda_spec(assets, tmp_path, strategy="replica", actor_memory_gib=0.2)) == "replica"
+
+
+class _Payload:
+    """What an attacker plants: unpickling it runs a command."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_planted_spill_file_is_never_unpickled_and_a_folder_made_first_is_refused(local_ray, assets, tmp_path):
+    """The attack on the layer-wise spill files (a pickle written where an actor reads its hidden states back):
+    the actor reads tensors only, and will not adopt a spill folder it did not make."""
+    import pickle
+
+    import ray
+
+    from workers.layerwise import LayerwiseWorker
+    from workers.node_cache import NodeCache
+
+    cache = NodeCache(tmp_path / "cache")
+    Actor = ray.remote(LayerwiseWorker).options(num_cpus=0, max_restarts=0)
+    args = (str(assets / "tiny-llama"), "float32", "float32", "peft", "cpu", {0: [[1, 2, 3, 4]]}, 1, 0, cache)
+    made_first = tmp_path / "cache" / "layerwise" / "job-1" / "actor-0"
+    made_first.mkdir(parents=True)
+    with pytest.raises(ray.exceptions.RayActorError, match="exists before its actor made it"):
+        ray.get(Actor.remote(*args, "job-1/actor-0").where.remote())
+
+    actor = Actor.remote(*args, "job-2/actor-0")
+    groups = ray.get(actor.groups.remote(["q_proj", "v_proj"]))
+    marker = tmp_path / "pwned"
+    folder = tmp_path / "cache" / "layerwise" / "job-2" / "actor-0"
+    for name in ("shard-0.block-0.safetensors", "shard-0.block-0.pt"):
+        (folder / name).write_bytes(pickle.dumps(_Payload(marker)))
+    with pytest.raises(ray.exceptions.RayTaskError) as err:
+        ray.get(actor.block.remote(0, groups[0]))
+    assert "SafetensorError" in str(err.value) or "header" in str(err.value).lower(), err.value
+    assert not marker.exists(), "the planted pickle ran"
+    ray.kill(actor)

@@ -171,3 +171,49 @@ def test_a_layer_wise_walk_fetches_only_the_shards_of_the_blocks_it_reads(remote
     fetched = sorted(p.name for p in walk.path.glob("*.safetensors"))
     assert fetched == sorted({where[n] for n in block}) and len(set(where.values())) > len(fetched)
     assert all(rng is None for line, rng in proxy.requests if any(f in line for f in fetched) and rng is None)
+
+
+def test_a_listing_is_trusted_only_where_this_node_wrote_it(remote, assets, tmp_path):
+    """A `.peftfleet-listing.json` a user puts in a folder they name (pointing at another user's bucket, naming
+    files outside the folder), one copied from a real mirror, or a real one edited: no listing at all."""
+    import json
+    import shutil
+
+    from workers.data import data_files
+    from workers.inputs import LISTING, confinement_root, listed_files
+
+    bucket, client, proxy = remote
+    client.put_object(Bucket=bucket, Key="bob/train.jsonl", Body=b'{"prompt": "BOB-SECRET", "response": "x"}\n')
+    cache = NodeCache(tmp_path / "node")
+    mirror = local(f"s3://{bucket}/models/tiny", cache)
+    real = json.loads((mirror / LISTING).read_text())
+    forged_folder = tmp_path / "mine"
+    forged_folder.mkdir()
+    (forged_folder / "a.jsonl").write_text('{"prompt": "mine", "response": "x"}\n')
+    (tmp_path / "outside.jsonl").write_text("{}\n")
+    forged = {"uri": f"s3://{bucket}/bob", "cache": cache.settings(), "files": {"train.jsonl": [52, "", ""],
+                                                                              "../outside.jsonl": [3, "", ""]}}
+    copied = tmp_path / "copied"
+    shutil.copytree(mirror, copied)
+    tampered = {**real, "files": {**real["files"], "../../etc/passwd": [1, "", ""]}}
+    proxy.requests.clear()
+    for folder, listing in ((forged_folder, forged), (forged_folder, {**forged, "mac": real["mac"]}),
+                            (copied, None), (mirror, tampered)):
+        if listing is not None:
+            (folder / LISTING).write_text(json.dumps(listing))
+        names = listed_files(folder)
+        assert "train.jsonl" not in names and not any(".." in n for n in names), names
+        assert confinement_root(tmp_path / "root", folder) == tmp_path / "root"  # an ordinary folder
+        assert present(folder / "config.json") == folder / "config.json"  # nothing fetched for it
+    assert [p.name for p in data_files(forged_folder)] == ["a.jsonl"]
+    assert not [line for line, _ in proxy.requests if "/bob/" in line]  # bob's bucket was never asked
+
+    # A real listing is read back; its bucket must be under the job's input prefixes, like every input.
+    fresh = local(f"s3://{bucket}/models/tiny", cache)
+    assert "model.safetensors" in listed_files(fresh) and confinement_root(None, fresh) == fresh.resolve()
+    fenced = NodeCache(tmp_path / "fenced", prefixes=[f"s3://{bucket}/data"])
+    with pytest.raises(PermissionError, match="not under the job's input_prefixes"):
+        local(f"s3://{bucket}/models/tiny", fenced)
+    data = local(f"s3://{bucket}/data/train.jsonl", fenced)
+    assert present(data).read_bytes() == (assets / "train.jsonl").read_bytes()
+

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import re
 import secrets
 import shutil
@@ -25,8 +26,9 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def head(tmp_path_factory):
-    with ray_head(tmp_path_factory.mktemp("ray-head")) as running:
+def head(tmp_path_factory, s3_endpoint):
+    # Ray's pods read inputs in a bucket from the endpoint the AWS chain names (infra/ sets it)
+    with ray_head(tmp_path_factory.mktemp("ray-head"), env={"AWS_ENDPOINT_URL_S3": s3_endpoint}) as running:
         yield running
 
 
@@ -80,10 +82,16 @@ def test_cli_runs_a_job_on_the_cluster_and_the_record_outlives_it(head, tmp_path
 def test_gateway_config_errors_name_the_file_and_field(tmp_path, state_dir):
     users = tmp_path / "users.yaml"
     users.write_text("users:\n  alice: not-a-digest\n")
-    config = {"ray_address": "http://127.0.0.1:1", "storage": {"uri": f"file://{tmp_path}"},
-              "users_file": str(users), "data_root": str(tmp_path)}
+    config = {"ray_address": "http://127.0.0.1:1", "storage": {"uri": f"file://{tmp_path / 'store'}"},
+              "users_file": str(users), "data_root": str(tmp_path / "data")}
     bad_users = cli(state_dir, "serve", write_spec(tmp_path / "gateway.yaml", config))
     assert bad_users.returncode == 2 and f"{users}: users.alice: must be the sha256 hex digest" in bad_users.stderr
+    # what the gateway and its jobs trust must not be where users put files
+    for key, value in (("storage", {"uri": f"file://{tmp_path / 'data' / 'store'}"}),
+                       ("state_dir", str(tmp_path / "data" / "state")),
+                       ("node_cache_dir", str(tmp_path / "elsewhere" / ".." / "data" / "cache"))):
+        inside = cli(state_dir, "serve", write_spec(tmp_path / "gateway.yaml", {**config, key: value}))
+        assert inside.returncode == 2 and f"is inside data_root {tmp_path / 'data'}" in inside.stderr, inside.stderr
     del config["ray_address"]
     missing = cli(state_dir, "serve", write_spec(tmp_path / "gateway.yaml", config))
     assert missing.returncode == 2 and "gateway.yaml" in missing.stderr and "ray_address" in missing.stderr
@@ -101,7 +109,8 @@ def gw(head, assets, s3_endpoint, tmp_path_factory):
     storage = {"uri": f"s3://{bucket}/gw", "endpoint_url": s3_endpoint, "region": "us-east-1"}
     # alice may read inputs under s3://<bucket>/inputs; bob (his own limits) from no bucket
     limits = {"jobs_in_flight": 30, "workers": 30}
-    with gateway(head, tmp_path_factory.mktemp("gateway"), data_root=assets, storage=storage,
+    root = tmp_path_factory.mktemp("gateway")
+    with gateway(head, root, data_root=assets, storage=storage, node_cache_dir=str(root / "node-cache"),
                  limits={**limits, "input_prefixes": [f"s3://{bucket}/inputs"]}, user_limits={"bob": limits},
                  env={"AWS_ENDPOINT_URL_S3": s3_endpoint}) as running:
         running.bucket, running.s3_endpoint, running.ray_token = bucket, s3_endpoint, head.token
@@ -217,6 +226,47 @@ def test_gateway_refusals(gw, case):
     assert not any(t in response.text for t in gw.tokens.values())
 
 
+def _swept(spec: dict, grid: dict) -> dict:
+    return {**spec, "sweep": {"grid": grid, "metric": "loss"}}
+
+
+# what a user tried against the last review's fixes (issue 27): each is refused naming the field and the reason
+ATTACKS = {
+    # the cache and the spill folders are the deployment's: a spec naming one is refused, however it is spelled
+    "node_cache_dir": (lambda s: {**s, "cluster": {"node_cache_dir": "../../../../var/anywhere"}},
+                       "cluster.node_cache_dir", "set by the gateway"),
+    "input_prefixes": (lambda s: {**s, "input_prefixes": ["s3://anything"]}, "input_prefixes", "set by the gateway"),
+    "max_seq_len": (lambda s: {**s, "data": {**s["data"], "max_seq_len": 10**12}}, "data.max_seq_len",
+                    "(limits.max_seq_len)"),
+    "virtual tokens": (lambda s: {**s, "adapter": {"method": "prompt", "prompt": {"num_virtual_tokens": 10**9}}},
+                       "adapter.prompt.num_virtual_tokens", "(limits.virtual_tokens)"),
+    "calibration tokens": (lambda s: {**s, "data": {**s["data"], "calibration": "calibration.jsonl"},
+                                      "init": {"method": "corda", "corda": {"samples": 10**6, "seq_len": 64}}},
+                           "init.corda.samples", "(limits.calibration_tokens)"),
+    "a trial's size": (lambda s: _swept(s, {"data.max_seq_len": [64, 10**9]}), "sweep",
+                       "trial t01-max_seq_len1000000000: data.max_seq_len: 1000000000; at most"),
+    "a trial's workers": (lambda s: _swept(s, {"train.num_workers": [1, 1000]}), "sweep",
+                          "trial t01-num_workers1000: train.num_workers: 1000 workers"),
+    "a name too long": (lambda s: {**s, "model": {"path": "a" * 5000}}, "model.path", "File name too long"),
+    "a path too long": (lambda s: {**s, "model": {"path": "/".join(["b" * 255] * 20)}}, "model.path",
+                        "File name too long"),
+    "a folder of a listing": (lambda s: {**s, "data": {**s["data"], "train": "{mine}/listing-only"}},
+                              "data.train.path", "and no files in"),
+}
+
+
+@pytest.mark.parametrize("attack", sorted(ATTACKS))
+def test_gateway_refuses_what_would_size_trust_or_crash_with_a_422(gw, inside_root, attack):
+    (inside_root / "listing-only").mkdir()  # a folder whose only file is a (forged) listing
+    (inside_root / "listing-only" / ".peftfleet-listing.json").write_text('{"uri": "s3://b/x", "files": {}}')
+    change, loc, says = ATTACKS[attack]
+    spec = json.loads(json.dumps(change(gateway_spec())).replace("{mine}", inside_root.name))
+    response = call(gw, "POST", "/v1/jobs", json={"spec": spec})
+    assert response.status_code == 422, response.text
+    problem = response.json()["detail"][0]
+    assert problem["loc"] == ["body", "spec", *loc.split(".")] and says in problem["msg"], problem
+
+
 def test_gateway_data_root_confines_paths(gw, assets, tmp_path):
     outside = tmp_path / "model"
     shutil.copytree(assets / "tiny-llama", outside)
@@ -232,10 +282,15 @@ def test_gateway_reads_bucket_inputs_only_under_a_users_prefixes_and_checks_them
     elsewhere = {**gateway_spec(), "model": {"path": "s3://someone-elses-bucket/llama"}}
     response = call(gw, "POST", "/v1/jobs", json={"spec": elsewhere})
     assert response.status_code == 422 and response.json()["detail"][0]["loc"] == ["body", "spec", "model", "path"]
-    assert "is not under a prefix you may read inputs from (limits.input_prefixes: " \
+    assert "is not under a prefix you may read inputs from (input_prefixes: " \
            f"s3://{gw.bucket}/inputs)" in response.text, response.text
     inside = {**gateway_spec(), "model": {"path": f"s3://{gw.bucket}/inputs/llama"}}
-    assert "limits.input_prefixes: none" in call(gw, "POST", "/v1/jobs", user="bob", json={"spec": inside}).text
+    assert "(input_prefixes: none)" in call(gw, "POST", "/v1/jobs", user="bob", json={"spec": inside}).text
+    # a sweep's trials are inputs too: one trial naming another bucket is refused the same way, before listing
+    swept = {**gateway_spec(), "sweep": {"grid": {"model.path": ["tiny-llama", "s3://someone-elses-bucket/m"]},
+                                         "metric": "loss"}}
+    response = call(gw, "POST", "/v1/jobs", json={"spec": swept})
+    assert response.status_code == 422 and "someone-elses-bucket/m is not under a prefix" in response.text
     response = call(gw, "POST", "/v1/jobs", json={"spec": inside})
     assert response.status_code == 422 and f"no objects under s3://{gw.bucket}/inputs/llama/" in response.text
 
@@ -422,6 +477,154 @@ def test_a_folder_swapped_for_a_link_after_the_gateway_checked_it_fails_the_job(
     for obj in s3.list_objects_v2(Bucket=gw.bucket, Prefix=f"gw/jobs/{job_id}/")["Contents"]:
         body = s3.get_object(Bucket=gw.bucket, Key=obj["Key"])["Body"].read()
         assert gw.ray_token.encode() not in body and b"RAY_AUTH_TOKEN_PATH" not in body, obj["Key"]
+
+
+# --- what the last review's attacker still got (issue 27) -----------------------------------------------------
+
+
+def wait_ended(gw, job_id: str, timeout: float = 240) -> dict:
+    deadline = time.monotonic() + timeout
+    while (job := call(gw, "GET", f"/v1/jobs/{job_id}").json())["state"] not in ("SUCCEEDED", "FAILED", "CANCELLED"):
+        assert time.monotonic() < deadline, job
+        time.sleep(1)
+    return job
+
+
+def chat(text: str) -> str:
+    return json.dumps({"messages": [{"role": "user", "content": text}, {"role": "assistant", "content": "ok"}]})
+
+
+def test_a_forged_listing_reads_nothing_it_names_and_the_error_says_one_line(gw, inside_root):
+    """The attack: a data folder holding the user's own records and a `.peftfleet-listing.json` that names another
+    user's objects in the cluster's bucket and a file outside the data root, with a chat template that raises an
+    exception quoting the records it renders. The listing is not one this node wrote, so it is no listing: the
+    job reads the user's own records only, and its error (one line, no traceback) quotes nothing else."""
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=gw.s3_endpoint)
+    bobs = (chat("BOB-SECRET-ANSWER-0: api_key=sk-bob") + "\n").encode()
+    s3.put_object(Bucket=gw.bucket, Key="bob-private/train.jsonl", Body=bobs)
+    outside = gw.root / "outside.jsonl"
+    outside.write_text(chat("OUTSIDE-THE-ROOT") + "\n")
+    (inside_root / "ds").mkdir()
+    (inside_root / "ds" / "a.jsonl").write_text(chat("ALICE-OWN-RECORD") + "\n")
+    etag = s3.head_object(Bucket=gw.bucket, Key="bob-private/train.jsonl")["ETag"].strip('"')
+    forged = {"uri": f"s3://{gw.bucket}/bob-private", "cache": [str(gw.root / "node-cache"), None, 5, 60, None],
+              "files": {"train.jsonl": [len(bobs), etag, ""],
+                        os.path.relpath(outside, inside_root / "ds"): [outside.stat().st_size, "", ""]}}
+    (inside_root / "ds" / ".peftfleet-listing.json").write_text(json.dumps(forged))
+    template = "{{ raise_exception('rendered: ' ~ (messages | string)) }}"
+    (inside_root / "model" / "chat_template.jinja").write_text(template)
+    spec = {**gateway_spec(), "model": {"path": f"{inside_root.name}/model"}}
+    spec["data"] = {"format": "chat", "train": f"{inside_root.name}/ds", "max_seq_len": 64}
+    submitted = call(gw, "POST", "/v1/jobs", json={"spec": spec})
+    assert submitted.status_code == 201, submitted.text
+    job_id = submitted.json()["job_id"]
+    job = wait_ended(gw, job_id)
+    log = call(gw, "GET", f"/v1/jobs/{job_id}/logs").text
+    assert job["state"] == "FAILED" and "ALICE-OWN-RECORD" in job["error"], job  # the channel is real
+    for text in (job["error"], log):
+        assert "BOB-SECRET" not in text and "OUTSIDE-THE-ROOT" not in text
+        assert "Traceback" not in text and "site-packages" not in text and 'File "/' not in text
+    assert "\n" not in job["error"] and re.search(r"\[error [0-9a-f]{8}: its traceback is in the job's verbose log",
+                                                 job["error"]), job["error"]
+    ref = re.search(r"\[error ([0-9a-f]{8})", job["error"]).group(1)
+    verbose = s3.get_object(Bucket=gw.bucket, Key=f"gw/jobs/{job_id}/verbose.log")["Body"].read().decode()
+    assert f"error {ref}: stage train failed:\nTraceback" in verbose  # for whoever runs the cluster
+    # the gateway's index names every job's owner: only the gateway's user may read it
+    index = list((gw.root / "state" / "jobs").glob("*.json"))
+    assert index and all(f.stat().st_mode & 0o077 == 0 for f in index)
+    assert (gw.root / "state" / "jobs").stat().st_mode & 0o077 == 0
+
+
+def test_layerwise_spills_tensors_in_the_deployments_cache_and_a_bucket_covariance_works(gw):
+    """Layer-wise calibration through the gateway spills hidden states (safetensors, nothing unpickled) in the
+    gateway's node cache, never a folder the spec names; its covariance, copied under the user's input prefix,
+    is reused from the bucket by a second job (init.corda.covariance_from: s3://)."""
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=gw.s3_endpoint)
+    corda = {"samples": 16, "seq_len": 64, "strategy": "layerwise", "actor_memory_gib": 0.01,
+             "save_covariance": True, "fidelity_samples": 2}
+    spec = {**gateway_spec(), "init": {"method": "corda", "corda": corda}, "stages": ["calibrate", "decompose"]}
+    spec["data"]["calibration"] = "calibration.jsonl"
+    first = call(gw, "POST", "/v1/jobs", json={"spec": spec}).json()["job_id"]
+    assert wait_ended(gw, first)["state"] == "SUCCEEDED", call(gw, "GET", f"/v1/jobs/{first}").json()
+    log = call(gw, "GET", f"/v1/jobs/{first}/logs").text
+    assert "each keeps only the shard at work in memory" in log
+    assert not list((gw.root / "node-cache" / "layerwise").rglob("*"))  # spill folders made fresh, then removed
+    prefix = f"gw/jobs/{first}/artifacts/covariance/"
+    for obj in s3.list_objects_v2(Bucket=gw.bucket, Prefix=prefix)["Contents"]:
+        s3.copy_object(Bucket=gw.bucket, Key=f"inputs/cov-{first}/{obj['Key'].removeprefix(prefix)}",
+                       CopySource={"Bucket": gw.bucket, "Key": obj["Key"]})
+    corda = {"samples": 16, "seq_len": 64, "covariance_from": f"s3://{gw.bucket}/inputs/cov-{first}",
+             "fidelity_samples": 2}
+    second = call(gw, "POST", "/v1/jobs", json={"spec": {**spec, "init": {"method": "corda", "corda": corda}}})
+    assert second.status_code == 201, second.text
+    job_id = second.json()["job_id"]
+    job = wait_ended(gw, job_id)
+    assert job["state"] == "SUCCEEDED", job["error"]
+    assert "loaded from s3://" in call(gw, "GET", f"/v1/jobs/{job_id}/logs").text
+
+
+def _peak_rss_mib(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024
+
+
+def test_a_sweep_too_big_to_build_is_refused_from_its_lengths(gw):
+    """3 paths × 200 values is 8 million trials: refused before one is built, and the gateway's memory stays."""
+    before = _peak_rss_mib(gw.pid)
+    grid = {"train.learning_rate": [1e-4 * (i + 1) for i in range(200)], "train.seed": list(range(200)),
+            "adapter.r": list(range(1, 201))}
+    huge = call(gw, "POST", "/v1/jobs", json={"spec": {**gateway_spec(), "sweep": {"grid": grid}}}, timeout=30)
+    assert huge.status_code == 422 and "8000000 trials (1 task(s) × 8000000) exceed sweep.max_trials 16" in \
+        huge.text, huge.text
+    # a budget raised to match is still past the user's limit: 16 × 10^12 trials in 44 KB of JSON
+    grid = {path: list(range(1, 2001)) for path in ("train.seed", "adapter.r", "train.max_steps", "train.warmup_steps")}
+    wide = {**gateway_spec(), "sweep": {"grid": grid, "max_trials": 10**18}}
+    raised = call(gw, "POST", "/v1/jobs", json={"spec": wide}, timeout=30)
+    assert raised.status_code == 422 and "16000000000000 trials; one sweep may have at most 16 (limits.trials)" in \
+        raised.text, raised.text
+    assert _peak_rss_mib(gw.pid) - before < 50
+
+
+def test_slow_clients_are_dropped_and_sockets_are_capped(head, assets, tmp_path):
+    """200 sockets that each send a header line every half second (a request that never ends): each is closed
+    once request_timeout_s is up, sockets past max_connections at once; the gateway answers again after."""
+    import socket
+
+    with gateway(head, tmp_path, data_root=assets, storage={"uri": f"file://{tmp_path / 'store'}"},
+                 request_timeout_s=2, max_connections=40) as small:
+        fds = len(list(Path(f"/proc/{small.pid}/fd").iterdir()))
+        port = int(small.url.rsplit(":", 1)[1])
+        socks = []
+        for _ in range(200):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+            sock.sendall(b"GET /readyz HTTP/1.1\r\nHost: x\r\n")
+            socks.append(sock)
+        start, closed = time.monotonic(), {}
+        while len(closed) < len(socks) and time.monotonic() - start < 15:
+            for i, sock in enumerate(socks):
+                if i in closed:
+                    continue
+                try:
+                    sock.sendall(b"X-Slow: 1\r\n")
+                    sock.settimeout(0.01)
+                    if sock.recv(1024) == b"":
+                        closed[i] = time.monotonic() - start
+                except TimeoutError:
+                    pass
+                except OSError:
+                    closed[i] = time.monotonic() - start
+            time.sleep(0.5)
+        for sock in socks:
+            sock.close()
+        assert len(closed) == 200, f"{200 - len(closed)} slow sockets still open after 15 s"
+        assert sum(t < 1.5 for t in closed.values()) >= 150  # past the cap: closed at once
+        assert max(closed.values()) < 6  # the others: once their 2 s were up
+        assert call(small, "GET", "/readyz", user=None).status_code == 200
+        assert len(list(Path(f"/proc/{small.pid}/fd").iterdir())) <= fds + 2
 
 
 # --- quotas -----------------------------------------------------------------------------------------------------

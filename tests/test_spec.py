@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from jobspecs import SpecError, dump_spec, load_spec, spec_from_frozen
+from jobspecs import SpecError, dump_spec, load_spec, parse_spec, spec_from_frozen
 from tests.helpers import EXAMPLES, cli, tiny_spec, weights_only, write_spec
 
 
@@ -107,6 +107,22 @@ def test_yaml_syntax_error_names_line(tmp_path):
     (tmp_path / "job.yaml").write_text("name: x\nmodel: [unclosed\n")
     with pytest.raises(SpecError, match=r"line \d+, column \d+: invalid YAML"):
         load_spec(tmp_path / "job.yaml")
+
+
+def test_a_spec_that_expands_past_any_real_one_is_refused_before_it_is_walked(tmp_path, assets):
+    """YAML aliases let a 1 KB file stand for 10^9 values (each later step would walk them); JSON can nest
+    deeper than anything validates."""
+    levels = ["a: &a [x, x, x, x, x, x, x, x, x, x]"]
+    levels += [f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 10)}]" for i in range(8)]
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("\n".join(levels) + "\nname: bomb\n")
+    with pytest.raises(SpecError, match="more than 100000 values"):
+        load_spec(bomb)
+    deep: list = []
+    for _ in range(200):
+        deep = [deep]
+    with pytest.raises(SpecError, match="nested more than 32 levels"):
+        parse_spec({**tiny_spec(assets, "file://store"), "name": deep})
 
 
 def test_all_problems_reported_at_once(tmp_path, assets):

@@ -3,7 +3,6 @@ response (assistant turns) is learned: every label before it is -100."""
 
 from __future__ import annotations
 
-import json
 import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -19,6 +18,7 @@ from jobspecs.schema import (
     DataSpec,
     JobSpec,
     config_pad_id,
+    index_entries,
     tokenizer_problem,
 )
 from workers.inputs import confinement_root, fetch_all, listed_files, present
@@ -54,9 +54,8 @@ def data_files(folder: Path) -> list[Path]:
     """A folder source's data files, in name order: a save_to_disk folder's .arrow files, or the files of the one
     data type the folder holds (a bucket mirror's not yet fetched ones included)."""
     names = listed_files(folder)
-    if "state.json" in names:
-        state = json.loads(present(folder / "state.json").read_text())
-        return [folder / f["filename"] for f in state["_data_files"]]
+    if "state.json" in names:  # each file it names must be a file of the folder (datasets joins them unchecked)
+        return index_entries(present(folder / "state.json"), f"{folder}/state.json")
     return [folder / n for n in names if n.endswith(DATA_SUFFIXES)]
 
 
@@ -67,6 +66,7 @@ def load_records(source: DataSource):
 
     path = Path(source.path)
     if path.is_dir() and "state.json" in listed_files(path):
+        data_files(path)  # checked before datasets reads them
         ds = datasets.load_from_disk(str(fetch_all(path)))
     else:
         files = [present(f) for f in data_files(path)] if path.is_dir() else [present(path)]

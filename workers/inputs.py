@@ -21,17 +21,28 @@ downloaded.
 
 The localized spec is for the process that made it: other processes get the spec with its `s3://` URIs and
 localize on their own node.
+
+A listing is trusted only where this node's processes wrote it: each is signed (HMAC) with a key only this user
+on this node can read (`node_key`), over its content and its own path, and every name in it must be a file of
+its folder. A `.peftfleet-listing.json` found anywhere else — one a user put in a folder they name, or one copied
+from a mirror — is no listing at all: the folder is an ordinary one, confined to the spec's data root. The URI a
+listing names must be under the job's `input_prefixes` (the gateway's per-user limit) like every input.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import os
 import re
+import secrets
+import stat
 import tempfile
 from functools import cache
 from pathlib import Path
 
+from jobspecs.confinement import Outside, entry
 from jobspecs.remote import S3Uri, is_remote, listing
 from jobspecs.schema import DATA_SUFFIXES, JobSpec, StorageSpec
 from workers.node_cache import NodeCache, locked, node_cache
@@ -62,6 +73,7 @@ def local(location: str | Path | None, cache_: NodeCache) -> Path | None:
     if location is None or not is_remote(location):
         return None if location is None else Path(location)
     uri = S3Uri.parse(str(location))
+    cache_.check_prefix(uri)
     store = input_store(uri.bucket, cache_)
     try:
         found = listing(uri)
@@ -69,7 +81,7 @@ def local(location: str | Path | None, cache_: NodeCache) -> Path | None:
         raise NotInStore(str(err)) from None
     if not found:
         raise NotInStore(f"{uri}: no such object or prefix")
-    digests = _manifest_digests(uri, store)
+    digests = _manifest_digests(uri, store, cache_)
     if "" in found:  # an object: its own listing, beside it
         path = cache_.path(store, uri.key)
         info = found[""]
@@ -87,7 +99,58 @@ def local(location: str | Path | None, cache_: NodeCache) -> Path | None:
 
 
 def _write_listing(path: Path, uri: S3Uri, cache_: NodeCache, files: dict[str, list]) -> None:
-    _replace(path, json.dumps({"uri": str(uri), "cache": cache_.settings(), "files": files}).encode())
+    body = {"uri": str(uri), "cache": cache_.settings(), "files": files}
+    _replace(path, json.dumps({**body, "mac": _mac(path, body)}).encode())
+
+
+def _read_listing(path: Path) -> dict | None:
+    """The listing at `path` if this node's processes wrote it there (signed with the node's key, for this very
+    path, and naming only plain files of its folder); None for anything else, which is then no listing at all."""
+    try:
+        raw = json.loads(path.read_text())
+        mac = raw.pop("mac")
+        files = raw["files"]
+        if not (isinstance(mac, str) and hmac.compare_digest(mac, _mac(path, raw))):
+            return None
+        for name in files:
+            if "/" in name or name.startswith("."):
+                return None
+            entry(path.parent, name, str(path))
+        S3Uri.parse(raw["uri"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, Outside):
+        return None
+    return raw
+
+
+def _mac(path: Path, body: dict) -> str:
+    signed = json.dumps({"at": str(Path(path).resolve()), **body}, sort_keys=True).encode()
+    return hmac.new(node_key(), signed, hashlib.sha256).hexdigest()
+
+
+@cache
+def node_key() -> bytes:
+    """This node's secret for signing listings: 32 random bytes in the node's temp folder (the pod's own, on a
+    cluster), readable by this user alone, made by the first process that needs it."""
+    path = Path(tempfile.gettempdir()) / f"peftfleet-node-{os.geteuid()}.key"
+    if not path.exists():
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # mode 0600
+        with os.fdopen(fd, "wb") as f:
+            f.write(secrets.token_bytes(32))
+        try:
+            os.link(tmp, path)  # whole or not at all; the first process's key wins
+        except FileExistsError:
+            pass
+        finally:
+            os.unlink(tmp)
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+            raise PermissionError(f"{path}: the node key must be a file of this user's that no one else can read")
+        key = f.read()
+    if len(key) != 32:
+        raise PermissionError(f"{path}: not a node key (32 bytes)")
+    return key
 
 
 def _replace(path: Path, data: bytes) -> None:
@@ -99,14 +162,17 @@ def _replace(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _manifest_digests(uri: S3Uri, store: S3Store) -> dict[str, str]:
+def _manifest_digests(uri: S3Uri, store: S3Store, cache_: NodeCache) -> dict[str, str]:
     """For an earlier job's artifact in a bucket (`.../jobs/<id>/artifacts/<kind>[/file]`): the sha256 of each file
     its manifest records, by name relative to `uri` ({} for anything else, or a job without a manifest)."""
     match = _ARTIFACT.match(uri.key)
     if not match:
         return {}
+    manifest = f"{match['root']}jobs/{match['job']}/manifest.json"
+    if not cache_.may_read(S3Uri(f"s3://{uri.bucket}/{manifest}")):
+        return {}  # outside what the job may read: its objects are checked by ETag and size instead
     try:
-        raw = store.get_bytes(f"{match['root']}jobs/{match['job']}/manifest.json")
+        raw = store.get_bytes(manifest)
         files = json.loads(raw)["files"]
     except (NotInStore, ValueError, KeyError, TypeError):
         return {}
@@ -145,23 +211,21 @@ def confinement_root(data_root: Path | None, folder: Path) -> Path | None:
     """What a folder's files are confined to: a bucket's mirror in the node cache to itself (its files came from
     the bucket, which has no links; a link found there did not), any other folder to the spec's data root."""
     folder = Path(folder)
-    return folder.resolve() if (folder / LISTING).is_file() else data_root
+    return folder.resolve() if _read_listing(folder / LISTING) is not None else data_root
 
 
 def _listed(path: Path) -> tuple[NodeCache, S3Store, StoredFile] | None:
     """The cache and bucket object behind a mirror's lazily fetched file, if `path` is one."""
     for listing_file in (path.parent / LISTING, path.parent / f".{path.name}{_SIDECAR}"):
-        try:
-            mirror = json.loads(listing_file.read_text())
-        except (OSError, ValueError):
-            continue
-        if path.name in mirror["files"]:
+        mirror = _read_listing(listing_file)
+        if mirror is not None and path.name in mirror["files"]:
             break
     else:
         return None
     uri = S3Uri.parse(mirror["uri"]).child(path.name)
     size, etag, sha256 = mirror["files"][path.name]
     cache_ = NodeCache(*mirror["cache"])
+    cache_.check_prefix(uri)
     return cache_, input_store(uri.bucket, cache_), StoredFile(uri.key, size, sha256, etag)
 
 
@@ -182,10 +246,7 @@ def available(path: Path) -> bool:
 def listed_files(folder: Path) -> list[str]:
     """The files of a folder, a mirror's not yet fetched ones included, sorted by name."""
     folder = Path(folder)
-    try:
-        names = set(json.loads((folder / LISTING).read_text())["files"])
-    except (OSError, ValueError):
-        names = set()
+    names = set((_read_listing(folder / LISTING) or {"files": {}})["files"])
     names |= {p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")}
     return sorted(names)
 
@@ -194,11 +255,7 @@ def fetch_all(folder: Path) -> Path:
     """Every lazily fetched file of a mirror folder, before a library that opens files by itself reads it
     (transformers' from_pretrained, datasets' load_from_disk); a no-op for any other folder."""
     folder = Path(folder)
-    try:
-        names = json.loads((folder / LISTING).read_text())["files"]
-    except (OSError, ValueError):
-        return folder
-    for name in names:
+    for name in (_read_listing(folder / LISTING) or {"files": {}})["files"]:
         present(folder / name)
     return folder
 

@@ -12,17 +12,25 @@ that Ray restarts resumes its shards from the last completed block; on a fresh n
 embeddings (loading each earlier block once more) — the same numbers, later. When an actor's hidden states do
 not fit its memory (`spill`, decided by jobspecs/memory.py), it keeps only the shard at work in memory and reads
 the others back from those files.
+
+Those files are tensors only (safetensors: nothing in them is ever unpickled) in a folder the actor's first
+incarnation creates and that must not exist before (its name carries a random part the driver drew), private to
+this user; a restarted incarnation reuses it only if it is still the folder this user made.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from workers.block_walk import Batch, BlockWalk
 from workers.covariance import DTYPES, Accumulator, InputGroup, group_by_input, target_linears
@@ -55,8 +63,7 @@ class LayerwiseWorker:
         self.acc_dtype, self.scale = DTYPES[covariance_dtype], scale
         self.shards, self.batch_size, self.pad_id = shards, batch_size, pad_id
         # resolved here, on the actor's node (the driver's temp folder may not be this node's)
-        self.spill = cache.root / "layerwise" / spill_name
-        self.spill.mkdir(parents=True, exist_ok=True)
+        self.spill = _private_folder(cache.root / "layerwise" / spill_name)
         self.spilling = spill
         try:
             # a model in a bucket is mirrored: its weight files are fetched as the walk first reads them
@@ -117,7 +124,7 @@ class LayerwiseWorker:
                 acc = Accumulator(modules, groups, self.acc_dtype, self.scale, shard)
                 state = self.states[shard][1]
                 if state is None:  # spilled: read back just this shard
-                    state = torch.load(self._file(shard, k), map_location=self.device, weights_only=False)
+                    state = self._load(shard, k)
                 with acc.hooked():
                     for batch in state:
                         acc.mask, acc.range = batch.valid, batch.range
@@ -134,8 +141,10 @@ class LayerwiseWorker:
                                    peak_memory_mib()))
 
     def close(self) -> None:
-        """Delete this actor's hidden-state checkpoints."""
+        """Delete this actor's hidden-state checkpoints (and the job's spill folder once every actor's are gone)."""
         shutil.rmtree(self.spill, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            self.spill.parent.rmdir()
 
     # --- hidden states -------------------------------------------------------------------------------------------
 
@@ -162,11 +171,11 @@ class LayerwiseWorker:
         """The latest checkpoint of `shard` at or before block k."""
         for j in (k, k - 1):
             if j >= 0 and self._file(shard, j).is_file():
-                return j, torch.load(self._file(shard, j), map_location=self.device, weights_only=False)
+                return j, self._load(shard, j)
         return 0, None
 
     def _file(self, shard: int, k: int) -> Path:
-        return self.spill / f"shard-{shard}.block-{k}.pt"
+        return self.spill / f"shard-{shard}.block-{k}.safetensors"
 
     def _park(self, shard: int, k: int) -> None:
         """Leave `shard`'s hidden states (at block k) only on disk."""
@@ -177,10 +186,44 @@ class LayerwiseWorker:
     def _save(self, shard: int, k: int, state: list[Batch]) -> None:
         file = self._file(shard, k)
         tmp = file.with_suffix(".tmp")
-        torch.save(state, tmp)
+        tensors = {f"{i}.{name}": getattr(b, name).contiguous() for i, b in enumerate(state)
+                   for name in _TENSORS if getattr(b, name) is not None}
+        save_file(tensors, tmp, metadata={"ranges": json.dumps([b.range for b in state])})
         os.replace(tmp, file)  # a checkpoint exists whole or not at all
+
+    def _load(self, shard: int, k: int) -> list[Batch]:
+        from safetensors import safe_open
+
+        file = self._file(shard, k)
+        with safe_open(file, framework="pt") as f:
+            ranges = json.loads(f.metadata()["ranges"])
+        tensors = load_file(file, device=self.device)
+        return [Batch(**{name: tensors.get(f"{i}.{name}") for name in _TENSORS}, range=span)
+                for i, span in enumerate(ranges)]
 
     def _advance(self, shard: int, k: int, state: list[Batch]) -> None:
         self.states[shard] = (k, state)
         self._save(shard, k, state)
         self._file(shard, k - 2).unlink(missing_ok=True)
+
+
+_TENSORS = ("hidden", "valid", "position_ids", "labels")  # a Batch's tensors; its range goes in the metadata
+
+
+def _private_folder(folder: Path) -> Path:
+    """`folder`, made now by this actor's first incarnation (refused if anything is there already: a spill folder
+    no one could have known of has nothing in it), or, in an incarnation Ray restarted, kept only while it is still
+    a folder of this user's that no one else may write."""
+    import ray
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(mode=0o700)
+        return folder
+    except FileExistsError:
+        if not ray.get_runtime_context().was_current_actor_reconstructed:
+            raise RuntimeError(f"layer-wise spill folder {folder} exists before its actor made it") from None
+    st = os.lstat(folder)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        raise RuntimeError(f"layer-wise spill folder {folder} is no longer the actor's own private folder")
+    return folder

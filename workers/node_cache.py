@@ -38,19 +38,30 @@ _SMALL = 1 << 20  # never evicted
 
 
 class NodeCache:
-    """Picklable (a folder, a size limit, how hard to try a bucket): the driver hands one to the processes it
-    starts. Without a folder, the root is the system temp folder of the process using it (resolved there: each
-    node has its own). `attempts` and `timeout_s` are the spec's storage settings, which inputs read from a
-    bucket follow too (workers/inputs.py)."""
+    """Picklable (a folder, a size limit, how hard to try a bucket, which prefixes it may read inputs from): the
+    driver hands one to the processes it starts. Without a folder, the root is the system temp folder of the
+    process using it (resolved there: each node has its own). `attempts` and `timeout_s` are the spec's storage
+    settings, which inputs read from a bucket follow too (workers/inputs.py); `prefixes` its input_prefixes (None:
+    any)."""
 
     def __init__(self, root: Path | str | None = None, max_bytes: int | None = None, attempts: int = 5,
-                 timeout_s: float = 60):
+                 timeout_s: float = 60, prefixes: list[str] | None = None):
         self.configured = Path(root) if root else None
         self.max_bytes, self.attempts, self.timeout_s = max_bytes, attempts, timeout_s
+        self.prefixes = None if prefixes is None else [str(p) for p in prefixes]
 
     def settings(self) -> list:
         """What rebuilds this cache elsewhere on the node: NodeCache(*settings)."""
-        return [str(self.root), self.max_bytes, self.attempts, self.timeout_s]
+        return [str(self.root), self.max_bytes, self.attempts, self.timeout_s, self.prefixes]
+
+    def may_read(self, uri: str) -> bool:
+        """Whether an input at `uri` (s3://bucket/key) is under the job's input_prefixes."""
+        uri = str(uri)
+        return self.prefixes is None or any(uri == p or uri.startswith(p.rstrip("/") + "/") for p in self.prefixes)
+
+    def check_prefix(self, uri: str) -> None:
+        if not self.may_read(uri):
+            raise PermissionError(f"{uri} is not under the job's input_prefixes ({', '.join(self.prefixes) or 'none'})")
 
     @property
     def root(self) -> Path:
@@ -191,7 +202,7 @@ def node_cache(spec: JobSpec) -> NodeCache:
     """This node's cache as the spec configures it."""
     limit = spec.cluster.node_cache_max_gib
     return NodeCache(spec.cluster.node_cache_dir, None if limit is None else int(limit * 2**30),
-                     spec.storage.max_attempts, spec.storage.timeout_s)
+                     spec.storage.max_attempts, spec.storage.timeout_s, spec.input_prefixes)
 
 
 def local_folder(spec: JobSpec, folder: StoredFolder) -> Path:

@@ -24,12 +24,13 @@ from typing import Annotated, Any
 import yaml
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from jobspecs import JobSpec, SpecError, parse_spec, spec_from_frozen
+from jobspecs.confinement import Outside, inside
 from jobspecs.schema import StorageSpec
 from orchestrator.api.log_streams import Followers, answers, follow
-from orchestrator.api.quotas import Limits, bucket_problems, in_flight_problem, job_problems
+from orchestrator.api.quotas import Limits, in_flight_problem, job_problems, sweep_size_problem
 from orchestrator.control.jobs import IndexEntry, JobError, JobRecord, LocalIndex, UnknownJob
 from orchestrator.control.launchers import current_record
 from orchestrator.control.ray_jobs import RayCluster, RayJobsError, RayStates
@@ -53,7 +54,12 @@ class GatewayConfig(BaseModel):
     data_root: Path = Field(description="Every path in a submitted spec must lie under this folder (as the "
                                         "cluster sees it); relative spec paths resolve against it.")
     state_dir: Path = Field(Path("~/.peftfleet-gateway"), description="The gateway's job index: which user "
-                                                                      "owns which job. Keep it on a volume.")
+                                                                      "owns which job (files only the gateway's "
+                                                                      "user can read). Keep it on a volume.")
+    node_cache_dir: Path | None = Field(None, description="cluster.node_cache_dir of every job (specs may not "
+                                        "set it): each node's cache of stage outputs and bucket inputs, and where "
+                                        "layer-wise calibration spills. Default: the nodes' temp folder. Never "
+                                        "inside data_root: jobs trust what they find there.")
     max_body_kb: int = Field(256, gt=0, description="Larger request bodies are refused with 413.")
     url_expiry_s: int = Field(900, gt=0, le=7 * 24 * 3600, description="Lifetime of presigned artifact URLs.")
     host: str = Field("127.0.0.1", description="Interface to listen on (0.0.0.0 inside a pod).")
@@ -72,6 +78,24 @@ class GatewayConfig(BaseModel):
                                    "cluster.driver_cpus is raised to it): drivers that reserve nothing pile onto "
                                    "the head without bound.")
     deadline_poll_s: float = Field(15.0, gt=0, description="How often jobs past their deadline are looked for.")
+    request_timeout_s: float = Field(10.0, gt=0, description="A connection must send a whole request (line, "
+                                     "headers, body) within this of connecting or of its last response, or it is "
+                                     "closed (slow clients hold no socket).")
+    keep_alive_s: float = Field(5.0, gt=0, description="An idle keep-alive connection is closed after this.")
+    max_connections: int = Field(1024, gt=0, description="Open sockets past this are closed at once; requests "
+                                 "arriving while this many are open are answered 503.")
+
+    @model_validator(mode="after")
+    def _outside_data_root(self) -> "GatewayConfig":
+        """What the gateway and its jobs trust (the store, the job index, the node cache) is no user's to write."""
+        root = self.data_root.expanduser().resolve()
+        store = Path(self.storage.uri.removeprefix("file://")) if self.storage.uri.startswith("file://") else None
+        for name, path in (("storage.uri", store), ("state_dir", self.state_dir), ("node_cache_dir",
+                                                                                   self.node_cache_dir)):
+            if path is not None and (where := path.expanduser().resolve()).is_relative_to(root):
+                raise ValueError(f"{name}: {where} is inside data_root {root}, where users put files; the gateway "
+                                 "and its jobs trust what they find there")
+        return self
 
 
 def load_config(path: Path) -> GatewayConfig:
@@ -218,23 +242,34 @@ def create_app(config: GatewayConfig) -> FastAPI:
         return JSONResponse({"detail": f"the job store did not answer: {err}"}, status_code=503)
 
     def validated(data: dict, limits: Limits) -> JobSpec:
-        """The spec as the gateway runs it: its storage, every path confined to the data root, every bucket input
-        under the user's input prefixes (before the bucket is listed)."""
-        for key, value in (("storage", config.storage.uri), ("data_root", data_root)):
-            if key in data:  # where jobs live and what they may read is the gateway's business
+        """The spec as the gateway runs it: its storage, its node cache, every path confined to the data root,
+        every bucket input under the user's input prefixes (refused before the bucket is listed), a sweep no
+        bigger than the user's limit (told before one trial is built)."""
+        cluster = data.get("cluster")
+        for key, value, given in (("storage", config.storage.uri, "storage" in data),
+                                  ("data_root", data_root, "data_root" in data),
+                                  ("input_prefixes", f"limits.input_prefixes: {limits.input_prefixes}",
+                                   "input_prefixes" in data),
+                                  ("cluster.node_cache_dir", config.node_cache_dir or "the nodes' temp folder",
+                                   isinstance(cluster, dict) and "node_cache_dir" in cluster)):
+            if given:  # where jobs live, what they may read and what they trust is the gateway's business
                 raise spec_problems((key, f"set by the gateway ({value}); leave it out"))
-        # The data root goes into the frozen spec: the driver and every process that reads re-check against it.
-        data = {**data, "storage": storage, "data_root": str(data_root)}
+        if problem := sweep_size_problem(data, limits):
+            raise spec_problems(problem)
+        # Into the frozen spec: the driver and every process that reads re-check against them.
+        data = {**data, "storage": storage, "data_root": str(data_root), "input_prefixes": limits.input_prefixes}
+        if config.node_cache_dir is not None and isinstance(cluster or {}, dict):
+            data["cluster"] = {**(cluster or {}), "node_cache_dir": str(config.node_cache_dir)}
         try:
-            unchecked = parse_spec(data, source="spec", base_dir=data_root, check_files=False)
-            if problems := bucket_problems(unchecked, limits):
-                raise spec_problems(*problems)
+            parse_spec(data, source="spec", base_dir=data_root, check_files=False)  # before any bucket is listed
             spec = parse_spec(data, source="spec", base_dir=data_root, check_files=True)
         except SpecError as err:
             raise spec_problems(*err.problems) from None
-        for where, value in _paths(spec.model_dump(exclude={"storage"})):
-            if not value.is_relative_to(data_root):
-                raise spec_problems((where, f"{value} is outside the data root {data_root}"))
+        for where, value in _paths(spec.model_dump(exclude={"storage", "cluster"})):
+            try:
+                inside(data_root, value, where)
+            except Outside as err:
+                raise spec_problems((where, str(err).removeprefix(f"{where}: "))) from None
         return spec
 
     def records(user: str) -> list[tuple[IndexEntry, JobRecord]]:
@@ -317,7 +352,9 @@ def create_app(config: GatewayConfig) -> FastAPI:
 
         def again() -> dict:
             frozen = yaml.safe_load(entry.store().get_bytes(job_key(job_id, "spec.yaml")))
-            frozen.pop("storage", None), frozen.pop("data_root", None)
+            for key in ("storage", "data_root", "input_prefixes"):  # the gateway's, set again
+                frozen.pop(key, None)
+            frozen.get("cluster", {}).pop("node_cache_dir", None)
             return start(frozen, user, job_id)
 
         return await blocking(again)
@@ -374,7 +411,8 @@ def create_app(config: GatewayConfig) -> FastAPI:
 
 
 def serve(config_path: Path) -> None:
-    import uvicorn
+    from orchestrator.api.server import run
 
     config = load_config(config_path)
-    uvicorn.run(create_app(config), host=config.host, port=config.port, log_level="info")
+    run(create_app(config), config.host, config.port, config.request_timeout_s, config.keep_alive_s,
+        config.max_connections)

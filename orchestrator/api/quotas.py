@@ -3,7 +3,9 @@ have) and what one user may hold at once across their jobs in flight (429 while 
 
 Sizes come from the spec and the model's files alone, before anything runs: workers and GPUs are the most any
 stage of the job holds at once (stages run one after another); artifact bytes are the model's weights once per
-full-model output (each merged@α, CorDA's residual base) plus the adapters.
+full-model output (each merged@α, CorDA's residual base) plus the adapters; the fields that size an allocation
+in a worker (sequence lengths, virtual tokens, ranks, calibration tokens) have upper bounds. A sweep is checked
+trial by trial — every trial is a job — and its size is bounded from its grid's lengths before any trial is built.
 """
 
 from __future__ import annotations
@@ -11,11 +13,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from jobspecs import JobSpec
 from jobspecs.remote import Location, S3Uri, is_remote, top_files
-from jobspecs.schema import input_paths
+from jobspecs.schema import VIRTUAL_TOKEN_METHODS
+from jobspecs.sweep import SweepSpec
 from jobspecs.trials import decomposition_key, expand
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin")
@@ -42,7 +45,18 @@ class Limits(BaseModel):
     input_prefixes: list[str] = Field(default_factory=list, description="s3://bucket/prefix under which the "
                                       "user's specs may name inputs (model, tokenizer, data, covariance_from): the "
                                       "cluster reads them with its own credentials, so a bucket no one listed here "
-                                      "is refused before it is even listed. Default: none.")
+                                      "is refused before it is even listed (frozen into each spec as its "
+                                      "input_prefixes, which every process that reads checks). Default: none.")
+    trials: int = Field(16, gt=0, description="Trials of one sweep (each a training run), counted from the grid's "
+                                              "lengths before any is built.")
+    max_seq_len: int = Field(32768, gt=0, description="data.max_seq_len (and init.corda.seq_len).")
+    batch_tokens: int = Field(262_144, gt=0, description="Tokens of one forward pass: train.micro_batch_size × "
+                                                         "data.max_seq_len, init.corda.batch_size × seq_len.")
+    calibration_tokens: int = Field(4 * 2**20, gt=0, description="init.corda.samples × seq_len: the hidden states "
+                                                                 "the covariance actors hold.")
+    virtual_tokens: int = Field(2048, gt=0, description="num_virtual_tokens of prefix, prompt and P-tuning.")
+    rank: int = Field(1024, gt=0, description="adapter.r (and adapter.adalora.init_r).")
+    encoder_width: int = Field(16384, gt=0, description="encoder_hidden_size of prefix projection and P-tuning.")
 
     @field_validator("input_prefixes")
     @classmethod
@@ -50,10 +64,11 @@ class Limits(BaseModel):
         return [S3Uri.parse(p) if is_remote(p) else _not_s3(p) for p in prefixes]
 
 
-def _stages(spec: JobSpec) -> list[tuple[str, int, bool]]:
-    """(spec section, worker processes, on GPUs) of each stage that starts workers (a sweep's trains as many
-    trials at once as it may)."""
-    at_once = spec.sweep.max_concurrent_trials if spec.sweep else 1
+def _stages(spec: JobSpec, sweep: SweepSpec | None = None) -> list[tuple[str, int, bool]]:
+    """(spec section, worker processes, on GPUs) of each stage that starts workers (a sweep's — the spec's, or
+    the one a trial came from — trains as many trials at once as it may)."""
+    sweep = sweep or spec.sweep
+    at_once = sweep.max_concurrent_trials if sweep else 1
     stages = [("train", spec.train.num_workers * at_once, spec.train.use_gpu)]
     if spec.uses_corda:
         corda = spec.init.corda_spec
@@ -70,7 +85,9 @@ class Usage:
 
     @classmethod
     def of(cls, spec: JobSpec) -> Usage:
-        stages = _stages(spec)
+        """A sweep holds what its busiest trials hold (a trial's spec may ask for more workers than the job's)."""
+        stages = [s for one in [spec, *(t.spec for t in expand(spec, {"check_files": False}))]
+                  for s in _stages(one, spec.sweep)]
         return cls(max(n for _, n, _ in stages), max(n if gpu else 0 for _, n, gpu in stages))
 
 
@@ -91,19 +108,49 @@ def _not_s3(prefix: str) -> str:
     raise ValueError(f"{prefix!r}: an s3://bucket/prefix")
 
 
-def bucket_problems(spec: JobSpec, limits: Limits) -> list[tuple[str, str]]:
-    """(field, why) for each input in a bucket outside the user's limits.input_prefixes (checked before anything
-    lists the bucket: the answer says nothing about what is there)."""
-    allowed = limits.input_prefixes
-    return [(where, f"{uri} is not under a prefix you may read inputs from (limits.input_prefixes: "
-                    f"{', '.join(allowed) or 'none'})")
-            for where, uri in input_paths(spec, S3Uri) if not any(uri.is_relative_to(p) for p in allowed)]
+def sweep_size_problem(data: dict, limits: Limits) -> tuple[str, str] | None:
+    """(field, why) when a submitted spec's sweep has more trials than the user may run in one job, told from the
+    sweep section alone before anything is expanded (None: it has not, or the sweep is invalid, which the spec's
+    own validation then says)."""
+    raw = data.get("sweep")
+    if not isinstance(raw, dict):
+        return None
+    try:
+        size = SweepSpec.model_validate(raw).size
+    except ValidationError:
+        return None
+    if size > limits.trials:
+        return "sweep", f"{size} trials; one sweep may have at most {limits.trials} (limits.trials)"
+    return None
 
 
-def job_problems(spec: JobSpec, limits: Limits) -> list[tuple[str, str]]:
-    """(spec field, why) for every way one job asks for more than the user may ever have: 422."""
+def _sizes(spec: JobSpec) -> list[tuple[str, int, int, str]]:
+    """(field, value, limit, Limits field) of every size that sets an allocation in a worker."""
+    data, corda, adapter = spec.data, spec.init.corda, spec.adapter
+    out = [("data.max_seq_len", data.max_seq_len, "max_seq_len"),
+           ("train.micro_batch_size", spec.train.micro_batch_size * data.max_seq_len, "batch_tokens"),
+           ("adapter.r", adapter.r, "rank")]
+    if adapter.method == "adalora":
+        out.append(("adapter.adalora.init_r", adapter.block().init_r, "rank"))
+    if adapter.method in VIRTUAL_TOKEN_METHODS:
+        block = adapter.block()
+        out.append((f"adapter.{adapter.method}.num_virtual_tokens", block.num_virtual_tokens, "virtual_tokens"))
+        if getattr(block, "encoder_hidden_size", None) is not None:
+            out.append((f"adapter.{adapter.method}.encoder_hidden_size", block.encoder_hidden_size, "encoder_width"))
+    if spec.init.method == "corda":
+        corda = spec.init.corda_spec
+        out += [("init.corda.seq_len", corda.seq_len, "max_seq_len"),
+                ("init.corda.batch_size", corda.batch_size * corda.seq_len, "batch_tokens"),
+                ("init.corda.samples", corda.samples * corda.seq_len, "calibration_tokens")]
+    return out
+
+
+_PER_TOKEN = {"batch_tokens": "tokens in one forward pass", "calibration_tokens": "calibration tokens (× seq_len)"}
+
+
+def _one_job(spec: JobSpec, limits: Limits, sweep: SweepSpec | None = None) -> list[tuple[str, str]]:
     out = []
-    for where, n, gpu in _stages(spec):
+    for where, n, gpu in _stages(spec, sweep):
         if n > limits.workers:
             out.append((f"{where}.num_workers", f"{n} workers; you may hold at most {limits.workers} at once "
                                                 f"(limits.workers)"))
@@ -115,6 +162,20 @@ def job_problems(spec: JobSpec, limits: Limits) -> list[tuple[str, str]]:
     if len(spec.export.merge_alphas) > limits.merge_alphas:
         out.append(("export.merge_alphas", f"{len(spec.export.merge_alphas)} values; at most {limits.merge_alphas} "
                                            "(limits.merge_alphas)"))
+    for where, value, name in _sizes(spec):
+        if value > (cap := getattr(limits, name)):
+            what = _PER_TOKEN.get(name, "")
+            out.append((where, f"{value}{' ' + what if what else ''}; at most {cap} (limits.{name})"))
+    return out
+
+
+def job_problems(spec: JobSpec, limits: Limits) -> list[tuple[str, str]]:
+    """(spec field, why) for every way one job asks for more than the user may ever have (422): the spec's own
+    fields, then each trial's (a sweep can set any field), named by the trial."""
+    out = _one_job(spec, limits)
+    for trial in expand(spec, {"check_files": False}):
+        out += [("sweep", f"trial {trial.name}: {where}: {why}")
+                for where, why in _one_job(trial.spec, limits, spec.sweep) if (where, why) not in out]
     if (size := artifact_bytes(spec)) > limits.artifact_gib * 2**30:
         out.append(("export.formats", f"the job's artifacts would be ≈ {size / 2**30:.1f} GiB (a full model per "
                                       f"merged α and for CorDA's residual base); at most {limits.artifact_gib:g} "

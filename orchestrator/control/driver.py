@@ -18,6 +18,7 @@ import io
 import json
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -131,8 +132,13 @@ def run_job(job_id: str, store: Store, ray_address: str | None = None) -> JobRec
         log.warning("job cancelled during stage %s", record.stage)
         record.finish(JobState.CANCELLED, cancelled_error(record.stage, _cancel_reason(store, job_id)))
     except Exception as err:
-        log.error("stage %s failed:\n%s", record.stage, traceback.format_exc())
-        record.finish(JobState.FAILED, reason_of(err))
+        # The user reads one line; the traceback (host paths, package versions) goes to the verbose log only,
+        # under a reference the line names, so whoever runs the cluster finds it.
+        ref = secrets.token_hex(4)
+        logging.getLogger("verbose").error("error %s: stage %s failed:\n%s", ref, record.stage,
+                                           traceback.format_exc())
+        record.finish(JobState.FAILED, f"{reason_of(err)} [error {ref}: its traceback is in the job's verbose log]")
+        log.error("stage %s failed: %s", record.stage, record.error)
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         shutil.rmtree(staging, ignore_errors=True)

@@ -15,6 +15,7 @@ import os
 import re
 import secrets
 import socket
+import tempfile
 import threading
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -183,10 +184,12 @@ class LocalIndex:
         return self.root / job_id
 
     def add(self, entry: IndexEntry) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
+        """Written whole (a rename) and readable by this user alone: an index names every job's owner and store."""
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         path = self.root / f"{entry.job_id}.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(entry)))
+        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f".{entry.job_id}.")  # mode 0600
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(asdict(entry)))
         os.replace(tmp, path)
 
     def get(self, job_id: str) -> IndexEntry:

@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from jobspecs.confinement import Outside, entry
 from jobspecs.memory import SHARD_BYTES, choose_corda_strategy, layerwise_spills, replica_bytes
 from jobspecs.remote import Location, read_json
 from jobspecs.schema import JobSpec
@@ -214,8 +216,9 @@ def collect_layerwise(ctx: Context, shards: list, pad_id: int) -> tuple:
     if spill:
         log.info("calibrate: the actors' hidden states exceed init.corda.actor_memory_gib %g: each keeps only the "
                  "shard at work in memory, the others on its node's disk", corda.actor_memory_gib)
+    spills = f"{ctx.job_id}-{secrets.token_hex(8)}"  # unguessable: no one can make the actors' folders first
     actors = [Actor.remote(str(spec.model.path), spec.model.dtype, corda.covariance_dtype, corda.activation_scale,
-                           device, own, corda.batch_size, pad_id, node_cache(spec), f"{ctx.job_id}/actor-{a}", spill)
+                           device, own, corda.batch_size, pad_id, node_cache(spec), f"{spills}/actor-{a}", spill)
               for a, own in enumerate(owned)]
     reducers = _start_reducers(ctx, n)
     placement = _placed(actors, reducers)
@@ -435,9 +438,12 @@ def load_covariance(folder: Location, reducers, cache: NodeCache) -> tuple[list,
     groups, totals = [], []
     for i, row in enumerate(rows):
         name = row["file"]
-        plain = isinstance(name, str) and "/" not in name and name not in ("", ".", "..")
-        file = (folder / name).resolve() if plain and isinstance(folder, Path) else folder / name if plain else None
-        if file is None or not file.is_relative_to(folder) or (isinstance(file, Path) and not file.is_file()):
+        try:  # the same check as every index's entries: a relative path that stays in the folder
+            entry(Path(folder) if isinstance(folder, Path) else Path("."), name, "init.corda.covariance_from")
+        except Outside:
+            name = None
+        file = folder / name if name is not None else None
+        if file is None or (isinstance(file, Path) and not file.is_file()):
             raise ValueError(f"init.corda.covariance_from: {folder}/groups.json names {row['file']!r}, which is "
                              f"not a file inside {folder}")
         groups.append(InputGroup(row["group"], tuple(row["modules"]), row["dim"]))

@@ -85,10 +85,33 @@ def model_task(ctx: Context, stage: str, process: str, fn: Callable[..., Any], *
     return result
 
 
-def reason_of(err: BaseException) -> str:
-    """One line a user can act on: the remote exception itself, not Ray's wrapper with its traceback."""
-    from ray.exceptions import RayTaskError
+MAX_REASON = 600  # characters of an error a user is shown; the whole of it is in the verbose log
 
-    cause = err.cause if isinstance(err, RayTaskError) and err.cause is not None else err
-    text = str(cause).strip() or type(cause).__name__
-    return f"{type(cause).__name__}: {text}"
+
+def root_cause(err: BaseException) -> BaseException:
+    """The exception behind Ray's and Ray Train's wrappers: a remote task's own, the lowest failed rank's."""
+    from ray.exceptions import RayTaskError
+    from ray.train import ControllerError, WorkerGroupError
+
+    while True:
+        if isinstance(err, RayTaskError) and err.cause is not None and err.cause is not err:
+            err = err.cause
+        elif isinstance(err, WorkerGroupError) and err.worker_failures:
+            err = err.worker_failures[min(err.worker_failures)]
+        elif isinstance(err, ControllerError):
+            err = err.controller_failure
+        else:
+            return err
+
+
+def reason_of(err: BaseException) -> str:
+    """One line a user can act on: the remote exception itself, never a traceback (with its host paths and package
+    versions): for a message that carries one, its last line, the exception it ended in."""
+    cause = root_cause(err)
+    lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+    if any(line.startswith("Traceback (most recent call last)") for line in lines):
+        lines = lines[-1:]
+    text = "; ".join(lines) or type(cause).__name__
+    if not text.startswith(f"{type(cause).__name__}:"):
+        text = f"{type(cause).__name__}: {text}"
+    return text if len(text) <= MAX_REASON else text[: MAX_REASON - 1] + "…"
