@@ -15,7 +15,7 @@ from jobspecs.remote import Location, read_json
 from jobspecs.schema import VIRTUAL_TOKEN_METHODS, JobSpec
 
 GIB = 2**30
-SHARD_BYTES = 2 * GIB  # the shards we write: residual_base's copied tensors, merged@α (workers/exports.py)
+SHARD_BYTES = 2 * GIB  # the shards we write: residual_base's copied tensors, merged@α (workers/export/formats.py)
 WALK_HIDDEN_BYTES = GIB  # a walked eval holds at most this much of its examples' hidden states (block_walk.eval_loss)
 RUNTIME_BYTES = int(0.45 * GIB)  # a job process at work: interpreter, torch, transformers, Ray's core worker
 REDUCER_RUNTIME_BYTES = int(0.3 * GIB)  # a reducer imports torch and safetensors, not transformers
@@ -165,7 +165,7 @@ def calibrate_processes(spec: JobSpec, shape: Shape, strategy: str) -> list[Proc
 
 
 def walked_check(spec: JobSpec, shape: Shape) -> dict[str, int]:
-    """A logit check walked block by block in fp32 (workers/block_walk.py): a block of each model, both heads at
+    """A logit check walked block by block in fp32 (workers/model/block_walk.py): a block of each model, both heads at
     the end, one sample's logits of each."""
     corda = spec.init.corda_spec
     seq = corda.seq_len
@@ -207,7 +207,7 @@ def export_process(spec: JobSpec, shape: Shape) -> Process:
                       "hidden states of the eval examples (at most 1 GiB a walk)": min(hidden, WALK_HIDDEN_BYTES),
                       "one eval batch's logits": 2 * batch * shape.vocab * 4 + _activations(shape, batch, 4),
                       "runtime": RUNTIME_BYTES})
-    if delta and "merged" in export.formats:  # streamed module by module (workers/merged_weights.py)
+    if delta and "merged" in export.formats:  # streamed module by module (workers/methods/merged_weights.py)
         module = max(shape.embed_params, max(i * o for i, o in shape.linears().values()))
         steps.append({"one module of the base and its merged copy": 2 * module * width, "runtime": RUNTIME_BYTES})
     return Process("export", "export task", 1, max(steps, key=lambda parts: sum(parts.values())))

@@ -4,7 +4,7 @@ source or covariance folder.
 The endpoint and credentials come from the standard AWS chain (AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, profiles,
 instance roles), never from the spec, so the same spec reads MinIO on-prem and S3 on AWS. Validation here only
 lists and reads small objects (config.json): what a process needs is fetched on its own node, through the node
-cache (workers/inputs.py).
+cache (workers/storage/inputs.py).
 
 A location is a local `Path` or an `S3Uri`; `top_files` and `read_small` answer the few questions validation and
 planning ask of either (which files a folder holds, what a small file says).

@@ -104,7 +104,7 @@ def _input(value: object, info: ValidationInfo) -> Location:
 
 InputPath = Annotated[Path | S3Uri, PlainValidator(_input), PlainSerializer(str, when_used="json")]
 """An input: a local path that must exist (as ExistingPath), or `s3://bucket/prefix`, read with the AWS chain's
-endpoint and credentials and fetched once per node (workers/inputs.py); its objects are checked where the spec
+endpoint and credentials and fetched once per node (workers/storage/inputs.py); its objects are checked where the spec
 is validated with files (the validators below)."""
 
 

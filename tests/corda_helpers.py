@@ -12,8 +12,8 @@ from orchestrator.stages.context import Context
 from orchestrator.stages.corda import run_calibrate, run_decompose
 from orchestrator.storage.artifacts import job_key
 from tests.helpers import tiny_spec
-from workers.store import LocalStore
-from workers.weights import read_tensors, weight_map
+from workers.storage.store import LocalStore
+from workers.storage.weights import read_tensors, weight_map
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 R, ALPHA = 4, 8

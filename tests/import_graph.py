@@ -10,9 +10,25 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# top to bottom: a layer imports only layers below it
-LAYERS = ["orchestrator/api", "orchestrator/control", "orchestrator/stages", "orchestrator/storage", "workers",
-          "jobspecs"]
+ARCHITECTURE = ROOT / "docs" / "ARCHITECTURE.md"
+
+
+def layer_table(text: str | None = None) -> dict[str, set[str]]:
+    """docs/ARCHITECTURE.md's layers table, top to bottom: folder → the folders it may import (`workers/*`: every
+    folder under workers/). The one statement of the rule: the test and the picture read it from there."""
+    text = ARCHITECTURE.read_text() if text is None else text
+    section = text.split("## Layers", 1)[1].split("\n## ", 1)[0]
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in section.splitlines()
+            if line.startswith("| `")]
+    table = {row[0].strip("`"): {c.strip().strip("`") for c in row[2].split(",") if c.strip() not in ("—", "")}
+             for row in rows}
+    for folder, allowed in table.items():
+        globs = {a for a in allowed if a.endswith("/*")}
+        table[folder] = (allowed - globs) | {f for g in globs for f in table if f.startswith(g[:-1])}
+    return table
+
+
+LAYERS = list(layer_table())  # top to bottom
 
 
 def module_name(path: Path) -> str:

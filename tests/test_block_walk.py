@@ -8,7 +8,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from workers.block_walk import BlockWalk, NotWalkable, logit_gap, merged
+from workers.model.block_walk import BlockWalk, NotWalkable, logit_gap, merged
 
 SAMPLES = [[1, 5, 9, 12, 7, 3], [1, 4, 4, 8]]
 

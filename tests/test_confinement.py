@@ -109,7 +109,7 @@ def test_outside_is_one_message_whether_the_path_exists_or_not(root):
 
 
 def test_a_file_swapped_after_the_check_is_refused_where_it_is_read(root):
-    from workers.data import load_tokenizer
+    from workers.data.tokenizer import load_tokenizer
 
     spec = parse_spec(spec_in(root), base_dir=root)
     template = root / "model" / "chat_template.jinja"
@@ -134,7 +134,7 @@ CODE_ADJACENT = {  # DeepSpeed would open these paths, or import these modules
 
 
 def test_a_confined_job_may_set_only_allow_listed_deepspeed_keys(root):
-    from workers.deepspeed_config import deepspeed_config
+    from workers.train.deepspeed_config import deepspeed_config
 
     fine = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "bf16": {"enabled": False},
             "zero_optimization": {"stage": 2, "overlap_comm": True, "offload_optimizer": {"device": "cpu"}}}
@@ -159,7 +159,7 @@ def test_a_confined_job_may_set_only_allow_listed_deepspeed_keys(root):
 
 
 def test_without_a_data_root_the_deepspeed_json_is_used_verbatim(root):
-    from workers.deepspeed_config import deepspeed_config
+    from workers.train.deepspeed_config import deepspeed_config
 
     (root / "ds.json").write_text(json.dumps({"train_micro_batch_size_per_gpu": 2, **CODE_ADJACENT}))
     spec = spec_in(root, train={"deepspeed_config": "ds.json"})
@@ -172,7 +172,7 @@ def test_a_save_to_disk_folder_naming_files_outside_it_is_refused(root):
     import datasets
 
     from jobspecs.schema import DataSource
-    from workers.data import load_records
+    from workers.data.records import load_records
 
     datasets.Dataset.from_dict({"prompt": ["p"], "response": ["r"]}).save_to_disk(str(root / "ds"))
     shutil.copy(root / "ds" / "data-00000-of-00001.arrow", root / "elsewhere.arrow")

@@ -20,9 +20,9 @@ from orchestrator.stages.context import Context
 from orchestrator.stages.corda import calibration_samples, run_calibrate
 from tests.corda_helpers import ALPHA, TARGETS, R, corda_spec, ours, published, run_stages
 from tests.helpers import ray_processes, wait_gone
-from workers.covariance import GroupStats
-from workers.decompose import decompose_group
-from workers.store import LocalStore
+from workers.corda.covariance import GroupStats
+from workers.corda.decompose import decompose_group
+from workers.storage.store import LocalStore
 
 
 @pytest.fixture(scope="module")

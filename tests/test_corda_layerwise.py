@@ -16,8 +16,8 @@ from orchestrator.stages.context import Context
 from orchestrator.stages.corda import run_calibrate, run_decompose
 from tests.corda_helpers import corda_spec, ours, published, run_stages
 from tests.helpers import ray_processes, wait_gone
-from workers.covariance import GroupStats
-from workers.store import LocalStore
+from workers.corda.covariance import GroupStats
+from workers.storage.store import LocalStore
 
 
 def sums(ctx) -> list:
@@ -163,8 +163,8 @@ def test_a_planted_spill_file_is_never_unpickled_and_a_folder_made_first_is_refu
 
     import ray
 
-    from workers.layerwise import LayerwiseWorker
-    from workers.node_cache import NodeCache
+    from workers.corda.layerwise import LayerwiseWorker
+    from workers.storage.node_cache import NodeCache
 
     cache = NodeCache(tmp_path / "cache")
     Actor = ray.remote(LayerwiseWorker).options(num_cpus=0, max_restarts=0)

@@ -8,8 +8,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from jobspecs.schema import DataSource, DataSpec
-from workers.data import IGNORE, chat_example, collate, instruction_example, tokenize
-from workers.stream import InMemory
+from workers.data.examples import IGNORE, chat_example, collate, instruction_example, tokenize
+from workers.data.stream import InMemory
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +107,7 @@ def test_every_source_type_loads(tmp_path, tokenizer, kind):
 ])
 def test_bad_token_rows_say_what_is_wrong_with_the_row(tmp_path, row, says):
     from jobspecs.schema import DataSource, DataSpec
-    from workers.data import tokenize
+    from workers.data.examples import tokenize
 
     path = tmp_path / "tokens.jsonl"
     path.write_text(json.dumps({"input_ids": [1, 2, 3]}) + "\n" + json.dumps(row) + "\n")
@@ -119,7 +119,7 @@ def test_bad_token_rows_say_what_is_wrong_with_the_row(tmp_path, row, says):
 
 def test_a_dataset_smaller_than_the_workers_or_past_the_vocabulary_is_refused_naming_it(tmp_path):
     from jobspecs.schema import DataSource
-    from workers.data import check_count, tokenize_records
+    from workers.data.examples import check_count, tokenize_records
 
     source = DataSource.model_validate({"path": tmp_path}, context={"check_files": False})
     with pytest.raises(ValueError, match="1 record\\(s\\) for 2 training workers"):

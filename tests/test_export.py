@@ -21,7 +21,7 @@ from orchestrator.stages.export import run_export
 from orchestrator.stages.train import run_train
 from tests.corda_helpers import ALPHA, TARGETS, R, published
 from tests.helpers import tiny_spec
-from workers.store import LocalStore
+from workers.storage.store import LocalStore
 
 pytestmark = pytest.mark.slow
 
@@ -156,7 +156,7 @@ def random_adapter(assets, out, method: str):
     from peft import get_peft_model
 
     from jobspecs.schema import AdapterSpec
-    from workers.adapters import peft_config
+    from workers.methods.adapters import peft_config
 
     extra = {"ia3": {"target_modules": ["k_proj", "down_proj"], "ia3": {"feedforward_modules": ["down_proj"]}},
              "adalora": {"r": 2, "adalora": {"init_r": 4}}}.get(method, {})
@@ -179,9 +179,9 @@ def random_adapter(assets, out, method: str):
 def test_streamed_merges_equal_peft_merge_and_unload(assets, tmp_path, method):
     """merged@α written shard by shard equals W_base + α·(peft's merge_and_unload − W_base), for every method with
     a weight delta; the walked Wise-FT loss equals the whole model's at both ends."""
-    from workers.block_walk import eval_loss, merged
-    from workers.loss import mean_token_loss
-    from workers.merged_weights import MergedWeights, write_merged
+    from workers.methods.merged_weights import MergedWeights, write_merged
+    from workers.model.block_walk import eval_loss, merged
+    from workers.model.loss import mean_token_loss
 
     base_path, adapter = assets / "tiny-llama", tmp_path / "adapter"
     trained = random_adapter(assets, adapter, method)
@@ -207,7 +207,7 @@ def test_streamed_merges_equal_peft_merge_and_unload(assets, tmp_path, method):
 
 def test_a_walked_eval_in_chunks_equals_one_walk(assets, tmp_path, monkeypatch):
     """An eval set whose hidden states exceed the walk's budget is walked in chunks, with the same loss."""
-    import workers.block_walk as block_walk
+    import workers.model.block_walk as block_walk
 
     random_adapter(assets, tmp_path / "adapter", "lora")
     examples = [{"input_ids": ids, "labels": ids} for ids in ([1, 5, 9, 12, 7, 3], [1, 4, 4, 8], [2, 9, 30])]
@@ -223,9 +223,9 @@ def test_a_model_that_cannot_be_walked_is_merged_and_evaluated_whole(tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from workers.block_walk import eval_loss, merged
-    from workers.loss import mean_token_loss
-    from workers.merged_weights import MergedWeights, write_merged
+    from workers.methods.merged_weights import MergedWeights, write_merged
+    from workers.model.block_walk import eval_loss, merged
+    from workers.model.loss import mean_token_loss
 
     torch.manual_seed(0)
     GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(tmp_path / "gpt2")
@@ -252,10 +252,10 @@ def test_bitfit_biases_merge_and_walk_like_the_model_with_them_loaded(assets, tm
     walked Wise-FT loss of a Qwen2 (a Llama-style stack with biases) equals the whole model's at both ends."""
     from safetensors.torch import save_file
 
-    from workers.bitfit import BITFIT_CONFIG, BITFIT_WEIGHTS
-    from workers.block_walk import eval_loss, merged
-    from workers.loss import mean_token_loss
-    from workers.merged_weights import weights_merge, write_merged
+    from workers.methods.bitfit import BITFIT_CONFIG, BITFIT_WEIGHTS
+    from workers.methods.merged_weights import weights_merge, write_merged
+    from workers.model.block_walk import eval_loss, merged
+    from workers.model.loss import mean_token_loss
 
     base_path, adapter = assets / "tiny-qwen2", tmp_path / "adapter"
     original = AutoModelForCausalLM.from_pretrained(base_path).state_dict()

@@ -14,10 +14,10 @@ import torch
 from jobspecs import SpecError, parse_spec
 from tests.fault_proxy import FaultProxy
 from tests.helpers import tiny_spec, upload_folder
-from workers.inputs import local, on_node, present, read_head
-from workers.node_cache import NodeCache
-from workers.store import StoreError
-from workers.weights import tensor_infos
+from workers.storage.inputs import local, on_node, present, read_head
+from workers.storage.node_cache import NodeCache
+from workers.storage.store import StoreError
+from workers.storage.weights import tensor_infos
 
 SAFETENSORS = "model.safetensors"
 
@@ -160,7 +160,7 @@ def test_a_cut_off_download_resumes_and_an_outage_fails_naming_the_key(remote, a
 
 def test_a_layer_wise_walk_fetches_only_the_shards_of_the_blocks_it_reads(remote, assets, tmp_path):
     from tests.test_inputs_cluster import sharded_model
-    from workers.block_walk import BlockWalk
+    from workers.model.block_walk import BlockWalk
 
     bucket, client, proxy = remote
     upload_folder(client, bucket, "models/sharded", sharded_model(assets, tmp_path / "sharded"))
@@ -179,8 +179,8 @@ def test_a_listing_is_trusted_only_where_this_node_wrote_it(remote, assets, tmp_
     import json
     import shutil
 
-    from workers.data import data_files
-    from workers.inputs import LISTING, confinement_root, listed_files
+    from workers.data.records import data_files
+    from workers.storage.inputs import LISTING, confinement_root, listed_files
 
     bucket, client, proxy = remote
     client.put_object(Bucket=bucket, Key="bob/train.jsonl", Body=b'{"prompt": "BOB-SECRET", "response": "x"}\n')

@@ -27,7 +27,7 @@ from orchestrator.storage.artifacts import read_manifest
 from tests.corda_helpers import ALPHA, TARGETS, R
 from tests.fault_proxy import FaultProxy
 from tests.helpers import cli, tiny_spec, upload_folder, write_spec
-from workers.store import open_store
+from workers.storage.store import open_store
 
 pytestmark = pytest.mark.slow
 

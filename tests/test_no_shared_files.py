@@ -20,8 +20,8 @@ from orchestrator.control.jobs import JobRecord, new_record
 from orchestrator.storage.artifacts import read_manifest
 from tests.corda_helpers import ALPHA, TARGETS, R
 from tests.helpers import tiny_spec
-from workers.store import LocalStore
-from workers.weights import INDEX
+from workers.storage.store import LocalStore
+from workers.storage.weights import INDEX
 
 pytestmark = pytest.mark.slow
 

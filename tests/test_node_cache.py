@@ -10,8 +10,8 @@ import threading
 
 import pytest
 
-from workers.node_cache import NodeCache
-from workers.store import LocalStore, StoredFile, StoreError
+from workers.storage.node_cache import NodeCache
+from workers.storage.store import LocalStore, StoredFile, StoreError
 
 MiB = 1 << 20
 

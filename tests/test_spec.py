@@ -171,7 +171,7 @@ def test_model_folder_without_a_tokenizer_is_refused_naming_model_tokenizer(tmp_
 
 
 def test_pretokenized_data_needs_no_tokenizer(tmp_path, assets):
-    from workers.data import load_tokenizer, pad_id
+    from workers.data.tokenizer import load_tokenizer, pad_id
 
     bare = weights_only(assets, tmp_path / "bare")
     (tmp_path / "tokens.jsonl").write_text('{"input_ids": [1, 5, 9, 2]}\n')

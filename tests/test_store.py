@@ -19,7 +19,7 @@ from orchestrator.storage.artifacts import (
 )
 from tests.fault_proxy import FaultProxy
 from tests.helpers import MiB, make_staging
-from workers.store import S3Store, StoreError, open_store, safe_relpath
+from workers.storage.store import S3Store, StoreError, open_store, safe_relpath
 
 
 def sha(path) -> str:

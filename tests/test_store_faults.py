@@ -14,7 +14,7 @@ from jobspecs.schema import StorageSpec
 from orchestrator.storage.artifacts import IncompleteJob, fetch_artifacts, read_manifest, upload_artifacts
 from tests.fault_proxy import REQUEST_FAULTS, FaultProxy
 from tests.helpers import make_staging
-from workers.store import StoreError, open_store
+from workers.storage.store import StoreError, open_store
 
 MAX_ATTEMPTS = 2  # S3Store's whole-operation attempts; botocore gets the same number as *retries*, so:
 BOTO_TRIES = MAX_ATTEMPTS + 1  # tries per request inside one S3Store attempt

@@ -9,9 +9,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from workers.inputs import local
-from workers.node_cache import NodeCache
-from workers.stream import InMemory, Streamed, Unit, read_unit, units
+from workers.data.stream import InMemory, Streamed, Unit, read_unit, units
+from workers.storage.inputs import local
+from workers.storage.node_cache import NodeCache
 
 
 def ids(records: list[dict], where: str) -> list[dict]:

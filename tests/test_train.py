@@ -233,7 +233,7 @@ def test_pretokenized_data_trains_without_a_tokenizer(local_ray, assets, tmp_pat
     from transformers import AutoTokenizer
 
     from jobspecs.schema import DataSource, DataSpec
-    from workers.data import tokenize
+    from workers.data.examples import tokenize
 
     tokenizer = AutoTokenizer.from_pretrained(assets / "tiny-llama")
     files, data = {}, DataSpec(train=assets / "train.jsonl")
@@ -257,9 +257,9 @@ os.environ.update(DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=sys
 import deepspeed
 from peft import LoraConfig, get_peft_model
 from transformers.integrations import HfDeepSpeedConfig
-from workers.partitioned_load import partitioned_model
-from workers.train_loop import micro_step, skip_cpu_shm_build
-from workers.loss import token_loss_sum
+from workers.train.partitioned_load import partitioned_model
+from workers.train.train_loop import micro_step, skip_cpu_shm_build
+from workers.model.loss import token_loss_sum
 
 skip_cpu_shm_build()
 config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "zero_allow_untested_optimizer": True,

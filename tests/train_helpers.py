@@ -14,7 +14,7 @@ from jobspecs import parse_spec
 from orchestrator.stages.context import Context
 from orchestrator.stages.train import run_train
 from tests.helpers import tiny_spec
-from workers.store import LocalStore
+from workers.storage.store import LocalStore
 
 
 def train(assets, tmp, adapter: dict | None = None, data_override: dict | None = None, model: dict | None = None,

@@ -29,7 +29,7 @@ from orchestrator.storage.artifacts import (
     job_key,
     read_manifest,
 )
-from workers.store import StoreError
+from workers.storage.store import StoreError
 
 DEFAULT_STATE_DIR = Path("~/.peftfleet").expanduser()
 out = Console(highlight=False, soft_wrap=True)

@@ -36,7 +36,7 @@ from orchestrator.control.launchers import current_record
 from orchestrator.control.ray_jobs import RayCluster, RayJobsError, RayStates
 from orchestrator.control.submission import NotStarted, cancel, read_log, submit
 from orchestrator.storage.artifacts import IncompleteJob, job_key, read_manifest
-from workers.store import StoreError
+from workers.storage.store import StoreError
 
 log = logging.getLogger("peftfleet.gateway")
 

@@ -37,13 +37,12 @@ from orchestrator.stages.context import Context
 from orchestrator.stages.corda import run_calibrate, run_decompose
 from orchestrator.stages.export import run_export
 from orchestrator.stages.sweep import run_sweep_calibrate, run_sweep_decompose, run_trials
-from orchestrator.stages.train import run_train
+from orchestrator.stages.train import preload, run_train
 from orchestrator.stages.upload import run_upload
 from orchestrator.stages.waits import JobCancelled, check_cancelled, reason_of, request_cancel
 from orchestrator.storage.artifacts import CANCEL_REASON, VERBOSE_LOG, job_key
-from workers.job_process import start_job_process
-from workers.process_memory import peak_memory_mib
-from workers.store import NotInStore, Store, StoreError, open_store
+from workers.runtime.process_memory import peak_memory_mib
+from workers.storage.store import NotInStore, Store, StoreError, open_store
 
 log = logging.getLogger("peftfleet.driver")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
@@ -77,13 +76,6 @@ def _init_ray(spec: JobSpec, ray_address: str | None) -> None:
         ray.init(address=spec.cluster.address, configure_logging=False)
 
 
-def _preload_stage_code() -> None:
-    start_job_process()
-    import ray.train.torch  # noqa: F401
-
-    import workers.train_loop  # noqa: F401
-
-
 def run_job(job_id: str, store: Store, ray_address: str | None = None) -> JobRecord:
     """Run every stage of the job recorded in `store`; returns the final record (never raises for stage errors)."""
     import ray
@@ -110,10 +102,10 @@ def run_job(job_id: str, store: Store, ray_address: str | None = None) -> JobRec
     try:
         # Importing torch, Ray Train and the model libraries takes seconds of CPU; Ray's start-up is mostly waiting
         # for its daemons. Overlap them: this is the bulk of a job's time to its first training step.
-        preload = threading.Thread(target=_preload_stage_code, daemon=True)
-        preload.start()
+        warming = threading.Thread(target=preload, daemon=True)
+        warming.start()
         _init_ray(spec, ray_address)
-        preload.join()
+        warming.join()
         # After ray.init, which installs a handler of its own. Only a flag: raising inside Ray's C++ calls breaks them.
         signal.signal(signal.SIGTERM, lambda signum, frame: request_cancel())
         for name in stage_names(spec):

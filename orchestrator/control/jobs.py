@@ -24,7 +24,7 @@ from pathlib import Path
 
 from jobspecs.schema import JobSpec, StorageSpec
 from orchestrator.storage.artifacts import TRIALS_BOARD, job_key
-from workers.store import NotInStore, Store, open_store
+from workers.storage.store import NotInStore, Store, open_store
 
 
 class JobState(StrEnum):

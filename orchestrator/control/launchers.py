@@ -18,7 +18,7 @@ from pathlib import Path
 from orchestrator.control.jobs import IndexEntry, JobError, JobRecord, JobState, UnknownJob
 from orchestrator.control.ray_jobs import RAY_TERMINAL, RayCluster, RayJobsError
 from orchestrator.storage.artifacts import VERBOSE_LOG, job_key
-from workers.store import NotInStore
+from workers.storage.store import NotInStore
 
 
 def process_running(pid: int) -> bool:

@@ -31,7 +31,7 @@ from orchestrator.control.jobs import (
 from orchestrator.control.launchers import current_record, launcher_for
 from orchestrator.control.ray_jobs import RayJobsError
 from orchestrator.storage.artifacts import CANCEL_REASON, job_key
-from workers.store import StoreError, open_store
+from workers.storage.store import StoreError, open_store
 
 
 def differences(a, b, path: str = "") -> list[str]:

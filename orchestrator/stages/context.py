@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING, Any
 from jobspecs import JobSpec
 from jobspecs.memory import PLAN_TOLERANCE, reservations
 from orchestrator.storage.artifacts import job_key
-from workers.store import Store, StoredFile, StoredFolder
+from workers.storage.store import Store, StoredFile, StoredFolder
 
 if TYPE_CHECKING:  # the worker modules import torch; the driver imports this module before it needs torch
-    from workers.covariance import InputGroup
-    from workers.train_loop import TrainResult
+    from workers.corda.covariance import InputGroup
+    from workers.train.train_loop import TrainResult
 
 
 @dataclass
@@ -114,10 +114,10 @@ class Context:
     def inputs(self) -> JobSpec:
         """The spec with its inputs on the driver's node, for what the driver itself reads (the tokenizer, the
         calibration records, config.json, safetensors headers): inputs in a bucket are listed, their small files
-        fetched into the node cache, their weights never (workers/inputs.py). Other processes are handed `spec`
+        fetched into the node cache, their weights never (workers/storage/inputs.py). Other processes are handed `spec`
         and localize on their own node."""
         if self._inputs is None:
-            from workers.inputs import on_node
+            from workers.storage.inputs import on_node
 
             self._inputs = on_node(self.spec)
         return self._inputs

@@ -3,7 +3,7 @@
 calibrate
     The calibration samples are cut into fixed-size shards. With strategy replica, N covariance actors (one model
     replica each) take shards round-robin; with layerwise, each of N actors owns shards i mod N and the actors walk
-    the decoder blocks together, one block in memory at a time (workers/layerwise.py). Either way each shard's
+    the decoder blocks together, one block in memory at a time (workers/corda/layerwise.py). Either way each shard's
     statistics come back whole, one object per input group. Per group, a chain
     of small add tasks folds the shards *in shard order* inside the object store — the driver never holds a
     covariance, and the sum is the same whatever actor computed what, however often a shard was retried (Ray
@@ -34,8 +34,8 @@ from jobspecs.remote import Location, read_json
 from jobspecs.schema import JobSpec
 from orchestrator.stages.context import Calibration, Context, CordaInit, Early
 from orchestrator.stages.waits import model_task, wait_all
-from workers.node_cache import NodeCache, node_cache
-from workers.store import StoredFolder
+from workers.storage.node_cache import NodeCache, node_cache
+from workers.storage.store import StoredFolder
 
 log = logging.getLogger("peftfleet.corda")
 
@@ -45,7 +45,8 @@ TOKENS_PER_DIM = 128
 
 def calibration_samples(spec: JobSpec) -> tuple[list[list[int]], list[list[int]], int]:
     """(samples for the statistics, held-out samples for the fidelity check, pad id), as token ids."""
-    from workers.data import load_tokenizer, pad_id, tokenize
+    from workers.data.examples import tokenize
+    from workers.data.tokenizer import load_tokenizer, pad_id
 
     corda = spec.init.corda_spec
     tokenizer = load_tokenizer(spec)
@@ -113,7 +114,7 @@ def _start_reducers(ctx: Context, n: int) -> list:
     dealt to them round-robin, so fewer reducers change no result), and each reserves its memory."""
     import ray
 
-    from workers.reduce import Reducer
+    from workers.corda.reduce import Reducer
 
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     if n > cpus:
@@ -159,7 +160,7 @@ def collect_replica(ctx: Context, shards: list, pad_id: int) -> tuple:
     """N actors, one model replica each, take shards round-robin; each shard's statistics come back whole."""
     import ray
 
-    from workers.covariance import CovarianceWorker
+    from workers.corda.covariance import CovarianceWorker
 
     spec, corda = ctx.spec, ctx.spec.init.corda_spec
     Actor = ray.remote(CovarianceWorker).options(**_actor_options(ctx, "replica"))
@@ -205,7 +206,7 @@ def collect_layerwise(ctx: Context, shards: list, pad_id: int) -> tuple:
     object store never holds every block's covariance."""
     import ray
 
-    from workers.layerwise import LayerwiseWorker
+    from workers.corda.layerwise import LayerwiseWorker
 
     spec, corda = ctx.spec, ctx.spec.init.corda_spec
     n = min(corda.num_workers, len(shards))
@@ -276,7 +277,7 @@ def collect_layerwise(ctx: Context, shards: list, pad_id: int) -> tuple:
 def run_decompose(ctx: Context) -> None:
     import ray
 
-    from workers.fidelity import init_fidelity
+    from workers.corda.fidelity import init_fidelity
 
     spec, corda = ctx.spec, ctx.spec.init.corda_spec
     state: Calibration = ctx.needs("calibration")
@@ -351,7 +352,7 @@ def residual_layout(spec: JobSpec, groups) -> ResidualLayout:
     """Planned from the base's safetensors headers alone (no tensor data is read here)."""
     import torch
 
-    from workers.weights import DTYPE_BYTES, pack, shard_name, tensor_infos
+    from workers.storage.weights import DTYPE_BYTES, pack, shard_name, tensor_infos
 
     infos = tensor_infos(spec.model.path)
     width = torch.empty(0, dtype=getattr(torch, spec.model.dtype)).element_size()
@@ -370,8 +371,8 @@ def write_residual_config(ctx: Context, layout: ResidualLayout, prefix: str) -> 
     """The small files of residual_base: config (in the job's dtype), generation config, index, tokenizer."""
     from transformers import AutoConfig, GenerationConfig
 
-    from workers.data import load_tokenizer
-    from workers.weights import write_index
+    from workers.data.tokenizer import load_tokenizer
+    from workers.storage.weights import write_index
 
     spec = ctx.inputs
     with tempfile.TemporaryDirectory(prefix="peftfleet-residual-") as tmp:
@@ -390,7 +391,7 @@ def write_corda_adapter(ctx: Context, results) -> StoredFolder:
     """corda_init: a stock peft LoRA adapter holding CorDA's A, B — assembled from the small factors alone."""
     from peft import LoraConfig
 
-    from workers.adapter_math import write_adapter
+    from workers.methods.adapter_math import write_adapter
 
     spec = ctx.spec
     layers = [layer for group in results for layer in group.layers]
@@ -426,7 +427,7 @@ def _save_covariance(ctx: Context, groups, totals, reducers, early: Early) -> St
 def load_covariance(folder: Location, reducers, cache: NodeCache) -> tuple[list, list]:
     """Inverse of _save_covariance: (input groups, a reference to each group's sum), in the saved order; each sum
     is read by the reducer that will decompose it (a folder of a bucket: fetched on the reducer's node)."""
-    from workers.covariance import InputGroup
+    from workers.corda.covariance import InputGroup
 
     if isinstance(folder, Path):
         folder = folder.resolve()

@@ -1,4 +1,4 @@
-"""The export stage: what users deploy from the best checkpoint (workers/exports.py: computed on a worker, each
+"""The export stage: what users deploy from the best checkpoint (workers/export/formats.py: computed on a worker, each
 format written to the store by it), then the report (orchestrator/stages/report.py, small files, here)."""
 
 from __future__ import annotations
@@ -9,13 +9,13 @@ from orchestrator.stages.context import Context, ExportOutputs
 from orchestrator.stages.report import write_report
 from orchestrator.stages.waits import model_task
 from orchestrator.storage.artifacts import job_key
-from workers.store import StoredFolder
+from workers.storage.store import StoredFolder
 
 log = logging.getLogger("peftfleet.export")
 
 
 def run_export(ctx: Context) -> None:
-    from workers.exports import export_formats
+    from workers.export.formats import export_formats
 
     result, init = ctx.needs("train"), ctx.corda_init
     corda = init and {"residual_base": init.residual_base, "adapter": init.adapter}
@@ -32,8 +32,8 @@ def run_export(ctx: Context) -> None:
 
 
 def _bundle(ctx: Context) -> StoredFolder:
-    """The sweep's chosen trials in one folder of named adapters (workers/bundle.py), as a Ray task."""
-    from workers.bundle import write_bundle
+    """The sweep's chosen trials in one folder of named adapters (workers/export/bundle.py), as a Ray task."""
+    from workers.export.bundle import write_bundle
 
     sweep = ctx.needs("job_spec").sweep
     chosen = sweep.bundle_trials

@@ -1,5 +1,5 @@
 """The train stage of a sweep (spec.sweep): every trial on Ray Tune, each a Ray Train run of the usual train loop
-(workers/tune_trial.py), at most sweep.max_concurrent_trials at once, optionally stopped early by ASHA.
+(workers/train/tune_trial.py), at most sweep.max_concurrent_trials at once, optionally stopped early by ASHA.
 
 Each trial's checkpoints are under jobs/<id>/trials/<trial>/train/ and, once it has ended, its outcome under
 jobs/<id>/trials/<trial>/trial.json and its best adapter under artifacts/trials/<trial>/adapter/. A resubmitted
@@ -26,7 +26,7 @@ from orchestrator.stages.corda import run_calibrate, run_decompose
 from orchestrator.stages.train import read_run, trainer_args
 from orchestrator.stages.waits import reason_of, run_in_thread
 from orchestrator.storage.artifacts import TRIALS_BOARD, job_key
-from workers.store import NotInStore, train_storage
+from workers.storage.store import NotInStore, train_storage
 
 log = logging.getLogger("peftfleet.sweep")
 
@@ -126,7 +126,7 @@ def run_sweep_decompose(ctx: Context) -> None:
 
 
 def run_trials(ctx: Context) -> None:
-    from workers.train_loop import TrainResult
+    from workers.train.train_loop import TrainResult
 
     sweep = ctx.spec.sweep
     trials = trials_of(ctx.spec)
@@ -182,7 +182,7 @@ def _tune(ctx: Context, todo: list[Trial], outcomes: dict[str, TrialOutcome], bo
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from workers.tune_trial import run_trial
+    from workers.train.tune_trial import run_trial
 
     sweep = ctx.spec.sweep
     trainers = {t.name: trainer_args(ctx, t.spec, ctx.trial_inits.get(t.name), f"{ctx.job_id}/trials/{t.name}",

@@ -1,4 +1,4 @@
-"""The train stage: Ray Train workers, each driving a DeepSpeed engine (workers/train_loop.py); checkpoints in the
+"""The train stage: Ray Train workers, each driving a DeepSpeed engine (workers/train/train_loop.py); checkpoints in the
 job's storage; the best by eval loss becomes the TrainResult the export reads."""
 
 from __future__ import annotations
@@ -9,9 +9,20 @@ from pathlib import Path
 from jobspecs import JobSpec
 from orchestrator.stages.context import Context, CordaInit
 from orchestrator.stages.waits import run_in_thread
-from workers.store import train_storage
+from workers.storage.store import train_storage
 
 log = logging.getLogger("peftfleet.train")
+
+
+def preload() -> None:
+    """Import what the stages will need (torch, Ray Train, the train loop) and set up this job process: seconds of
+    CPU the driver spends while Ray starts."""
+    from workers.runtime.job_process import start_job_process
+
+    start_job_process()
+    import ray.train.torch  # noqa: F401
+
+    import workers.train.train_loop  # noqa: F401
 
 
 def score_key(spec: JobSpec) -> str:
@@ -25,7 +36,7 @@ def trainer_args(ctx: Context, spec: JobSpec, init: CordaInit | None, run_prefix
     from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
     from ray.train.torch import TorchConfig
 
-    from workers.train_loop import train_worker
+    from workers.train.train_loop import train_worker
 
     train = spec.train
     storage_path, filesystem = train_storage(spec.storage, run_prefix)
@@ -51,7 +62,7 @@ def trainer_args(ctx: Context, spec: JobSpec, init: CordaInit | None, run_prefix
 
 def read_run(result, key: str):
     """A finished (or stopped) Ray Train run's TrainResult: the best checkpoint's adapter, the latest's history."""
-    from workers.train_loop import read_result
+    from workers.train.train_loop import read_result
 
     best = result.get_best_checkpoint(key, "min")
     with best.as_directory() as best_dir, result.checkpoint.as_directory() as latest_dir:

@@ -77,7 +77,7 @@ def model_task(ctx: Context, stage: str, process: str, fn: Callable[..., Any], *
     result."""
     import ray
 
-    from workers.process_memory import with_peak
+    from workers.runtime.process_memory import with_peak
 
     task = ray.remote(num_cpus=1, max_retries=retries, max_calls=1, **ctx.reserve(stage, process))(with_peak)
     (result, peak), = wait_all([task.remote(fn, *args)], fetch=True)

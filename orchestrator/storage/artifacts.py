@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from workers.store import NotInStore, Store, StoredFolder, safe_relpath, sha256_file
+from workers.storage.store import NotInStore, Store, StoredFolder, safe_relpath, sha256_file
 
 MANIFEST = "manifest.json"
 VERBOSE_LOG = "verbose.log"  # the driver's library output, uploaded when it ends (not an artifact)

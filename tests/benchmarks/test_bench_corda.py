@@ -21,7 +21,7 @@ from orchestrator.stages.context import Context
 from orchestrator.stages.corda import run_calibrate, run_decompose
 from tests.benchmarks.peft_corda import TARGETS, peft_calibrated
 from tests.benchmarks.small_llama import build_model, token_samples
-from workers.store import LocalStore
+from workers.storage.store import LocalStore
 
 HIDDEN, LAYERS, INTERMEDIATE, VOCAB = 512, 4, 1376, 2048
 SAMPLES, SEQ, BATCH = 64, 128, 8

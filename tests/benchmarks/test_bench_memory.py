@@ -3,7 +3,7 @@
     make bench      (or: pytest -s -m benchmark tests/benchmarks/test_bench_memory.py)
 
 One run, one machine. Every process measures its own peak (resident memory without the object store's shared
-pages, sampled every 10 ms: workers/process_memory.py); peft's single-process CorDA runs in a fresh process
+pages, sampled every 10 ms: workers/runtime/process_memory.py); peft's single-process CorDA runs in a fresh process
 measured the same way. Calibration strategies are compared in one Ray session with the same 2 workers; the
 end-to-end jobs (layer-wise CorDA → ZeRO-3 train → export) run through `peftfleet submit` like a user's, on this
 model and on one 4× smaller, and their records give every process's peak, which is set against `peftfleet plan`.
@@ -28,7 +28,7 @@ from orchestrator.stages.corda import run_calibrate, run_decompose
 from tests.benchmarks.peft_corda import TARGETS, peft_calibrated
 from tests.benchmarks.small_llama import build_model, token_samples
 from tests.helpers import cli, write_spec
-from workers.store import LocalStore
+from workers.storage.store import LocalStore
 
 BIG, SMALL = (1024, 2752), (512, 1376)  # hidden, intermediate: 4× the parameters
 LAYERS, VOCAB, SEQ, SAMPLES, BATCH, R = 32, 2048, 64, 16, 4, 16
@@ -39,7 +39,7 @@ def peft_corda(model_path: str, data_path: str, out: str) -> dict:
     from peft import get_peft_model
     from peft.tuners.lora.corda import collect_eigens, crop_corda_eigens
 
-    from workers.process_memory import bound_process_memory, peak_memory_mib
+    from workers.runtime.process_memory import bound_process_memory, peak_memory_mib
 
     bound_process_memory()
     samples = [json.loads(line)["input_ids"] for line in Path(data_path).read_text().splitlines()]
@@ -85,7 +85,7 @@ def idle_process() -> float:
     import torch  # noqa: F401
     import transformers  # noqa: F401
 
-    from workers.process_memory import bound_process_memory, peak_memory_mib
+    from workers.runtime.process_memory import bound_process_memory, peak_memory_mib
 
     bound_process_memory()
     time.sleep(0.1)

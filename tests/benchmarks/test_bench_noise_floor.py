@@ -17,7 +17,7 @@ import pytest
 import ray
 
 from tests.train_helpers import ADAPTER_REL_TOL, LOSS_REL_TOL, adapter_gaps, adapter_tensors, train
-from workers.stream import epoch_order
+from workers.data.stream import epoch_order
 
 REORDERINGS = 3
 MICRO = 8  # the tests' global batch

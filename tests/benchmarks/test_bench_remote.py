@@ -25,7 +25,7 @@ from tests.benchmarks.small_llama import build_model, token_samples
 from tests.benchmarks.train_job import INTERMEDIATE, LAYERS, SEQ, VOCAB, spec_dict, submit_to_first_step
 from tests.helpers import cli, write_spec
 from tests.live_cluster import call, gateway, moto_server, ray_head, with_token
-from workers.store import S3Store
+from workers.storage.store import S3Store
 
 HIDDEN = 256  # the latency is orchestration, not compute: a smaller model than the training benchmark's
 FIRST_STEP = re.compile(r"train: step 1/")

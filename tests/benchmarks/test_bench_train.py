@@ -36,7 +36,7 @@ from tests.benchmarks.train_job import (
     spec_dict,
     submit_to_first_step,
 )
-from workers.store import LocalStore
+from workers.storage.store import LocalStore
 
 
 def plain_run(model_path: Path, data_path: Path, threads: int) -> dict:

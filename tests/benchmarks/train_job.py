@@ -23,7 +23,7 @@ def plain_loop(model_path: str, data_path: str, threads: int) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from workers.process_memory import bound_process_memory, peak_memory_mib
+    from workers.runtime.process_memory import bound_process_memory, peak_memory_mib
 
     bound_process_memory()
     torch.set_num_threads(threads)

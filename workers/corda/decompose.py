@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from workers.covariance import GroupStats
+from workers.corda.covariance import GroupStats
 
 
 @dataclass

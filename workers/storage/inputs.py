@@ -13,10 +13,10 @@ tokenizer, dataset folder, covariance artifact) becomes a mirror folder in the n
 Weights are fetched only by a process that reads their tensors, one file at a time, so a layer-wise actor fetches
 the shard files holding the blocks it walks and the driver none: it reads safetensors headers with one ranged GET
 per file and node (kept beside the mirror). A streamed dataset's files are fetched by the worker whose turn they
-are. Every file goes through workers/node_cache.py: once per node (a lock file), verified by size and ETag (MD5 for a
-single-part upload) or, for an earlier job's artifact, by the sha256 its manifest records; resumed after a cut-off;
-evicted by the cache's size limit. Only a folder's top-level files are mirrored, never names starting with a dot,
-and never weights in formats we do not read (.bin, .pth, ...): a 16 GB `original/` checkpoint beside a model is not
+are. Every file goes through workers/storage/node_cache.py: once per node (a lock file), verified by size and ETag
+(MD5 for a single-part upload) or, for an earlier job's artifact, by the sha256 its manifest records; resumed after a
+cut-off; evicted by the cache's size limit. Only a folder's top-level files are mirrored, never names starting with a
+dot, and never weights in formats we do not read (.bin, .pth, ...): a 16 GB `original/` checkpoint beside a model is not
 downloaded.
 
 The localized spec is for the process that made it: other processes get the spec with its `s3://` URIs and
@@ -45,8 +45,8 @@ from pathlib import Path
 from jobspecs.confinement import Outside, entry
 from jobspecs.remote import S3Uri, is_remote, listing
 from jobspecs.schema import DATA_SUFFIXES, JobSpec, StorageSpec
-from workers.node_cache import NodeCache, locked, node_cache
-from workers.store import NotInStore, S3Store, StoredFile
+from workers.storage.node_cache import NodeCache, locked, node_cache
+from workers.storage.store import NotInStore, S3Store, StoredFile
 
 LISTING = ".peftfleet-listing.json"  # a mirrored folder's objects
 _SIDECAR = ".peftfleet-object.json"  # `.<name>` + this: a single mirrored object's

@@ -1,5 +1,5 @@
 """Turning a trained adapter into things a user deploys: the adapter on the original base (for adapters trained on a
-residual base, like CorDA's) and α-scaled adapters (workers/merged_weights.py merges them module by module).
+residual base, like CorDA's) and α-scaled adapters (workers/methods/merged_weights.py merges them module by module).
 Everything here goes through stock peft files, so what we check is what a user loads.
 
 How α scales each method (α = 0 is the base model, α = 1 the trained one, exactly):

@@ -24,19 +24,20 @@ from typing import Any
 import torch
 
 from jobspecs.schema import VIRTUAL_TOKEN_METHODS, JobSpec
-from workers.adalora import AdaLoraBudget, add_regulariser
-from workers.adapters import peft_config
-from workers.bitfit import mark_trainable, save_biases
-from workers.data import IGNORE, check_count, collate, load_tokenizer, pad_id, tokenize, tokenize_records
-from workers.deepspeed_config import deepspeed_config
-from workers.inputs import fetch_all, on_node
-from workers.job_process import start_job_process
-from workers.logs import say
-from workers.loss import mean_token_loss, token_loss_sum
-from workers.node_cache import local_folder
-from workers.process_memory import peak_memory_mib
-from workers.store import StoredFolder
-from workers.stream import InMemory, Streamed, Unit, units
+from workers.data.examples import IGNORE, check_count, collate, tokenize, tokenize_records
+from workers.data.stream import InMemory, Streamed, Unit, units
+from workers.data.tokenizer import load_tokenizer, pad_id
+from workers.methods.adalora import AdaLoraBudget, add_regulariser
+from workers.methods.adapters import peft_config
+from workers.methods.bitfit import mark_trainable, save_biases
+from workers.model.loss import mean_token_loss, token_loss_sum
+from workers.runtime.job_process import start_job_process
+from workers.runtime.logs import say
+from workers.runtime.process_memory import peak_memory_mib
+from workers.storage.inputs import fetch_all, on_node
+from workers.storage.node_cache import local_folder
+from workers.storage.store import StoredFolder
+from workers.train.deepspeed_config import deepspeed_config
 
 CKPT_TAG = "ds"
 
@@ -48,7 +49,7 @@ class TrainState:
     step: int = 0
     planned_steps: int = 0  # where the run ends (a sweep's trial stopped early ends before)
     epoch: int = 0  # rank 0's
-    positions: list[dict] = field(default_factory=list)  # per rank, where it is in its data (workers/stream.py)
+    positions: list[dict] = field(default_factory=list)  # per rank, where it is in its data (workers/data/stream.py)
     tokens: int = 0
     elapsed: float = 0.0
     metrics: list[dict] = field(default_factory=list)  # one row per optimizer step
@@ -138,13 +139,13 @@ def build_model(spec: JobSpec, corda_init: dict[str, StoredFolder] | None, total
     keeps the base, which the adapter's config names).
 
     Under ZeRO-3 (an `HfDeepSpeedConfig` alive, see setup) the base is built inside `deepspeed.zero.Init` and each
-    rank reads only its 1/world slice of every weight from the files (workers/partitioned_load.py), so no worker
+    rank reads only its 1/world slice of every weight from the files (workers/train/partitioned_load.py), so no worker
     ever holds or reads the whole model. The adapter's own (small) parameters are created afterwards as ordinary
     tensors and partitioned by `deepspeed.initialize`."""
     from peft import PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from workers.partitioned_load import partitioned_model
+    from workers.train.partitioned_load import partitioned_model
 
     dtype = getattr(torch, spec.model.dtype)
 
@@ -180,9 +181,9 @@ def skip_cpu_shm_build() -> None:
 
 
 def save_adapter(run: Run, out: Path) -> None:
-    """The adapter as stock peft saves it (BitFit: workers/bitfit.py). Under ZeRO-3 the parameters are partitioned
-    (shape [0] locally), so every rank joins the gather and rank 0 writes the full tensors. Gather by adapter name,
-    not requires_grad: peft also saves frozen adapter tensors (AdaLoRA's lora_ranknum).
+    """The adapter as stock peft saves it (BitFit: workers/methods/bitfit.py). Under ZeRO-3 the parameters are
+    partitioned (shape [0] locally), so every rank joins the gather and rank 0 writes the full tensors. Gather by
+    adapter name, not requires_grad: peft also saves frozen adapter tensors (AdaLoRA's lora_ranknum).
 
     The virtual-token methods save the prompt their encoder computes (p-tuning's MLP/LSTM, prefix tuning's
     projection): that forward runs on every rank, since under ZeRO-3 a forward is collective — run on rank 0 alone
@@ -270,7 +271,7 @@ def setup(spec: JobSpec, corda_init: dict[str, StoredFolder] | None, label: str 
     def tokenize_unit(records: list[dict], where: str) -> list[dict]:
         return tokenize_records(records, where, tokenizer, spec.data, vocab_size=vocab)
 
-    if spec.data.streaming:  # read unit by unit as training draws them (workers/stream.py)
+    if spec.data.streaming:  # read unit by unit as training draws them (workers/data/stream.py)
         train_set = units(spec.data.train.path)
     else:
         train_set = tokenize(spec.data.train, tokenizer, spec.data, vocab_size=vocab)

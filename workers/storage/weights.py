@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from jobspecs.confinement import entry
-from workers.inputs import available, present, read_head
-from workers.store import Store, StoredFile
+from workers.storage.inputs import available, present, read_head
+from workers.storage.store import Store, StoredFile
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"

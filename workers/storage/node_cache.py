@@ -7,7 +7,7 @@ fetch the same object), checks its size and sha256 against what the producer rec
 the others wait for the lock and find it there. A verified file is stamped with its size and mtime, so a later
 reader trusts it without re-hashing gigabytes, while a file replaced or truncated since is fetched again.
 
-The job's inputs in a bucket (workers/inputs.py) come through the same cache: their StoredFile has the server's
+The job's inputs in a bucket (workers/storage/inputs.py) come through the same cache: their StoredFile has the server's
 ETag instead of a sha256 (a single-part upload's ETag is the MD5 of its bytes; a multipart one's is not a content
 hash, and only the size is checked). A download cut off (an outage, a killed process) leaves its `.part` file,
 and the next fetch resumes from where it ends. With a size limit (cluster.node_cache_max_gib), the least recently
@@ -31,7 +31,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from jobspecs.schema import JobSpec
-from workers.store import Store, StoredFile, StoredFolder, StoreError, open_store, safe_relpath, sha256_file
+from workers.storage.store import Store, StoredFile, StoredFolder, StoreError, open_store, safe_relpath, sha256_file
 
 DEFAULT_DIR = "peftfleet-cache"  # under the system temp folder when the spec names none
 _SMALL = 1 << 20  # never evicted
@@ -41,8 +41,8 @@ class NodeCache:
     """Picklable (a folder, a size limit, how hard to try a bucket, which prefixes it may read inputs from): the
     driver hands one to the processes it starts. Without a folder, the root is the system temp folder of the
     process using it (resolved there: each node has its own). `attempts` and `timeout_s` are the spec's storage
-    settings, which inputs read from a bucket follow too (workers/inputs.py); `prefixes` its input_prefixes (None:
-    any)."""
+    settings, which inputs read from a bucket follow too (workers/storage/inputs.py); `prefixes` its input_prefixes
+    (None: any)."""
 
     def __init__(self, root: Path | str | None = None, max_bytes: int | None = None, attempts: int = 5,
                  timeout_s: float = 60, prefixes: list[str] | None = None):

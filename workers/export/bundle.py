@@ -17,10 +17,10 @@ import tempfile
 from pathlib import Path
 
 from jobspecs.schema import JobSpec
-from workers import adapter_math
-from workers.job_process import start_job_process
-from workers.node_cache import local_folder
-from workers.store import StoredFolder, open_store
+from workers.methods import adapter_math
+from workers.runtime.job_process import start_job_process
+from workers.storage.node_cache import local_folder
+from workers.storage.store import StoredFolder, open_store
 
 
 def write_bundle(spec: JobSpec, members: list[dict], metric: str, prefix: str) -> StoredFolder:

@@ -14,13 +14,13 @@ the small A, B factors, the diagnostics and what it wrote.
 from __future__ import annotations
 
 from jobspecs.schema import StorageSpec
-from workers.covariance import GroupStats, add_stats
-from workers.decompose import GroupInit, decompose_group
-from workers.inputs import local, present
-from workers.node_cache import NodeCache
-from workers.process_memory import bound_process_memory, peak_memory_mib
-from workers.store import StoredFile, open_store
-from workers.weights import publish_shard, read_tensors
+from workers.corda.covariance import GroupStats, add_stats
+from workers.corda.decompose import GroupInit, decompose_group
+from workers.runtime.process_memory import bound_process_memory, peak_memory_mib
+from workers.storage.inputs import local, present
+from workers.storage.node_cache import NodeCache
+from workers.storage.store import StoredFile, open_store
+from workers.storage.weights import publish_shard, read_tensors
 
 
 class Reducer:

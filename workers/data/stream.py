@@ -9,7 +9,7 @@ in it) that a checkpoint records per rank, so a resumed run draws exactly what t
                folder's .arrow files, or its data files), else a parquet file's row groups — and each epoch a
                seeded shuffle of the units deals them to the ranks round-robin; a rank reads, tokenizes and
                shuffles one unit at a time. A worker holds one unit, never the dataset, and from a bucket fetches
-               only its units' files (workers/inputs.py).
+               only its units' files (workers/storage/inputs.py).
 
 Why our own and not `datasets` streaming or Ray Data: `split_dataset_by_node` gives whole files to ranks only when
 their number divides evenly by the world size (otherwise every rank reads every file and skips what is not
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from workers.inputs import present
+from workers.storage.inputs import present
 
 Tokenize = Callable[[list[dict[str, Any]], str], list[dict[str, list[int]]]]  # (records, where) → examples
 
@@ -77,7 +77,7 @@ class Unit:
 def units(path: Path) -> list[Unit]:
     """The units of a source, in a fixed order: a folder's data files, else a parquet file's row groups, else the
     file itself."""
-    from workers.data import data_files
+    from workers.data.records import data_files
 
     path = Path(path)
     if path.is_dir():

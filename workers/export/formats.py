@@ -1,7 +1,7 @@
-"""The export stage's work, on a worker: the formats users deploy, computed from stock files (workers/adapter_math.py
-has the math) and written to the job's store kind by kind. It runs as a Ray task, not in the driver, because
-the Wise-FT sweep and the conversion check walk the model block by block and the merges stream it shard by shard
-(no whole model in memory); it reads CorDA's outputs through the node's cache.
+"""The export stage's work, on a worker: the formats users deploy, computed from stock files
+(workers/methods/adapter_math.py has the math) and written to the job's store kind by kind. It runs as a Ray task, not
+in the driver, because the Wise-FT sweep and the conversion check walk the model block by block and the merges stream it
+shard by shard (no whole model in memory); it reads CorDA's outputs through the node's cache.
 
     adapter                    the trained peft adapter (for CorDA: on residual_base)
     adapter_on_original_base   CorDA: the same model as a rank-2r LoRA on the original base, logits checked
@@ -19,15 +19,16 @@ import torch
 
 from jobspecs.memory import SHARD_BYTES
 from jobspecs.schema import VIRTUAL_TOKEN_METHODS, JobSpec
-from workers import adapter_math
-from workers.block_walk import eval_loss, logit_gap, merged
-from workers.data import load_tokenizer, pad_id, tokenize
-from workers.inputs import confinement_root, on_node
-from workers.job_process import start_job_process
-from workers.logs import say
-from workers.merged_weights import weights_merge, write_merged
-from workers.node_cache import local_folder
-from workers.store import StoredFolder, open_store
+from workers.data.examples import tokenize
+from workers.data.tokenizer import load_tokenizer, pad_id
+from workers.methods import adapter_math
+from workers.methods.merged_weights import weights_merge, write_merged
+from workers.model.block_walk import eval_loss, logit_gap, merged
+from workers.runtime.job_process import start_job_process
+from workers.runtime.logs import say
+from workers.storage.inputs import confinement_root, on_node
+from workers.storage.node_cache import local_folder
+from workers.storage.store import StoredFolder, open_store
 
 
 def fmt(alpha: float) -> str:
@@ -49,7 +50,8 @@ def export_formats(spec: JobSpec, adapter_files: dict[str, bytes], corda_init: d
 def write_formats(spec: JobSpec, inputs: JobSpec, adapter_files: dict[str, bytes],
                   corda_init: dict[str, StoredFolder] | None, samples: list[list[int]], staging: Path, work: Path,
                   out: dict) -> list[str]:
-    """`inputs`: the spec with its inputs on this node (workers/inputs.py); `spec` names them for the artifacts."""
+    """`inputs`: the spec with its inputs on this node (workers/storage/inputs.py); `spec` names them for the
+    artifacts."""
     formats, method = spec.export.formats, spec.adapter.method
     kinds: list[str] = []
 

@@ -1,5 +1,5 @@
 """Checks that compare two models on held-out samples. They run on a worker, never in the driver (which holds no
-model), read stage outputs through the node's cache, and walk the models block by block (workers/block_walk.py),
+model), read stage outputs through the node's cache, and walk the models block by block (workers/model/block_walk.py),
 so the worker holds one block of each, never a whole model. The arithmetic is fp32 whatever the weights' dtype:
 a check should see the weights' error, not its own."""
 
@@ -8,11 +8,11 @@ from __future__ import annotations
 import torch
 
 from jobspecs.schema import JobSpec
-from workers.block_walk import logit_gap, merged
-from workers.inputs import local
-from workers.job_process import start_job_process
-from workers.node_cache import local_folder, node_cache
-from workers.store import StoredFolder
+from workers.model.block_walk import logit_gap, merged
+from workers.runtime.job_process import start_job_process
+from workers.storage.inputs import local
+from workers.storage.node_cache import local_folder, node_cache
+from workers.storage.store import StoredFolder
 
 
 def init_fidelity(spec: JobSpec, residual: StoredFolder, adapter: StoredFolder, samples: list[list[int]]) -> float:

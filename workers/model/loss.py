@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from workers.adalora import REGULARISER
-from workers.data import IGNORE, collate
+from workers.data.examples import IGNORE, collate
+from workers.methods.adalora import REGULARISER
 
 
 def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, torch.Tensor | None]:

@@ -32,12 +32,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from workers.block_walk import Batch, BlockWalk
-from workers.covariance import DTYPES, Accumulator, InputGroup, group_by_input, target_linears
-from workers.inputs import local
-from workers.job_process import start_job_process
-from workers.node_cache import NodeCache
-from workers.process_memory import peak_memory_mib
+from workers.corda.covariance import DTYPES, Accumulator, InputGroup, group_by_input, target_linears
+from workers.model.block_walk import Batch, BlockWalk
+from workers.runtime.job_process import start_job_process
+from workers.runtime.process_memory import peak_memory_mib
+from workers.storage.inputs import local
+from workers.storage.node_cache import NodeCache
 
 
 @dataclass(frozen=True)

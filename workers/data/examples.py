@@ -1,80 +1,17 @@
-"""Datasets in, token ids and labels out. Decoder-only instruction and chat data are masked so that only the
-response (assistant turns) is learned: every label before it is -100."""
+"""Records in, token ids and labels out. Decoder-only instruction and chat data are masked so that only the
+response (assistant turns) is learned: every label before it is -100. Examples become padded batches here too."""
 
 from __future__ import annotations
 
-import tempfile
-from collections.abc import Iterable, Sequence
-from pathlib import Path
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
 
-from jobspecs.confinement import copy_small_files
-from jobspecs.schema import (
-    DATA_SUFFIXES,
-    DataFields,
-    DataSource,
-    DataSpec,
-    JobSpec,
-    config_pad_id,
-    index_entries,
-    tokenizer_problem,
-)
-from workers.inputs import confinement_root, fetch_all, listed_files, present
+from jobspecs.schema import DataFields, DataSource, DataSpec
+from workers.data.records import load_records
 
 IGNORE = -100
-
-
-def load_tokenizer(spec: JobSpec):
-    """The spec's tokenizer; None when the job needs none (pre-tokenized data) and its folder has none."""
-    from transformers import AutoTokenizer
-
-    folder = spec.model.tokenizer_path
-    if not spec.needs_tokenizer and tokenizer_problem(folder):
-        return None
-    root = confinement_root(spec.data_root, folder)
-    if root is None:
-        return AutoTokenizer.from_pretrained(folder)
-    # Read from a checked copy: what save_pretrained later writes into an artifact is what was checked.
-    with tempfile.TemporaryDirectory(prefix="peftfleet-tokenizer-") as copy:
-        return AutoTokenizer.from_pretrained(copy_small_files(root, folder, Path(copy), "model.tokenizer"))
-
-
-def pad_id(spec: JobSpec, tokenizer) -> int:
-    """The id padding positions get: data.pad_token_id, the tokenizer's pad (else eos) token, else config.json's."""
-    if spec.data.pad_token_id is not None:
-        return spec.data.pad_token_id
-    if tokenizer is not None:
-        return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return config_pad_id(spec.model.path)
-
-
-def data_files(folder: Path) -> list[Path]:
-    """A folder source's data files, in name order: a save_to_disk folder's .arrow files, or the files of the one
-    data type the folder holds (a bucket mirror's not yet fetched ones included)."""
-    names = listed_files(folder)
-    if "state.json" in names:  # each file it names must be a file of the folder (datasets joins them unchecked)
-        return index_entries(present(folder / "state.json"), f"{folder}/state.json")
-    return [folder / n for n in names if n.endswith(DATA_SUFFIXES)]
-
-
-def load_records(source: DataSource):
-    """A `datasets.Dataset` from a jsonl/json/parquet/arrow file, a `save_to_disk` folder or a folder of data files
-    of one type (a bucket mirror's files are fetched first)."""
-    import datasets
-
-    path = Path(source.path)
-    if path.is_dir() and "state.json" in listed_files(path):
-        data_files(path)  # checked before datasets reads them
-        ds = datasets.load_from_disk(str(fetch_all(path)))
-    else:
-        files = [present(f) for f in data_files(path)] if path.is_dir() else [present(path)]
-        builder = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}[files[0].suffix]
-        ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train")
-    if source.limit is not None:
-        ds = ds.select(range(min(source.limit, len(ds))))
-    return ds
 
 
 def _ids(tokenizer, text: str) -> list[int]:
@@ -209,3 +146,12 @@ def collate(batch: Sequence[dict[str, list[int]]], pad_id: int) -> dict[str, tor
         labels[i, :n] = torch.tensor(ex["labels"])
         mask[i, :n] = 1
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def batches(samples: Sequence[Sequence[int]], batch_size: int, pad_id: int) -> Iterator[tuple[str, dict]]:
+    """(sample range, padded batch) in order; right padding: with causal attention the real tokens' activations
+    do not depend on it."""
+    for start in range(0, len(samples), batch_size):
+        batch = samples[start : start + batch_size]
+        yield f"{start}..{start + len(batch) - 1}", collate([{"input_ids": ids, "labels": ids} for ids in batch],
+                                                            pad_id)

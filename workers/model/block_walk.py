@@ -2,9 +2,9 @@
 
 The structure is built on the meta device from config.json; each block's tensors are read by name from the
 folder's memory-mapped safetensors when the walk reaches it (with an adapter merged into them by
-workers/merged_weights.py, for the checks and the Wise-FT sweep), run, and freed. Embeddings, the final norm and
+workers/methods/merged_weights.py, for the checks and the Wise-FT sweep), run, and freed. Embeddings, the final norm and
 the head are loaded only where needed.
-Layer-wise calibration (workers/layerwise.py), the logit checks of CorDA's init and its conversion
+Layer-wise calibration (workers/corda/layerwise.py), the logit checks of CorDA's init and its conversion
 (`logit_gap`) and the export's Wise-FT sweep (`eval_loss`) walk models this way.
 """
 
@@ -18,13 +18,12 @@ import torch
 from torch import nn
 
 from jobspecs.memory import WALK_HIDDEN_BYTES
-from workers.bitfit import BiasMerge
-from workers.covariance import batches
-from workers.data import collate
-from workers.inputs import fetch_all
-from workers.loss import label_loss_sum, mean_token_loss
-from workers.merged_weights import MergedWeights, weights_merge
-from workers.weights import read_tensors, tensor_infos
+from workers.data.examples import batches, collate
+from workers.methods.bitfit import BiasMerge
+from workers.methods.merged_weights import MergedWeights, weights_merge
+from workers.model.loss import label_loss_sum, mean_token_loss
+from workers.storage.inputs import fetch_all
+from workers.storage.weights import read_tensors, tensor_infos
 
 Model = tuple[Path, MergedWeights | BiasMerge | None]  # a folder of weights, and an adapter merged as they load
 
@@ -156,7 +155,7 @@ def logit_gap(first: Model, second: Model, samples: list[list[int]], dtype: torc
 @torch.no_grad()
 def eval_loss(model: Model, examples: list[dict], batch_size: int, pad_id: int, dtype: torch.dtype,
               device: str = "cpu") -> float:
-    """Mean loss per label token over `examples` (as workers/loss.py scores them), the model walked block by
+    """Mean loss per label token over `examples` (as workers/model/loss.py scores them), the model walked block by
     block: one block and at most WALK_HIDDEN_BYTES of the examples' hidden states in memory (a bigger eval set
     takes one walk per such chunk). A model of another architecture is evaluated whole (whole_model_loss)."""
     folder, merge = model

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from workers.weights import read_range, tensor_infos
+from workers.storage.weights import read_range, tensor_infos
 
 
 def partitioned_model(folder: str | Path, dtype: torch.dtype):

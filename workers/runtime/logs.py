@@ -23,7 +23,7 @@ def say(message: str) -> None:
 
 def quiet_libraries() -> None:
     """Progress bars off; library messages to stderr. Every process that runs job code does this first
-    (workers/job_process.py)."""
+    (workers/runtime/job_process.py)."""
     # save_pretrained imports DeepSpeed (accelerate's isinstance check) in processes that run no engine, and
     # DeepSpeed then probes for an accelerator and warns on stdout. Training workers set their own, before this.
     os.environ.setdefault("DS_ACCELERATOR", "cpu")

@@ -1,12 +1,12 @@
 """An adapter merged into its base one module at a time, so that merged models are written shard by shard and
-walked block by block (workers/block_walk.py) without a whole model anywhere.
+walked block by block (workers/model/block_walk.py) without a whole model anywhere.
 
 The adapter is injected by stock peft into a skeleton of the base built on the meta device (no tensor of the model
 is allocated). An adapted module gets its base tensors and its own adapter tensors only when its merge is asked
 for, peft's own `merge()` does the arithmetic of every method (LoRA, rsLoRA, rank/alpha patterns, DoRA, AdaLoRA,
 IA3), and the module goes back to the meta device. So what we write is what `merge_and_unload` would write.
 
-How α scales each method: workers/adapter_math.py.
+How α scales each method: workers/methods/adapter_math.py.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 
 from jobspecs.confinement import open_checked
-from workers.adapter_math import ADAPTER_CONFIG, ADAPTER_WEIGHTS, scale
-from workers.bitfit import BiasMerge, is_bitfit
-from workers.weights import SINGLE, pack, read_tensors, shard_name, tensor_infos, write_index, write_streamed
+from workers.methods.adapter_math import ADAPTER_CONFIG, ADAPTER_WEIGHTS, scale
+from workers.methods.bitfit import BiasMerge, is_bitfit
+from workers.storage.weights import SINGLE, pack, read_tensors, shard_name, tensor_infos, write_index, write_streamed
 
 ADAPTER_PREFIX = "base_model.model."
 

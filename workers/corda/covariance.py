@@ -20,11 +20,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from workers.data import collate
-from workers.inputs import fetch_all, local
-from workers.job_process import start_job_process
-from workers.node_cache import NodeCache
-from workers.process_memory import peak_memory_mib
+from workers.data.examples import batches
+from workers.runtime.job_process import start_job_process
+from workers.runtime.process_memory import peak_memory_mib
+from workers.storage.inputs import fetch_all, local
+from workers.storage.node_cache import NodeCache
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -162,15 +162,6 @@ class Accumulator:
         for acc in self.stats.values():
             acc.xtx = acc.xtx.cpu()
         return [self.stats[g.name] for g in self.groups]
-
-
-def batches(samples: Sequence[Sequence[int]], batch_size: int, pad_id: int) -> Iterator[tuple[str, dict]]:
-    """(sample range, padded batch) in order; right padding: with causal attention the real tokens' activations
-    do not depend on it."""
-    for start in range(0, len(samples), batch_size):
-        batch = samples[start : start + batch_size]
-        yield f"{start}..{start + len(batch) - 1}", collate([{"input_ids": ids, "labels": ids} for ids in batch],
-                                                            pad_id)
 
 
 class CovarianceWorker:

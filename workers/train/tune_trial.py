@@ -1,4 +1,4 @@
-"""One trial of a sweep, as Ray Tune runs it: a Ray Train run of the usual train loop (workers/train_loop.py),
+"""One trial of a sweep, as Ray Tune runs it: a Ray Train run of the usual train loop (workers/train/train_loop.py),
 started from the trial's actor, each of its reports forwarded to Tune (which ranks trials and, with ASHA, stops
 those behind). Its checkpoints live in the job's store under jobs/<id>/trials/<trial>/train/, so a resubmitted
 job's trial resumes from them like any training run."""

@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 
 def peft_config(adapter: AdapterSpec, total_steps: int, tokenizer_path: Path) -> PeftConfig:
     """`total_steps` (optimizer steps of the whole run) feeds AdaLoRA's budget schedule when the spec omits it.
-    BitFit is not peft's (workers/bitfit.py)."""
+    BitFit is not peft's (workers/methods/bitfit.py)."""
     # peft is imported here, not at module level: the driver imports this module only to hand it to Ray Train
     # workers, and peft costs it seconds on the way to the first training step.
     from peft import (

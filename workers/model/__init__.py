@@ -1,0 +1,2 @@
+"""A model outside training: walked block by block, and the one loss. May import storage, data, methods.
+"""

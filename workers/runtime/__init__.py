@@ -1,0 +1,2 @@
+"""What every job process does first: its log routing, its memory bound and peak. Imports nothing of ours.
+"""
